@@ -1,0 +1,85 @@
+# The two commands: `make run` (nightly refresh on embedded defaults) and `make test`.
+# Setup runs automatically: a virtualenv cached outside the repo and keyed by the lock file's hash,
+# Delta's jars resolved once from Maven Central into the same cache, Airflow's SQLite DB.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3.11
+CACHE       ?= $(HOME)/.cache/reaseq
+UV_VERSION  := 0.13.9
+UV          := $(CACHE)/uv-$(UV_VERSION)/bin/uv
+LOCK_HASH   := $(shell sha256sum requirements.lock | cut -c1-16)
+VENV_DIR    := $(CACHE)/venv-$(LOCK_HASH)
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV_DIR)/.installed
+JARS        := $(CACHE)/delta-$(shell sed -n 's/^delta-spark==\([0-9.]*\).*/\1/p' requirements.lock)-jars.json
+
+DATASET ?= synthetic
+DATA    ?=
+DS      ?= $(shell date -u +%F)
+
+export PYTHONPATH := $(CURDIR)
+export REASEQ_CACHE := $(CACHE)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+
+.PHONY: help setup run test bench bench-llm bench-sids lint format lock clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+$(UV):
+	@echo "setup: installing uv $(UV_VERSION) into $(CACHE)"
+	@$(PYTHON_BOOT) -m pip install -q --disable-pip-version-check --target $(CACHE)/uv-$(UV_VERSION) uv==$(UV_VERSION)
+
+# The venv folder name carries the lock hash, so existence is the whole cache check (a fresh clone has
+# new mtimes, which must not force a reinstall).
+$(STAMP): | $(UV)
+	@echo "setup: creating $(VENV_DIR) from requirements.lock (cached; reused while the lock is unchanged)"
+	@rm -rf $(VENV_DIR)
+	@$(UV) venv -q --python $(PYTHON_BOOT) $(VENV_DIR)
+	@VIRTUAL_ENV=$(VENV_DIR) $(UV) pip sync -q requirements.lock
+	@touch $(STAMP)
+
+$(VENV): $(STAMP)
+	@ln -sfn $(VENV_DIR) $(VENV)
+
+$(JARS): | $(VENV)
+	@echo "setup: resolving Delta's jars once from Maven Central into $(CACHE)/ivy"
+	@$(PY) -m jobs.spark --resolve
+
+setup: $(VENV) $(JARS) ## create the virtualenv, fetch Delta's jars (both cached)
+	@ln -sfn $(VENV_DIR) $(VENV)
+
+run: setup ## nightly refresh through Airflow: make run [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD]
+	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)"
+
+test: setup ## run the test suite
+	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: bench-llm bench-sids ## all benchmarks (results in bench/results/)
+
+bench-llm: setup ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
+	@$(PY) -m bench.llm_fanout
+
+bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
+	@$(PY) -m bench.semantic_ids
+
+lint: setup ## ruff
+	@$(VENV)/bin/ruff check .
+
+format: setup ## ruff format + fixes
+	@$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+lock: | $(UV) ## re-resolve requirements.in into requirements.lock
+	@$(UV) pip compile -q requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28
+
+clean: ## remove local tables, Airflow state, reports and checkpoints
+	rm -rf lakehouse .airflow reports artifacts spark-warehouse metastore_db derby.log
+
+distclean: clean ## also drop the cached virtualenv link (the cache itself stays in $(CACHE))
+	rm -f $(VENV)

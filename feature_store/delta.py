@@ -1,0 +1,167 @@
+"""Delta I/O: Spark MERGE on each table's key, partition replacement, and Arrow reads through delta-rs.
+
+Spark is imported lazily so that Arrow-only consumers (training jobs, analysts) never start a JVM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from feature_store.catalog import TableSpec, get
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame, SparkSession
+
+
+class TableMissing(RuntimeError):
+    """A table a stage needs has not been written yet."""
+
+
+def default_root() -> str:
+    return os.environ.get("REASEQ_LAKEHOUSE", str(Path(__file__).resolve().parent.parent / "lakehouse"))
+
+
+def table_path(name: str, root: str | None = None) -> str:
+    spec = get(name)
+    return f"{(root or default_root()).rstrip('/')}/{spec.layer}/{spec.table}"
+
+
+def exists(name: str, root: str | None = None) -> bool:
+    path = table_path(name, root)
+    if "://" in path and not path.startswith("file://"):
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(path)
+    return Path(path, "_delta_log").is_dir()
+
+
+# ---------------------------------------------------------------- Spark side
+
+
+def spark_schema(spec: TableSpec):
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(spec.schema)
+
+
+def ensure_table(spark: SparkSession, spec: TableSpec, root: str | None = None) -> str:
+    from delta.tables import DeltaTable
+
+    path = table_path(spec.name, root)
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(spark_schema(spec))
+    if spec.partition_by:
+        builder = builder.partitionedBy(*spec.partition_by)
+    builder = builder.comment(spec.description)
+    builder.execute()
+    return path
+
+
+def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
+    """Select the table's columns in order and cast them, failing loudly on a missing column."""
+    from pyspark.sql import functions as F
+
+    missing = [c for c in spec.columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{spec.name}: dataframe lacks columns {missing}")
+    target = spark_schema(spec)
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in target.fields])
+
+
+def merge(
+    spark: SparkSession,
+    df: DataFrame,
+    name: str,
+    root: str | None = None,
+    *,
+    partition_values: list | None = None,
+    delete_unmatched_in_partitions: bool = False,
+) -> dict:
+    """Upsert `df` into the table on its key; a rerun with the same rows leaves the same table.
+
+    `partition_values` puts the partition predicate into the MERGE condition, which keeps concurrent
+    merges into disjoint partitions from conflicting and lets a day's rerun touch only that day.
+    With `delete_unmatched_in_partitions`, target rows of those partitions that the source no longer
+    has are deleted: the partition ends up exactly equal to the source.
+    """
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    spec = get(name)
+    path = ensure_table(spark, spec, root)
+    src = conform(df, spec)
+    dupes = src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
+    if dupes:
+        sample = [tuple(r[k] for k in spec.key) for r in dupes]
+        raise ValueError(f"{name}: source has duplicate keys {spec.key}, e.g. {sample}; deduplicate before merging")
+    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in spec.key)
+    if partition_values is not None and spec.partition_by:
+        col = spec.partition_by[0]
+        values = ", ".join(f"'{v}'" for v in partition_values) or "NULL"
+        cond += f" AND t.`{col}` IN ({values})"
+    target = DeltaTable.forPath(spark, path)
+    if target.history(1).select("version").collect()[0][0] == 0:
+        # Freshly created and empty: an append writes the same rows without MERGE's join.
+        src.write.format("delta").mode("append").save(path)
+        return {"version": 1, "numTargetRowsInserted": src.count(), "fast_path": "append"}
+    updates = {f"`{c}`": f"s.`{c}`" for c in spec.columns if c not in spec.preserve_on_update}
+    m = (
+        target.alias("t")
+        .merge(src.alias("s"), cond)
+        .whenMatchedUpdate(set=updates)
+        .whenNotMatchedInsertAll()
+    )
+    if delete_unmatched_in_partitions and partition_values is not None and spec.partition_by:
+        col = spec.partition_by[0]
+        values = ", ".join(f"'{v}'" for v in partition_values)
+        m = m.whenNotMatchedBySourceDelete(condition=f"t.`{col}` IN ({values})")
+    m.execute()
+    last = target.history(1).select("operationMetrics", "version").collect()[0]
+    metrics = {k: int(v) for k, v in (last["operationMetrics"] or {}).items() if str(v).isdigit()}
+    return {"version": int(last["version"]), **metrics}
+
+
+def read_spark(spark: SparkSession, name: str, root: str | None = None, version: int | None = None) -> DataFrame:
+    if not exists(name, root):
+        raise TableMissing(f"{name} has not been written yet at {table_path(name, root)}: run the stage that writes it")
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(table_path(name, root))
+
+
+def empty_spark(spark: SparkSession, name: str) -> DataFrame:
+    return spark.createDataFrame([], spark_schema(get(name)))
+
+
+# ---------------------------------------------------------------- Arrow side (no JVM)
+
+
+def delta_table(name: str, root: str | None = None, version: int | None = None):
+    from deltalake import DeltaTable
+
+    if not exists(name, root):
+        raise TableMissing(f"{name} has not been written yet at {table_path(name, root)}: run `make run` first")
+    return DeltaTable(table_path(name, root), version=version)
+
+
+def table_version(name: str, root: str | None = None) -> int:
+    return delta_table(name, root).version()
+
+
+def read_arrow(
+    name: str, root: str | None = None, *, version: int | None = None, columns: list[str] | None = None, filter=None
+) -> pa.Table:
+    return delta_table(name, root, version).to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+
+
+def arrow_batches(
+    name: str, root: str | None = None, *, version: int | None = None, columns: list[str] | None = None,
+    batch_size: int = 4096,
+):
+    """Stream a pinned version of a table as Arrow record batches (for training readers)."""
+    ds = delta_table(name, root, version).to_pyarrow_dataset()
+    yield from ds.to_batches(columns=columns, batch_size=batch_size)

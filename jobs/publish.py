@@ -1,0 +1,66 @@
+"""Publish a run: the run summary (tasks, rows per table, quarantine by reason) next to the tables.
+
+Runs only after both quality gates passed; the DAG attaches the feature tables' Assets to this task,
+so downstream DAGs (training) see new data only when a run is complete and valid.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jobs.config import resolve_path
+from jobs.context import JobResult, RunContext
+from jobs.runtime import cli_main
+
+
+def table_counts(root: str) -> dict[str, dict]:
+    from feature_store import delta
+    from feature_store.catalog import TABLES
+
+    out = {}
+    for name in TABLES:
+        if not delta.exists(name, root):
+            out[name] = {"rows": None, "version": None, "path": delta.table_path(name, root)}
+            continue
+        dt = delta.delta_table(name, root)
+        rows = dt.to_pyarrow_dataset().count_rows()
+        out[name] = {"rows": rows, "version": dt.version(), "path": delta.table_path(name, root)}
+    return out
+
+
+def summary(ctx: RunContext) -> dict:
+    import pyarrow.compute as pc
+
+    from feature_store import delta
+
+    runs = delta.read_arrow("ops.pipeline_runs", ctx.root, filter=pc.field("run_id") == ctx.run_id).to_pylist()
+    tasks = sorted(
+        ({k: r[k] for k in ("task", "status", "seconds", "rows_in", "rows_out", "rows_quarantined", "started_at")}
+         | {"metrics": json.loads(r["metrics"] or "{}")} for r in runs),
+        key=lambda r: r["started_at"],
+    )
+    quarantine: dict[str, int] = {}
+    if delta.exists("silver.quarantine", ctx.root):
+        q = delta.read_arrow("silver.quarantine", ctx.root, columns=["source_table", "reason", "run_id"],
+                             filter=pc.field("run_id") == ctx.run_id)
+        for t, reason in zip(q["source_table"].to_pylist(), q["reason"].to_pylist(), strict=True):
+            k = f"{t}: {reason.split(':', 1)[0]}"
+            quarantine[k] = quarantine.get(k, 0) + 1
+    return {
+        "run_id": ctx.run_id, "ds": ctx.ds.isoformat(), "dataset": ctx.dataset, "lakehouse": ctx.root,
+        "tasks": tasks, "tables": table_counts(ctx.root), "quarantine_by_reason": quarantine,
+    }
+
+
+def run(ctx: RunContext) -> JobResult:
+    out_dir = Path(resolve_path(ctx.config["reports"])) / ctx.run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = summary(ctx)
+    (out_dir / "summary.json").write_text(json.dumps(s, indent=2, default=str))
+    written = sum(v["rows"] or 0 for v in s["tables"].values())
+    return JobResult(rows_in=written, rows_out=written, metrics={"summary": str(out_dir / "summary.json")})
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main("publish"))

@@ -1,0 +1,169 @@
+"""Fan catalog items out to the multi-agent chain of thought and write silver.item_knowledge.
+
+Incremental by content: the work set is the items whose (item_id, content_hash, prompt_version,
+model) has no knowledge row yet, so an unchanged nightly rerun makes zero LLM calls. The work set is
+repartitioned so that partitions x per-partition concurrency equals the configured in-flight total
+(the server's batch capacity); each partition runs the async client inside `mapInPandas`. Items
+that still fail after retries go to silver.quarantine with the reason and the raw answer, and are
+picked up again by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from jobs.context import JobResult, RunContext
+from jobs.runtime import StageFailed, cli_main, write_quarantine
+
+log = logging.getLogger("reaseq")
+
+RESULT_DDL = (
+    "item_id string, content_hash string, prompt_version string, model string, category_path array<string>, "
+    "product_type string, attributes_json string, price_tier string, audiences array<string>, "
+    "scenarios array<string>, occasions array<string>, complements array<string>, substitutes array<string>, "
+    "summary string, field_confidence_json string, traces string, tokens_in long, tokens_out long, "
+    "llm_calls int, latency_ms double, status string, error string, raw string"
+)
+
+
+def llm_config(ctx: RunContext, partitions: int):
+    from llm_agents import LLMConfig
+
+    cfg = dict(ctx.config.get("llm") or {})
+    total = int(cfg.pop("max_concurrency", 64))
+    cfg.pop("partitions", None)
+    allowed = set(LLMConfig.model_fields)
+    cfg = {k: v for k, v in cfg.items() if k in allowed and v is not None}
+    if cfg.get("backend", "offline") == "offline":
+        cfg.pop("model", None)
+    return LLMConfig(**cfg, max_concurrency=max(1, total // max(1, partitions)))
+
+
+def _partition_fn(config_json: str):
+    def fn(frames):
+        import pandas as pd
+
+        from llm_agents import ItemInput, LLMConfig, reason_items
+
+        config = LLMConfig.model_validate_json(config_json)
+        frames = list(frames)
+        if not frames:
+            return
+        rows = pd.concat(frames, ignore_index=True)
+        if rows.empty:
+            return
+        items = [ItemInput.from_record(r) for r in rows.to_dict("records")]
+        start = time.monotonic()
+        last = [start]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 5 or done == total:
+                last[0] = now
+                rate = done / max(now - start, 1e-9)
+                eta = (total - done) / rate if rate else float("inf")
+                print(f"reason_items partition: {done}/{total} items, {rate:.1f}/s, ETA {eta:.0f}s",
+                      file=sys.stderr, flush=True)
+
+        results = reason_items(items, config, progress=progress)
+        out = []
+        for r in results:
+            d = r.__dict__.copy()
+            d["attributes_json"] = json.dumps(d.pop("attributes") or {}, ensure_ascii=False)
+            d["field_confidence_json"] = json.dumps(d.pop("field_confidence") or {})
+            out.append(d)
+        yield pd.DataFrame(out)
+
+    return fn
+
+
+def current_items(ctx: RunContext):
+    from feature_store import delta
+
+    return delta.read_spark(ctx.spark, "bronze.catalog_items", ctx.root)
+
+
+def work_set(ctx: RunContext, prompt_version: str, model: str):
+    """Items whose current content has no knowledge row for this prompt version and model."""
+    from pyspark.sql import functions as F
+
+    from feature_store import delta
+
+    items = current_items(ctx)
+    if not delta.exists("silver.item_knowledge", ctx.root):
+        return items
+    known = (
+        delta.read_spark(ctx.spark, "silver.item_knowledge", ctx.root)
+        .filter((F.col("prompt_version") == prompt_version) & (F.col("model") == model))
+        .select("item_id", "content_hash")
+    )
+    return items.join(known, ["item_id", "content_hash"], "left_anti")
+
+
+def run(ctx: RunContext) -> JobResult:
+    from pyspark.sql import functions as F
+
+    from feature_store import delta
+    from llm_agents import PROMPT_VERSION, model_name
+
+    spark = ctx.spark
+    partitions = int((ctx.config.get("llm") or {}).get("partitions", 4))
+    config = llm_config(ctx, partitions)
+    model = model_name(config)
+    todo = work_set(ctx, PROMPT_VERSION, model)
+    total_items = current_items(ctx).count()
+    n = todo.count()
+    log.info("reason_items: %d of %d items need knowledge (prompt %s, model %s, %d partitions x %d in flight)",
+             n, total_items, PROMPT_VERSION, model, partitions, config.max_concurrency)
+    metrics = {"prompt_version": PROMPT_VERSION, "model": model, "work_set": n, "catalog": total_items,
+               "partitions": partitions, "per_partition_concurrency": config.max_concurrency}
+    if n == 0:
+        return JobResult(rows_in=0, rows_out=0, metrics={**metrics, "llm_calls": 0})
+    t0 = time.monotonic()
+    try:
+        results = (
+            todo.repartition(partitions, "item_id")
+            .mapInPandas(_partition_fn(config.model_dump_json()), RESULT_DDL)
+            .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
+        )
+    except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
+        if "BackendUnavailable" in str(exc):
+            line = next((x for x in str(exc).splitlines() if "BackendUnavailable" in x), str(exc))
+            raise StageFailed(line.split("BackendUnavailable:", 1)[-1].strip()) from None
+        raise
+    seconds = time.monotonic() - t0
+    ok = results.filter(F.col("status") == "ok")
+    knowledge = (
+        ok.withColumn("attributes", F.from_json("attributes_json", "map<string,string>"))
+        .withColumn("field_confidence", F.from_json("field_confidence_json", "map<string,double>"))
+        .withColumn("ds", F.lit(ctx.ds))
+        .withColumn("run_id", F.lit(ctx.run_id))
+    )
+    n_ok = knowledge.count()
+    if n_ok:
+        delta.merge(spark, knowledge, "silver.item_knowledge", ctx.root)
+    failed = results.filter(F.col("status") != "ok").select("item_id", "content_hash", "error", "raw").collect()
+    write_quarantine(ctx, [
+        {
+            "source_table": "silver.item_knowledge",
+            "key": r["item_id"],
+            "stage": "reason_items",
+            "reason": (r["error"] or "failed")[:500],
+            "payload": json.dumps({"content_hash": r["content_hash"], "raw": (r["raw"] or "")[:4000]}),
+        }
+        for r in failed
+    ])
+    agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls")).collect()[0]
+    metrics.update({
+        "ok": n_ok, "failed": len(failed), "seconds": round(seconds, 2),
+        "items_per_second": round(n / seconds, 2) if seconds else None,
+        "tokens_in": int(agg[0] or 0), "tokens_out": int(agg[1] or 0), "llm_calls": int(agg[2] or 0),
+    })
+    return JobResult(rows_in=n, rows_out=n_ok, rows_quarantined=len(failed), metrics=metrics)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main("reason_items"))

@@ -1,0 +1,89 @@
+"""Dataset loaders: read a source dataset into Arrow tables for the bronze layer (pure Python + pyarrow).
+
+    from jobs.sources import load_source
+    batch = load_source("amazon-json", "/data/amazon18_scientific", until=date(2018, 3, 1))
+    batch.items, batch.interactions      # pa.Table, ITEM_SCHEMA / INTERACTION_SCHEMA
+    batch.quarantine                     # list[QuarantineRecord] for silver.quarantine
+    batch.rows_read                      # {"items", "interactions", "interactions_after_until"}
+
+Datasets: "synthetic" (default; generated, path ignored), "amazon-json" (LC-Rec style <Name>.item.json +
+<Name>.inter.json), "movielens" (ml-100k u.item + u.data). The shared cleaning and quarantine rules are in
+`jobs.sources.base`; each loader's module docstring describes its format.
+
+Anything that makes a whole dataset unreadable (missing path, wrong layout, a file that is not JSON, an
+unknown dataset or option) raises `SourceError` with a one-line message; bad single rows are quarantined
+instead.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from jobs.sources import amazon_json, movielens, synthetic
+from jobs.sources.base import (
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    REASONS,
+    QuarantineRecord,
+    SourceBatch,
+    SourceError,
+)
+
+__all__ = [
+    "DATASETS",
+    "INTERACTION_SCHEMA",
+    "ITEM_SCHEMA",
+    "REASONS",
+    "QuarantineRecord",
+    "SourceBatch",
+    "SourceError",
+    "load_source",
+]
+
+DATASETS = ("synthetic", "amazon-json", "movielens")
+_LOADERS = {"synthetic": synthetic.load, "amazon-json": amazon_json.load, "movielens": movielens.load}
+
+
+def _coerce_until(until: Any) -> date | None:
+    if until is None:
+        return None
+    if isinstance(until, datetime):
+        return (until.astimezone(UTC) if until.tzinfo else until).date()
+    if isinstance(until, date):
+        return until
+    if isinstance(until, str):
+        try:
+            return date.fromisoformat(until.strip())
+        except ValueError:
+            pass
+    raise SourceError(f"until={until!r} is not a date: give a datetime.date or 'YYYY-MM-DD'")
+
+
+def load_source(
+    dataset: str,
+    path: str | Path | None = None,
+    *,
+    until: date | None = None,
+    options: dict | None = None,
+) -> SourceBatch:
+    """Load one dataset. `until`: keep only interactions whose UTC event date is <= until (later ones are
+    counted in rows_read["interactions_after_until"], not quarantined). `options`: loader options
+    (all: max_description_chars; synthetic: n_items, n_users, seed, end_date, days)."""
+    name = dataset.strip().lower().replace("_", "-") if isinstance(dataset, str) else dataset
+    if name not in _LOADERS:
+        raise SourceError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if options is not None and not isinstance(options, dict):
+        raise SourceError(f"{name}: options must be a dict, got {type(options).__name__}")
+    until_date = _coerce_until(until)
+    try:
+        return _LOADERS[name](path, until=until_date, options=options)
+    except SourceError:
+        raise
+    except Exception as e:  # a loader bug: still give the operator one line that says where it happened
+        where = f"{path}: " if path is not None and name != "synthetic" else ""
+        raise SourceError(
+            f"{name}: {where}unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
+            "report it as a loader bug with this dataset"
+        ) from e

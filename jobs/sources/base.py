@@ -1,0 +1,694 @@
+"""What every dataset loader returns, and the cleaning and quarantine rules they all share.
+
+A loader reads one dataset and hands back a `SourceBatch`: an items table (`ITEM_SCHEMA`, the first columns of
+bronze.catalog_items), an interactions table (`INTERACTION_SCHEMA`, the first columns of bronze.interactions),
+the rows it refused (`QuarantineRecord`, headed for silver.quarantine) and how many raw rows it read.
+Loaders are pure Python + pyarrow (no Spark): the ingest jobs wrap the tables in DataFrames themselves.
+
+Loaders feed raw rows to a `BatchBuilder`, which applies the rules below in this order and keeps the
+accounting exact:
+
+    rows_read["items"]        == len(items) + item quarantine rows
+    rows_read["interactions"] == len(interactions) + interaction quarantine rows
+                                 + rows_read["interactions_after_until"]
+
+Items (reason codes in `REASONS`):
+1. id: str or int; cleaned like a title; empty -> `missing_item_id`; not text, or longer than 256 chars ->
+   `bad_field_type`.
+2. the first row with an id is the item; later rows with that id -> `duplicate_item_id`, whatever became of
+   the first one (if the first was quarantined, the id stays quarantined).
+3. raw row over `MAX_ROW_BYTES` (1 MiB of UTF-8 JSON) -> `row_too_large`.
+4. a row that is not a mapping, or fields of the wrong type -> `bad_field_type`. Accepted: title, description
+   and brand str (or bytes, decoded as UTF-8 with errors='replace'); categories a list of str (a single str is
+   one category); price a finite non-negative number or a numeric string ("$1,299.00"); attributes a
+   mapping of str to str/number/bool.
+5. text cleaning: lone surrogates and undecodable bytes become U+FFFD, NFC, control characters removed except
+   newline and tab, whitespace collapsed (descriptions keep single line breaks and paragraph breaks).
+6. title missing or empty after cleaning -> `missing_title`; title containing U+FFFD -> `invalid_utf8`; title
+   over 1000 chars -> `title_too_long`.
+7. description over `max_description_chars` (option, default 4000) is cut at a word boundary and
+   attributes["description_truncated"] = "true"; U+FFFD in a kept text field sets
+   attributes["had_invalid_utf8"] = "true". Empty description, brand, categories, attributes become null.
+8. content_hash over the cleaned fields (jobs.hashing.content_hash).
+
+Interactions, checked after all items are known (in `build()`):
+1. user_id / item_id str or int (empty -> `missing_user_id` / `missing_item_id`), event_ts an aware datetime
+   or int microseconds since the epoch within 1900..2200, event_type a non-empty str, rating None or a finite
+   number; otherwise `bad_field_type`.
+2. event date (UTC) after `until`: not quarantined, counted in rows_read["interactions_after_until"].
+3. item id never seen -> `unknown_item_id`; item id seen but quarantined -> `item_quarantined`.
+4. a repeat of (user_id, item_id, event_ts) -> `duplicate_event` (the first is kept).
+
+Quarantine keys are unique per (source_table, key) within a batch, as silver.quarantine's key needs: a
+repeated key gets "#2", "#3", ... appended. Payloads are JSON (valid UTF-8, strings truncated, at most
+4000 chars).
+Text that looks like a prompt injection is ordinary data here; keeping it away from the LLM's instructions is
+the prompt layer's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from feature_store.catalog import CATALOG_ITEMS, INTERACTIONS, QUARANTINE
+from jobs.hashing import content_hash
+
+__all__ = [
+    "BatchBuilder",
+    "DEFAULT_MAX_DESCRIPTION_CHARS",
+    "INTERACTION_SCHEMA",
+    "INTERACTIONS_TABLE",
+    "ITEM_SCHEMA",
+    "ITEMS_TABLE",
+    "MAX_ROW_BYTES",
+    "MAX_TITLE_CHARS",
+    "PAYLOAD_MAX_CHARS",
+    "QUARANTINE_SCHEMA",
+    "QuarantineRecord",
+    "REASONS",
+    "SourceBatch",
+    "SourceError",
+    "check_options",
+    "clean_line",
+    "clean_text",
+    "fix_surrogates",
+    "to_payload",
+]
+
+ITEM_COLUMNS = (
+    "item_id",
+    "title",
+    "description",
+    "categories",
+    "brand",
+    "price",
+    "attributes",
+    "content_hash",
+)
+INTERACTION_COLUMNS = ("user_id", "item_id", "event_ts", "event_type", "rating")
+ITEM_SCHEMA = pa.schema([CATALOG_ITEMS.schema.field(c) for c in ITEM_COLUMNS])
+INTERACTION_SCHEMA = pa.schema([INTERACTIONS.schema.field(c) for c in INTERACTION_COLUMNS])
+QUARANTINE_SCHEMA = pa.schema(
+    [QUARANTINE.schema.field(c) for c in ("source_table", "key", "stage", "reason", "payload")]
+)
+
+ITEMS_TABLE = CATALOG_ITEMS.name  # "bronze.catalog_items"
+INTERACTIONS_TABLE = INTERACTIONS.name  # "bronze.interactions"
+STAGE = "ingest"
+
+MAX_ROW_BYTES = 1 << 20  # 1 MiB
+MAX_TITLE_CHARS = 1000
+MAX_ID_CHARS = 256
+DEFAULT_MAX_DESCRIPTION_CHARS = 4000
+PAYLOAD_MAX_CHARS = 4000
+
+REASONS: dict[str, str] = {
+    "missing_item_id": "the row has no usable item id",
+    "missing_user_id": "the interaction has no usable user id",
+    "missing_title": "title missing, empty or whitespace only",
+    "title_too_long": f"title longer than {MAX_TITLE_CHARS} characters after cleaning",
+    "row_too_large": f"raw row larger than {MAX_ROW_BYTES} bytes",
+    "invalid_utf8": "title contains undecodable bytes or broken surrogates (U+FFFD after decoding)",
+    "duplicate_item_id": "a later row with an item id already read (the first row wins)",
+    "unknown_item_id": "interaction with an item id absent from the catalog",
+    "item_quarantined": "interaction with an item whose catalog row was quarantined",
+    "duplicate_event": "a repeat of (user_id, item_id, event_ts)",
+    "bad_field_type": "a field of the wrong type or an unparseable value",
+}
+
+_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_TS_US = (datetime(1900, 1, 1, tzinfo=UTC) - _UTC_EPOCH) // timedelta(microseconds=1)
+_MAX_TS_US = (datetime(2200, 1, 1, tzinfo=UTC) - _UTC_EPOCH) // timedelta(microseconds=1)
+_US_PER_DAY = 86_400_000_000
+
+
+class SourceError(Exception):
+    """A dataset cannot be read at all.
+
+    The message is one line: '<dataset>: <file>: <problem>: <what to do>'.
+    """
+
+
+@dataclass
+class QuarantineRecord:
+    source_table: str  # "bronze.catalog_items" or "bronze.interactions"
+    key: str
+    stage: str  # "ingest"
+    reason: str  # "<code>: <detail>", code in REASONS
+    payload: str  # JSON of the offending raw row
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass
+class SourceBatch:
+    dataset: str
+    items: pa.Table
+    interactions: pa.Table
+    quarantine: list[QuarantineRecord]
+    rows_read: dict[str, int] = field(default_factory=dict)
+
+    def quarantine_table(self) -> pa.Table:
+        """The quarantine records as an Arrow table (silver.quarantine without ds and run_id)."""
+        cols = {name: [getattr(q, name) for q in self.quarantine] for name in QUARANTINE_SCHEMA.names}
+        return pa.table(cols, schema=QUARANTINE_SCHEMA)
+
+    def summary(self) -> dict[str, int]:
+        """Counts for ops.pipeline_runs and logs."""
+        q_items = sum(1 for q in self.quarantine if q.source_table == ITEMS_TABLE)
+        return {
+            "items_read": self.rows_read.get("items", 0),
+            "items": self.items.num_rows,
+            "items_quarantined": q_items,
+            "interactions_read": self.rows_read.get("interactions", 0),
+            "interactions": self.interactions.num_rows,
+            "interactions_quarantined": len(self.quarantine) - q_items,
+            "interactions_after_until": self.rows_read.get("interactions_after_until", 0),
+        }
+
+
+# --------------------------------------------------------------------------------------------- text cleaning
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NEWLINES = re.compile("\r\n?|[\x0b\x0c\x85\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ufeff]")  # Cc and the BOM (tab/newline already spaces)
+_CONTROL_KEEP_NL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
+_BLANK_LINES = re.compile("\n{3,}")
+
+
+def fix_surrogates(text: str) -> str:
+    """Join surrogate pairs and replace lone surrogates by U+FFFD, so the text encodes as UTF-8."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _as_text(value: str | bytes) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return value
+
+
+def clean_line(value: str | bytes) -> str:
+    """One-line text: U+FFFD for broken bytes, NFC, no control characters, whitespace collapsed, stripped."""
+    text = _as_text(value)
+    if text.isascii() and text.isprintable():
+        return " ".join(text.split())
+    text = unicodedata.normalize("NFC", fix_surrogates(text))
+    text = _NEWLINES.sub(" ", text).replace("\n", " ").replace("\t", " ")
+    return " ".join(_CONTROL.sub("", text).split())
+
+
+def clean_text(value: str | bytes) -> str:
+    """Multi-line text: like `clean_line` but single line breaks and paragraph breaks survive."""
+    text = _as_text(value)
+    if "\n" not in text and "\r" not in text and text.isascii() and text.isprintable():
+        return " ".join(text.split())
+    text = unicodedata.normalize("NFC", fix_surrogates(text))
+    text = _CONTROL_KEEP_NL.sub("", _NEWLINES.sub("\n", text))
+    lines = [" ".join(line.split()) for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def truncate_at_word(text: str, limit: int) -> tuple[str, bool]:
+    """Cut text to at most `limit` chars, at the last whitespace when there is one in the second half."""
+    if len(text) <= limit:
+        return text, False
+    cut = text[:limit]
+    if not text[limit].isspace():
+        space = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+        if space >= limit // 2:
+            cut = cut[:space]
+    return cut.rstrip(), True
+
+
+# -------------------------------------------------------------------------------------------------- payloads
+
+
+def _jsonable(value: Any, limit: int, depth: int = 0) -> Any:
+    if isinstance(value, str | bytes | bytearray):
+        text = fix_surrogates(_as_text(value))
+        return text if len(text) <= limit else f"{text[:limit]}…[+{len(text) - limit} chars]"
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() < 64 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth >= 20:
+        return "…[nested too deep]"
+    if isinstance(value, Mapping):
+        out = {}
+        for i, (k, v) in enumerate(value.items()):
+            if i >= 200:
+                out["…"] = f"[+{len(value) - 200} more keys]"
+                break
+            key = _jsonable(k if isinstance(k, str | bytes) else repr(k), 200)
+            out[key] = _jsonable(v, limit, depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        out_list = [_jsonable(v, limit, depth + 1) for v in value[:200]]
+        if len(value) > 200:
+            out_list.append(f"…[+{len(value) - 200} more]")
+        return out_list
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return _jsonable(repr(value), limit, depth)
+
+
+def to_payload(raw: Any) -> str:
+    """JSON text of a raw row for silver.quarantine: valid UTF-8, strings truncated, at most 4000 chars."""
+    text = ""
+    for limit in (PAYLOAD_MAX_CHARS, 1000, 200, 40):
+        text = json.dumps(_jsonable(raw, limit), ensure_ascii=False)
+        if len(text) <= PAYLOAD_MAX_CHARS:
+            return text
+    prefix = text[: PAYLOAD_MAX_CHARS - 100]
+    while True:
+        wrapped = json.dumps({"truncated_json": prefix}, ensure_ascii=False)
+        if len(wrapped) <= PAYLOAD_MAX_CHARS:
+            return wrapped
+        prefix = prefix[: len(prefix) // 2]
+
+
+def _size_at_least(value: Any, budget: int, depth: int = 0) -> int:
+    """A lower bound of the JSON size in chars, stopping early once it passes `budget`."""
+    if isinstance(value, str | bytes | bytearray):
+        return len(value) + 2
+    if isinstance(value, Mapping):
+        total = 2
+        for k, v in value.items():
+            total += _size_at_least(k, budget, depth + 1) + _size_at_least(v, budget, depth + 1) + 1
+            if total > budget:
+                break
+        return total
+    if isinstance(value, list | tuple) and depth < 50:
+        total = 2
+        for v in value:
+            total += _size_at_least(v, budget, depth + 1) + 1
+            if total > budget:
+                break
+        return total
+    return 8
+
+
+def raw_size_bytes(raw: Any) -> int:
+    """UTF-8 size of a raw row's JSON, computed exactly only when it could exceed MAX_ROW_BYTES."""
+    if _size_at_least(raw, MAX_ROW_BYTES // 4) * 4 <= MAX_ROW_BYTES:
+        return 0  # certainly small enough
+    try:
+        text = json.dumps(_jsonable(raw, 1 << 30), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(raw)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+def check_options(dataset: str, options: Mapping[str, Any] | None, allowed: Iterable[str]) -> dict[str, Any]:
+    opts = dict(options or {})
+    allowed = set(allowed) | {"max_description_chars"}
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise SourceError(
+            f"{dataset}: unknown option(s) {', '.join(map(repr, unknown))}: "
+            f"use one of {', '.join(sorted(allowed))}"
+        )
+    mdc = opts.get("max_description_chars", DEFAULT_MAX_DESCRIPTION_CHARS)
+    if isinstance(mdc, bool) or not isinstance(mdc, int) or mdc < 1:
+        raise SourceError(f"{dataset}: option max_description_chars={mdc!r}: give a positive integer")
+    return opts
+
+
+def epoch_us(value: datetime) -> int:
+    return (value - _UTC_EPOCH) // timedelta(microseconds=1)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, list | tuple):
+        return "list"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------------- builder
+
+_PRICE_CHARS = re.compile(r"^\s*[$€£]?\s*([0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)\s*$")
+
+
+def _parse_price(value: Any) -> tuple[float | None, str | None]:
+    if value is None:
+        return None, None
+    if isinstance(value, bool):
+        return None, "price is bool"
+    if isinstance(value, int | float):
+        price = float(value) if not isinstance(value, int) or value.bit_length() < 1000 else math.inf
+    elif isinstance(value, str | bytes):
+        text = _as_text(value).strip()
+        if not text:
+            return None, None
+        m = _PRICE_CHARS.match(text)
+        if m is None:
+            return None, f"price {text[:40]!r} is not a number"
+        price = float(m.group(1).replace(",", ""))
+    else:
+        return None, f"price is {_type_name(value)}"
+    if not math.isfinite(price) or price < 0:
+        return None, f"price {price!r} is not a finite non-negative number"
+    return price, None
+
+
+class BatchBuilder:
+    """Collects raw rows of one dataset, applies the shared rules and builds the SourceBatch."""
+
+    def __init__(self, dataset: str, *, until: date | None = None, max_description_chars: int | None = None):
+        self.dataset = dataset
+        self.max_description_chars = max_description_chars or DEFAULT_MAX_DESCRIPTION_CHARS
+        self._until_end_us = (
+            None
+            if until is None
+            else epoch_us(datetime(until.year, until.month, until.day, tzinfo=UTC)) + _US_PER_DAY
+        )
+        self._items: dict[str, list] = {c: [] for c in ITEM_COLUMNS}
+        self._item_ok: dict[str, bool] = {}  # item id -> kept (True) or quarantined (False)
+        # (user, item, ts_us, event_type, rating, key, raw) of the events whose fields have the right types
+        self._events: list[tuple] = []
+        self.quarantine: list[QuarantineRecord] = []
+        self._keys_used: dict[tuple[str, str], int] = {}
+        self.rows_read = {"items": 0, "interactions": 0, "interactions_after_until": 0}
+
+    # -- quarantine
+
+    def _quarantine(self, table: str, key: str, code: str, detail: str, raw: Any) -> None:
+        key = fix_surrogates(key)
+        if len(key) > MAX_ID_CHARS:
+            key = key[:MAX_ID_CHARS] + "…"
+        n = self._keys_used.get((table, key), 0) + 1
+        self._keys_used[(table, key)] = n
+        if n > 1:
+            key = f"{key}#{n}"
+            self._keys_used[(table, key)] = self._keys_used.get((table, key), 0) + 1
+        detail = fix_surrogates(detail).replace("\n", " ")
+        self.quarantine.append(QuarantineRecord(table, key, STAGE, f"{code}: {detail}", to_payload(raw)))
+
+    def reject_item(
+        self, item_id: str | None, code: str, detail: str, raw: Any, *, where: str | None = None
+    ) -> None:
+        """Count one raw item row and quarantine it (for rows a loader cannot even hand to add_item)."""
+        self.rows_read["items"] += 1
+        if item_id is not None and item_id in self._item_ok:
+            # the first row with an id wins, whatever this one is
+            state = "kept" if self._item_ok[item_id] else "quarantined"
+            code, detail = (
+                "duplicate_item_id",
+                f"item id {item_id!r} already read (first row {state}); also {code}: {detail}",
+            )
+        elif item_id is not None:
+            self._item_ok[item_id] = False
+        self._quarantine(
+            ITEMS_TABLE, item_id or where or f"item row {self.rows_read['items']}", code, detail, raw
+        )
+
+    def reject_interaction(self, key: str, code: str, detail: str, raw: Any) -> None:
+        """Count one raw interaction row and quarantine it."""
+        self.rows_read["interactions"] += 1
+        self._quarantine(INTERACTIONS_TABLE, key, code, detail, raw)
+
+    # -- items
+
+    @staticmethod
+    def _coerce_id(value: Any, what: str) -> tuple[str | None, str | None, str | None]:
+        """(id, code, detail); id None when unusable."""
+        if type(value) is str and 0 < len(value) <= MAX_ID_CHARS and value.isascii() and value.isprintable():
+            if value[0] != " " and value[-1] != " " and "  " not in value:
+                return value, None, None  # fast path: already clean
+        if isinstance(value, bool) or not isinstance(value, str | bytes | int):
+            return None, "bad_field_type", f"{what} is {_type_name(value)}, expected text"
+        text = str(value) if isinstance(value, int) else clean_line(value)
+        if not text:
+            return None, f"missing_{what}", f"{what} is empty"
+        if len(text) > MAX_ID_CHARS:
+            return None, "bad_field_type", f"{what} is {len(text)} characters long (max {MAX_ID_CHARS})"
+        return text, None, None
+
+    def add_item(
+        self,
+        item_id: Any,
+        entry: Any,
+        *,
+        raw: Any = None,
+        where: str | None = None,
+        raw_size: int | None = None,
+    ) -> bool:
+        """Read one raw item row. `entry` holds title, description, categories, brand, price, attributes.
+
+        raw: what goes into the quarantine payload (default {"item_id": item_id, "row": entry});
+        where: the quarantine key when the id is unusable (e.g. "u.item:12");
+        raw_size: the raw row's size in bytes when the loader knows it (else estimated from the JSON).
+        Returns True when the item was kept.
+        """
+        if raw is None:
+            raw = {"item_id": item_id, "row": entry}
+        iid, code, detail = self._coerce_id(item_id, "item_id")
+        if iid is None:
+            self.reject_item(None, code, detail, raw, where=where or (str(item_id)[:80] if item_id else None))
+            return False
+        if iid in self._item_ok:
+            state = "kept" if self._item_ok[iid] else "quarantined"
+            self.reject_item(
+                None, "duplicate_item_id", f"item id {iid!r} already read (first row {state})", raw, where=iid
+            )
+            return False
+        size = raw_size if raw_size is not None else raw_size_bytes(entry)
+        if size > MAX_ROW_BYTES:
+            self.reject_item(iid, "row_too_large", f"raw row is {size} bytes (max {MAX_ROW_BYTES})", raw)
+            return False
+        if not isinstance(entry, Mapping):
+            self.reject_item(iid, "bad_field_type", f"row is {_type_name(entry)}, expected an object", raw)
+            return False
+
+        problems: list[str] = []
+        title = entry.get("title")
+        if title is not None and not isinstance(title, str | bytes):
+            problems.append(f"title is {_type_name(title)}")
+        description = entry.get("description")
+        if description is not None and not isinstance(description, str | bytes):
+            problems.append(f"description is {_type_name(description)}")
+            description = None
+        brand = entry.get("brand")
+        if brand is not None and not isinstance(brand, str | bytes):
+            problems.append(f"brand is {_type_name(brand)}")
+        categories = entry.get("categories")
+        if isinstance(categories, str | bytes):
+            categories = [categories]
+        if categories is not None:
+            if not isinstance(categories, list | tuple):
+                problems.append(f"categories is {_type_name(categories)}")
+            else:
+                bad = [c for c in categories if not isinstance(c, str | bytes)]
+                if bad:
+                    problems.append(f"categories holds {_type_name(bad[0])}")
+        price, price_problem = _parse_price(entry.get("price"))
+        if price_problem:
+            problems.append(price_problem)
+        attributes = entry.get("attributes")
+        if attributes is not None:
+            if not isinstance(attributes, Mapping):
+                problems.append(f"attributes is {_type_name(attributes)}")
+            else:
+                for k, v in attributes.items():
+                    if (
+                        not isinstance(k, str | bytes)
+                        or not isinstance(v, str | bytes | int | float | bool)
+                        or (isinstance(v, float) and not math.isfinite(v))
+                        or (isinstance(v, int) and v.bit_length() > 256)
+                    ):
+                        problems.append(f"attributes[{str(k)[:40]!r}] is {_type_name(v)}")
+                        break
+        if problems:
+            self.reject_item(iid, "bad_field_type", "; ".join(problems), raw)
+            return False
+
+        title = clean_line(title) if title is not None else ""
+        if not title:
+            self.reject_item(iid, "missing_title", "title is missing or empty", raw)
+            return False
+        if "\ufffd" in title:
+            self.reject_item(iid, "invalid_utf8", "title has undecodable bytes (U+FFFD after decoding)", raw)
+            return False
+        if len(title) > MAX_TITLE_CHARS:
+            self.reject_item(
+                iid, "title_too_long", f"title is {len(title)} characters (max {MAX_TITLE_CHARS})", raw
+            )
+            return False
+
+        attrs: dict[str, str] = {}
+        for k, v in (attributes or {}).items():
+            key = clean_line(k)
+            if key:
+                attrs[key] = (
+                    ("true" if v else "false")
+                    if isinstance(v, bool)
+                    else clean_line(v if isinstance(v, str | bytes) else str(v))
+                )
+        desc = clean_text(description) if description is not None else None
+        if desc:
+            desc, truncated = truncate_at_word(desc, self.max_description_chars)
+            if truncated:
+                attrs["description_truncated"] = "true"
+        desc = desc or None
+        brand = (clean_line(brand) or None) if brand is not None else None
+        cats = [c for c in (clean_line(c) for c in categories) if c] if categories is not None else []
+        texts = [desc or "", brand or "", *cats, *attrs.keys(), *attrs.values()]
+        if any("\ufffd" in t for t in texts):
+            attrs["had_invalid_utf8"] = "true"
+        attr_pairs = sorted(attrs.items()) or None
+        cats_out = cats or None
+
+        row = {
+            "item_id": iid,
+            "title": title,
+            "description": desc,
+            "categories": cats_out,
+            "brand": brand,
+            "price": price,
+            "attributes": attr_pairs,
+            "content_hash": content_hash(title, desc, cats_out, brand, price, attr_pairs),
+        }
+        for c in ITEM_COLUMNS:
+            self._items[c].append(row[c])
+        self.rows_read["items"] += 1
+        self._item_ok[iid] = True
+        return True
+
+    # -- interactions
+
+    def add_interaction(
+        self,
+        user_id: Any,
+        item_id: Any,
+        event_ts: datetime | int,
+        event_type: str,
+        rating: float | None = None,
+        *,
+        raw: Any = None,
+        where: str | None = None,
+    ) -> None:
+        """Read one raw interaction. event_ts: an aware datetime or int microseconds since the epoch (UTC).
+
+        raw: the quarantine payload (default: the arguments as an object); where: the quarantine key when the
+        row's own key is unreadable (default "<user>|<item>|<event_ts>").
+        """
+        self.rows_read["interactions"] += 1
+        uid, code, detail = self._coerce_id(user_id, "user_id")
+        iid = None
+        if uid is not None:
+            iid, code, detail = self._coerce_id(item_id, "item_id")
+        ts_us = None
+        if iid is not None:
+            if isinstance(event_ts, datetime):
+                if event_ts.tzinfo is None:
+                    code, detail = "bad_field_type", "event_ts has no time zone"
+                else:
+                    ts_us = epoch_us(event_ts)
+            elif isinstance(event_ts, int) and not isinstance(event_ts, bool):
+                ts_us = event_ts
+            else:
+                code, detail = "bad_field_type", f"event_ts is {_type_name(event_ts)}"
+            if ts_us is not None and not _MIN_TS_US <= ts_us < _MAX_TS_US:
+                ts_us, code, detail = None, "bad_field_type", "event_ts outside 1900..2200"
+        if ts_us is not None:
+            if not isinstance(event_type, str) or not event_type.strip():
+                ts_us, code, detail = None, "bad_field_type", f"event_type is {_type_name(event_type)!s}"
+            elif rating is not None and (
+                isinstance(rating, bool) or not isinstance(rating, int | float) or not math.isfinite(rating)
+            ):
+                ts_us, code, detail = None, "bad_field_type", f"rating is {_type_name(rating)}"
+        if raw is None:
+            raw = {
+                "user_id": user_id,
+                "item_id": item_id,
+                "event_ts": event_ts,
+                "event_type": event_type,
+                "rating": rating,
+            }
+        if ts_us is None:
+            key = where or f"{str(user_id)[:80]}|{str(item_id)[:80]}|{event_ts}"
+            self._quarantine(INTERACTIONS_TABLE, key, code, detail, raw)
+            return
+        if self._until_end_us is not None and ts_us >= self._until_end_us:
+            self.rows_read["interactions_after_until"] += 1
+            return
+        self._events.append(
+            (uid, iid, ts_us, event_type, None if rating is None else float(rating), where, raw)
+        )
+
+    # -- result
+
+    def build(self) -> SourceBatch:
+        items = pa.table(self._items, schema=ITEM_SCHEMA)
+        cols: dict[str, list] = {c: [] for c in INTERACTION_COLUMNS}
+        seen: set[tuple[str, str, int]] = set()
+        for uid, iid, ts_us, event_type, rating, where, raw in self._events:
+            state = self._item_ok.get(iid)
+            if state is not True:
+                ts_text = (_UTC_EPOCH + timedelta(microseconds=ts_us)).isoformat()
+                key = where or f"{uid}|{iid}|{ts_text}"
+                if state is None:
+                    self._quarantine(
+                        INTERACTIONS_TABLE,
+                        key,
+                        "unknown_item_id",
+                        f"item id {iid!r} is not in the catalog",
+                        raw,
+                    )
+                else:
+                    self._quarantine(
+                        INTERACTIONS_TABLE, key, "item_quarantined", f"item {iid!r} was quarantined", raw
+                    )
+                continue
+            k = (uid, iid, ts_us)
+            if k in seen:
+                ts_text = (_UTC_EPOCH + timedelta(microseconds=ts_us)).isoformat()
+                key = where or f"{uid}|{iid}|{ts_text}"
+                self._quarantine(
+                    INTERACTIONS_TABLE,
+                    key,
+                    "duplicate_event",
+                    "same user, item and event_ts as an earlier row",
+                    raw,
+                )
+                continue
+            seen.add(k)
+            cols["user_id"].append(uid)
+            cols["item_id"].append(iid)
+            cols["event_ts"].append(ts_us)
+            cols["event_type"].append(event_type)
+            cols["rating"].append(rating)
+        self._events = []
+        interactions = pa.table(
+            {
+                "user_id": pa.array(cols["user_id"], pa.string()),
+                "item_id": pa.array(cols["item_id"], pa.string()),
+                "event_ts": pa.array(cols["event_ts"], INTERACTION_SCHEMA.field("event_ts").type),
+                "event_type": pa.array(cols["event_type"], pa.string()),
+                "rating": pa.array(cols["rating"], pa.float64()),
+            },
+            schema=INTERACTION_SCHEMA,
+        )
+        return SourceBatch(self.dataset, items, interactions, self.quarantine, dict(self.rows_read))

@@ -1,0 +1,131 @@
+"""Train the semantic-ID quantizers (hierarchical RQ and REG4Rec's MPQ) on silver.item_embeddings.
+
+The checkpoint's codebook_version is derived from the quantizer configuration and the embeddings
+table's Delta version, so an unchanged rerun finds its checkpoint and trains nothing, while new
+embeddings give a new version. Rows with NaN or wrong-dimension vectors are quarantined and never
+reach training. Assignment (assign_semantic_ids) reuses a saved version without retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from jobs.context import JobResult, RunContext
+from jobs.runtime import cli_main, write_quarantine
+
+log = logging.getLogger("reaseq")
+
+
+def quantizer_config(ctx: RunContext):
+    from models.quantizers import QuantizerConfig
+
+    allowed = set(QuantizerConfig.model_fields)
+    return QuantizerConfig(**{k: v for k, v in (ctx.config.get("quantizer") or {}).items() if k in allowed})
+
+
+def embedder_name(ctx: RunContext) -> str:
+    from models.embedder import EmbedderConfig
+
+    return EmbedderConfig.from_dict(ctx.config.get("embedding")).name
+
+
+def codebook_version(config_hash: str, embedder: str, table_version: int, ids: list[str], mat: np.ndarray) -> str:
+    """Config + embeddings table version + a fingerprint of the exact training matrix.
+
+    The fingerprint keeps a wiped-and-rebuilt lakehouse (whose Delta versions restart) from reusing a
+    checkpoint trained on other data.
+    """
+    h = hashlib.sha256(f"{config_hash}|{embedder}|{table_version}|".encode())
+    h.update("\n".join(ids).encode())
+    h.update(np.ascontiguousarray(mat, dtype=np.float32).tobytes())
+    return f"cb-{h.hexdigest()[:12]}"
+
+
+def checkpoint_dir(ctx: RunContext, version: str) -> Path:
+    return Path(ctx.artifacts) / "quantizers" / version
+
+
+def load_embeddings(ctx: RunContext, embedder: str, version: int | None = None):
+    """Current catalog items' embeddings as (item_ids, matrix, bad rows) from a pinned table version."""
+    import pyarrow.compute as pc
+
+    from feature_store import delta
+
+    emb = delta.read_arrow("silver.item_embeddings", ctx.root, version=version,
+                           columns=["item_id", "embedder", "embedding", "dim"],
+                           filter=pc.field("embedder") == embedder)
+    current = set(delta.read_arrow("bronze.catalog_items", ctx.root, columns=["item_id"])["item_id"].to_pylist())
+    ids, vecs, bad = [], [], []
+    dims = [len(v) for v in emb["embedding"].to_pylist() if v is not None]
+    expected = max(set(dims), key=dims.count) if dims else 0
+    for item_id, vec in zip(emb["item_id"].to_pylist(), emb["embedding"].to_pylist(), strict=True):
+        if item_id not in current:
+            continue
+        if vec is None or len(vec) != expected:
+            bad.append((item_id, f"wrong_dimension: {0 if vec is None else len(vec)} != {expected}"))
+            continue
+        arr = np.asarray(vec, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            bad.append((item_id, "non_finite_embedding: NaN or inf values"))
+            continue
+        ids.append(item_id)
+        vecs.append(arr)
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    ids = [ids[i] for i in order]
+    mat = np.stack([vecs[i] for i in order]) if vecs else np.zeros((0, expected), np.float32)
+    return ids, mat, bad
+
+
+def run(ctx: RunContext) -> JobResult:
+    from feature_store import delta
+    from models.quantizers import load_checkpoint, save_checkpoint, train_quantizers
+
+    cfg = quantizer_config(ctx)
+    embedder = embedder_name(ctx)
+    table_version = delta.table_version("silver.item_embeddings", ctx.root)
+    ids, mat, bad = load_embeddings(ctx, embedder, table_version)
+    version = codebook_version(cfg.config_hash(), embedder, table_version, ids, mat)
+    q = write_quarantine(ctx, [
+        {"source_table": "gold.item_semantic_ids", "key": i, "stage": "train_quantizer", "reason": r, "payload": None}
+        for i, r in bad
+    ])
+    path = checkpoint_dir(ctx, version)
+    meta = {"codebook_version": version, "embeddings_table_version": table_version, "embedder": embedder,
+            "config": json.loads(cfg.model_dump_json()), "items": len(ids)}
+    if (path / "meta.json").exists():
+        tq = load_checkpoint(path / "quantizers.pt")
+        log.info("train_quantizer: %s already trained; reusing it", version)
+        reused = True
+    else:
+        log.info("train_quantizer: training %s (%s + mpq) on %d items", version, cfg.rq_method, len(ids))
+        tq = train_quantizers(mat, cfg, progress=_progress())
+        path.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(tq, path / "quantizers.pt")
+        (path / "meta.json").write_text(json.dumps({**meta, "metrics": tq.metrics,
+                                                    "train_seconds": tq.train_seconds}, indent=2, default=str))
+        reused = False
+    latest = Path(ctx.artifacts) / "quantizers" / "LATEST"
+    latest.write_text(version)
+    return JobResult(rows_in=len(ids) + len(bad), rows_out=len(ids), rows_quarantined=q, metrics={
+        **meta, "reused_checkpoint": reused, "train_seconds": tq.train_seconds, "quality": tq.metrics,
+    })
+
+
+def _progress():
+    from jobs.context import Progress
+
+    bars: dict[str, Progress] = {}
+
+    def cb(stage: str, done: int, total: int) -> None:
+        bars.setdefault(stage, Progress(f"train_quantizer {stage}", total))(done, total)
+
+    return cb
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main("train_quantizer"))

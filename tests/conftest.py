@@ -1,0 +1,58 @@
+"""Shared fixtures: one Spark session per test session (starting one costs seconds), tmp lakehouses."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+# Small, fast settings for end-to-end runs of the real stages.
+SMALL = {
+    "synthetic": {"n_items": 240, "n_users": 160, "seed": 11},
+    "quantizer": {"levels": 3, "codebook_size": 16, "mpq_experts": 3, "mpq_codebook_size": 16, "seed": 0},
+    "llm": {"partitions": 2, "max_concurrency": 8},
+    "sequences": {"max_len": 20},
+}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from jobs.spark import get_spark
+
+    s = get_spark("local[2]", app_name="reaseq-tests", extra={"spark.sql.shuffle.partitions": "2"})
+    yield s
+    s.stop()
+
+
+def make_ctx(root: Path, ds: str = "2026-11-22", spark=None, **overrides):
+    from jobs.config import _deep_update
+    from jobs.context import RunContext
+
+    conf = {"lakehouse": str(root / "lakehouse"), "artifacts": str(root / "artifacts"),
+            "reports": str(root / "reports")}
+    import copy
+
+    conf = _deep_update(copy.deepcopy(SMALL), conf)
+    conf = _deep_update(conf, overrides)
+    ctx = RunContext.create(ds=ds, overrides=conf)
+    ctx._spark = spark
+    return ctx
+
+
+@pytest.fixture
+def ctx_factory(tmp_path, spark):
+    def factory(ds: str = "2026-11-22", root: Path | None = None, **overrides):
+        return make_ctx(root or tmp_path, ds=ds, spark=spark, **overrides)
+
+    return factory
