@@ -72,7 +72,22 @@ def _check(cmd: list[str], env: dict[str, str], what: str) -> None:
         raise SystemExit(f"{what} failed (exit {p.returncode}):\n{tail}")
 
 
-STAGE_LINE = re.compile(r"(reaseq|reason_items partition|train_quantizer|Task instance in|Marking task|ERROR|Failed)")
+# Airflow's structured log lines: "<ts> [level] message [logger] loc=…". Show our stages' lines, the
+# workers' progress lines and errors; everything else stays in the log file.
+LOG_LINE = re.compile(r"^(?P<ts>\S+)\s+\[(?P<level>\w+)\s*\]\s+(?P<msg>.*?)\s+\[(?P<logger>[\w.]+)\]")
+PROGRESS_LINE = re.compile(r"(reason_items partition|embed_items partition|train_quantizer \w+):")
+
+
+def _console_line(line: str) -> str | None:
+    m = LOG_LINE.match(line.strip())
+    if m:
+        if m["logger"] == "reaseq" or m["level"] in ("error", "critical"):
+            ts = m["ts"][11:19]
+            return f"{ts} {m['msg']}"
+        return None
+    if PROGRESS_LINE.search(line):
+        return line.strip()
+    return None
 
 
 def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False) -> int:
@@ -103,8 +118,9 @@ def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False) -
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if not quiet and STAGE_LINE.search(line):
-                print("  " + line.rstrip()[-220:], flush=True)
+            shown = None if quiet else _console_line(line)
+            if shown:
+                print("  " + shown[:300], flush=True)
         rc = proc.wait()
     print(f"airflow dags test exited {rc} after {time.monotonic() - t0:.0f}s", flush=True)
     states = task_states(env, ds)
@@ -165,6 +181,10 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
         state = (states or {}).get(t) or r.get("status", "?")
         print(f"{t:24} {state:10} {r.get('seconds') or 0:8.1f} {r.get('rows_in') or 0:9d} "
               f"{r.get('rows_out') or 0:9d} {r.get('rows_quarantined') or 0:8d}")
+    for t in order:
+        err = json.loads(by_task.get(t, {}).get("metrics") or "{}").get("error")
+        if err:
+            print(f"\n{t} failed: {err}")
     print(f"\nTables under {root}")
     for name, info in table_counts(root).items():
         rows_s = "-" if info["rows"] is None else f"{info['rows']:,}"

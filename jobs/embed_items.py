@@ -8,6 +8,8 @@ and with it the codebook version, as it was. Items without usable text are quara
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 
 from jobs.context import JobResult, RunContext
@@ -32,25 +34,37 @@ def embedding_text_column():
     return F.trim(F.concat_ws(" ", F.col("title"), F.coalesce(F.col("summary"), F.lit("")), attrs))
 
 
-def _partition_fn(config_dict: dict):
+def _partition_fn(config_dict: dict, threads: int):
     def fn(frames):
         import numpy as np
         import pandas as pd
+        import torch
 
         from models.embedder import EmbedderConfig, embed_texts
 
+        # One worker per core: more torch threads than that oversubscribe the cores and stall OpenMP.
+        torch.set_num_threads(threads)
+
         config = EmbedderConfig.from_dict(config_dict)
-        for frame in frames:
-            if frame.empty:
-                continue
-            vecs = embed_texts(frame["text"].tolist(), config)
+        frames = [f for f in frames if not f.empty]
+        if not frames:
+            return
+        frame = pd.concat(frames, ignore_index=True)
+        total, start, chunk = len(frame), time.monotonic(), max(config.batch_size * 4, 256)
+        for lo in range(0, total, chunk):
+            part = frame.iloc[lo : lo + chunk]
+            vecs = embed_texts(part["text"].tolist(), config)
+            done = min(lo + chunk, total)
+            rate = done / max(time.monotonic() - start, 1e-9)
+            print(f"embed_items partition: {done}/{total} texts, {rate:.1f}/s, ETA {(total - done) / rate:.0f}s",
+                  file=sys.stderr, flush=True)
             yield pd.DataFrame({
-                "item_id": frame["item_id"].values,
-                "text_hash": frame["text_hash"].values,
-                "prompt_version": frame["prompt_version"].values,
-                "model": frame["model"].values,
+                "item_id": part["item_id"].values,
+                "text_hash": part["text_hash"].values,
+                "prompt_version": part["prompt_version"].values,
+                "model": part["model"].values,
                 "embedding": list(vecs.astype(np.float32)),
-                "dim": np.full(len(frame), vecs.shape[1], dtype=np.int32),
+                "dim": np.full(len(part), vecs.shape[1], dtype=np.int32),
             })
 
     return fn
@@ -98,10 +112,12 @@ def run(ctx: RunContext) -> JobResult:
     t0 = time.monotonic()
     written = 0
     if n:
-        parts = max(1, min(8, n // 2000 + 1))
+        cores = spark.sparkContext.defaultParallelism
+        parts = max(1, min(cores, n // 256 + 1))
+        threads = max(1, (os.cpu_count() or 1) // parts) if spark.sparkContext.master.startswith("local") else 1
         out = (
             todo.repartition(parts, "item_id")
-            .mapInPandas(_partition_fn(config.__dict__),
+            .mapInPandas(_partition_fn(config.__dict__, threads),
                          "item_id string, text_hash string, prompt_version string, model string, "
                          "embedding array<float>, dim int")
             .withColumn("embedder", F.lit(config.name))

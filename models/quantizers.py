@@ -2,21 +2,33 @@
 
 Two families are trained on the item embeddings (silver.item_embeddings):
 
-* hierarchical codes (`rq_codes`): `config.rq_method` picks residual k-means ("rq_kmeans", no network; the
-  default because it gives fewer collisions and trains in seconds) or TIGER's RQ-VAE ("rq_vae"). Each item
-  gets L codes in [0, K), then `add_collision_digit` appends one digit that makes the full ID unique;
+* hierarchical codes (`rq_codes`): `config.rq_method` picks residual k-means ("rq_kmeans", no network) or
+  TIGER's RQ-VAE ("rq_vae"). Each item gets L codes in [0, K), then `add_collision_digit` appends one
+  digit that makes the full ID unique. RQ-KMeans is the default: on MiniLM embeddings it reconstructs
+  better (MSE 0.0008 vs 0.0015), trains in seconds rather than tens of seconds, and with the last-level
+  de-duplication below both reach zero collisions; RQ-VAE's raw nearest-code collisions are lower (11% vs
+  26% on 4,344 Amazon "Scientific" items, a catalogue where 7.5% of items have a near-twin at cosine >= 0.99);
 * MPQ tokens (`mpq_tokens`, REG4Rec): M unordered tokens in [0, D), one per expert codebook. Duplicate
-  tuples are reported in the metrics, not resolved.
+  tuples are reported in the metrics (`mpq_tuple_unique_share`, `mpq_duplicate_tuple_groups`), not resolved.
+
+Collisions: with `rq_dedup_last_level` (default) items that share all L codes are moved to the nearest
+free last-level code under their (L-1)-prefix, LC-Rec style (models.rq.dedup_last_level); the metrics keep
+the plain nearest-code figure as `rq_collision_rate_nearest`. Like the collision digit, this makes an
+item's last code depend on the other items assigned with it: assign a codebook version's whole catalogue
+in one `assign` call, not partition by partition.
 
 Small catalogues: a codebook larger than the data cannot be fitted. When n_items < K (or < D), that size
 is reduced to the largest power of two <= n_items / 2 (at least 2); the reduction is warned about and
-recorded under metrics["reductions"], and the trained modules carry the sizes actually used. Fewer than 4
-items raise ValueError.
+recorded under metrics["reductions"] and metrics["warnings"], and the trained modules carry the sizes
+actually used (`tq.rq.codebook_size`, `tq.mpq.codebook_size`). Fewer than 4 items raise ValueError.
 
 Determinism: every random draw comes from a generator seeded with `config.seed` and modules are
-initialised under a forked, seeded global RNG, so the same data, config, device and thread count give
-identical codes. CPU kernels used here are deterministic; on CUDA the floating-point sums may differ between
-runs, so pin device="cpu" where bit-identical reruns matter.
+initialised under a forked, seeded global RNG (the caller's RNG state is left untouched), so the same data,
+config, device and thread count give identical codes. The CPU kernels used are deterministic; on CUDA the
+floating-point sums may differ between runs, so pin device="cpu" where bit-identical reruns matter.
+
+Threads: nothing here calls torch.set_num_threads; that is the caller's choice. On a CPU shared with
+Spark, one thread ran these loops several times faster than two (OpenMP threads spinning on busy cores).
 
 Inputs are guarded, not cleaned: rows with NaN/inf or of the wrong dimension raise ValueError saying how
 many; the caller quarantines such rows first.
@@ -82,8 +94,10 @@ class QuantizerConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(256, ge=1)
     commitment_beta: float = Field(0.25, ge=0)
+    # The penalty sits near its floor (about 1 / batch) once experts are decorrelated; 300 was where
+    # tuple uniqueness stopped improving on MiniLM embeddings without hurting reconstruction much.
     mpq_ortho_weight: float = Field(
-        1.0, ge=0, description="weight of the MPQ experts' cross-correlation penalty"
+        300.0, ge=0, description="weight of the MPQ experts' cross-correlation penalty"
     )
     seed: int = 0
     kmeans_iters: int = Field(50, ge=1, description="Lloyd iterations per k-means (RQ-KMeans, codebook init)")

@@ -133,7 +133,18 @@ def kmeans(
         elif prev is not None and torch.equal(assign, prev):
             break
         centers, prev = new, assign
-    assign, _ = nearest(x, centers, x_sq)
+    assign, dist = nearest(x, centers, x_sq)
+    # Balanced centres can still lose every point under plain nearest-code assignment, which is what
+    # encoding uses; re-seed those onto the worst-served points so that every code is reachable.
+    for _ in range(k):
+        empty = torch.nonzero(torch.bincount(assign, minlength=k) == 0).squeeze(1)
+        if not empty.numel():
+            break
+        far = torch.argsort(dist, descending=True, stable=True)[: empty.numel()]
+        if not bool((dist[far] > 0).all()):
+            break  # fewer distinct points than codes
+        centers[empty] = x[far]
+        assign, dist = nearest(x, centers, x_sq)
     return centers, assign
 
 
@@ -442,8 +453,10 @@ def train_loop(
         usage.zero_()
         parts_sum, steps = {}, 0
         perm = torch.randperm(n, generator=generator).to(x.device)
-        for s in range(0, n, batch):
-            loss, parts, codes = model.training_loss(x[perm[s : s + batch]], cfg)
+        # Equal-sized batches: a remainder of one or two items would give the batch statistics of the
+        # MPQ penalty no meaning and the optimiser a noisy step.
+        for idx in torch.tensor_split(perm, -(-n // batch)):
+            loss, parts, codes = model.training_loss(x[idx], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -31,9 +31,9 @@ def test_dagbag_loads_without_errors_and_mirrors_the_pipeline(tmp_path, monkeypa
 
     from jobs.runtime import PIPELINE
 
-    bag = DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    dag = bag.get_dag("reaseq_nightly")
+    dag = bag.dags.get("reaseq_nightly")
     assert dag is not None
     assert [t.task_id for t in dag.topological_sort()] == PIPELINE
     assert dag.max_active_runs == 1

@@ -1,0 +1,63 @@
+"""`make run`'s engine through real Airflow (`airflow dags test` on SQLite) on a small synthetic catalog:
+every task green, every nightly table written, exit code 0; bad arguments give one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from feature_store import delta
+from feature_store.catalog import TABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),
+        "REASEQ__ARTIFACTS": str(tmp_path / "artifacts"),
+        "REASEQ__REPORTS": str(tmp_path / "reports"),
+        "REASEQ__SYNTHETIC__N_ITEMS": "200",
+        "REASEQ__SYNTHETIC__N_USERS": "150",
+        "REASEQ__QUANTIZER__CODEBOOK_SIZE": "16",
+        "REASEQ__QUANTIZER__MPQ_CODEBOOK_SIZE": "16",
+        "REASEQ_SHUFFLE_PARTITIONS": "2",
+        "PYTHONPATH": str(ROOT),
+    })
+    return env
+
+
+@pytest.mark.slow
+def test_run_through_airflow_writes_every_table_and_exits_zero(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--ds", "2026-11-22", "--quiet"],
+                       env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "run FAILED" not in p.stderr
+    root = str(tmp_path / "lakehouse")
+    for name in TABLES:
+        if name != "ops.training_runs":
+            assert delta.exists(name, root), name
+    runs = delta.read_arrow("ops.pipeline_runs", root).to_pylist()
+    assert {r["task"] for r in runs if r["status"] == "success"} >= {"ingest_catalog", "publish"}
+    assert "publish" in p.stdout and "success" in p.stdout
+    assert (tmp_path / "reports" / "reaseq_nightly__2026-11-22" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "nope"], "unknown DATASET"),
+    (["--dataset", "amazon-json"], "needs DATA"),
+    (["--dataset", "movielens", "--data", "/no/such/folder"], "no such file"),
+    (["--ds", "2026-13-45"], "is not a date"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, message):
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *args], env=_env(tmp_path), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
