@@ -109,6 +109,10 @@ def get_spark(master: str | None = None, app_name: str = "reaseq", extra: dict |
     builder = SparkSession.builder
     for k, v in spark_conf(master, app_name, extra).items():
         builder = builder.config(k, v)
+    # py4j logs every connection close at INFO, also during interpreter shutdown when streams are gone.
+    import logging
+
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("REASEQ_SPARK_LOG_LEVEL", "ERROR"))
     return spark

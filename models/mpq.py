@@ -6,17 +6,25 @@ softmax gate computed from the input mixes the experts' quantized vectors for th
 reconstruction; an orthogonality penalty between the experts' standardised outputs (their cross-correlation
 over the batch) keeps them from learning the same partition, which is what makes the M-tuples
 discriminative.
+
+Near-duplicate items still get the same M tokens; `dedup_tuples` separates them after assignment by
+changing one token of each item but the first of every group (see models.quantizers, `mpq_dedup`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.rq import _random_rows, _reset_adam_rows, _sq, kmeans, mlp
+from models.sid_metrics import shared_row_mask
+
+# Colliding rows whose n x M x D distances are held at once by dedup_tuples.
+_DEDUP_BLOCK = 4096
 
 
 class MPQ(nn.Module):
@@ -77,14 +85,20 @@ class MPQ(nn.Module):
         off = ~torch.eye(self.experts, dtype=torch.bool, device=z.device)
         return (corr[off] ** 2).mean()
 
-    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z: M x n x h -> (tokens M x n, chosen codewords M x n x h)."""
+    def _distances(self, z: torch.Tensor) -> torch.Tensor:
+        """z: M x n x h -> squared distances M x n x D from each expert output to its expert's codes."""
         books = self.codebooks.detach()
         d = (z.detach() ** 2).sum(-1, keepdim=True) - 2.0 * torch.bmm(z.detach(), books.transpose(1, 2))
-        d = d + (books**2).sum(-1)[:, None, :]
-        tokens = d.argmin(-1)
-        picked = torch.gather(self.codebooks, 1, tokens[..., None].expand(-1, -1, self.latent_dim))
-        return tokens, picked
+        return d + (books**2).sum(-1)[:, None, :]
+
+    def _pick(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens M x n -> codewords M x n x h."""
+        return torch.gather(self.codebooks, 1, tokens[..., None].expand(-1, -1, self.latent_dim))
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: M x n x h -> (tokens M x n, chosen codewords M x n x h)."""
+        tokens = self._distances(z).argmin(-1)
+        return tokens, self._pick(tokens)
 
     def _mix(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         gate = F.softmax(self.gate(x), dim=-1)  # n x M
@@ -133,5 +147,91 @@ class MPQ(nn.Module):
         return self._quantize(self.expert_outputs(x))[0].T
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self._mix(x, self._quantize(self.expert_outputs(x))[1]))
+    def token_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """n x M x D squared distances from each expert's output to every code of its codebook."""
+        return self._distances(self.expert_outputs(x)).transpose(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder output for x quantized to `tokens` (n x M; default: the nearest codes)."""
+        if tokens is None:
+            return self.decoder(self._mix(x, self._quantize(self.expert_outputs(x))[1]))
+        return self.decoder(self._mix(x, self._pick(tokens.long().T)))
+
+
+def dedup_tuples(
+    tokens: np.ndarray,
+    item_ids: Sequence[str],
+    token_distances: Callable[[np.ndarray], np.ndarray],
+    top_k: int,
+) -> tuple[np.ndarray, int, list[int]]:
+    """Make MPQ token tuples unique by changing one token of each colliding item but the first.
+
+    Within each group of items sharing all M tokens the item with the smallest item_id (string order)
+    keeps the tuple. The others, taken in item_id order over the whole catalogue, each move to the
+    nearest tuple no item holds yet among those that differ from theirs in one expert's token: candidates
+    are every expert's `top_k` nearest other codes, ranked by margin, the extra squared distance of the
+    candidate code over the item's own code in that expert (ties: lower expert, then lower code). So the
+    first try changes the expert whose second-best code is closest. Tuples taken by earlier moves count
+    as held. An item whose M x top_k candidates are all held keeps its tuple and is reported.
+
+    Everything depends on the tokens, the ids and the distances only, not on row order, so the same
+    checkpoint and the same items give the same tuples. Like the collision digit, an item's tuple depends
+    on the other items assigned with it.
+
+    `token_distances(rows)` returns the rows' squared distances, len(rows) x M x D, to every code of
+    every expert; it is called on the colliding rows only, in blocks, in item_id order.
+    Returns (new tokens, number of items moved, rows of the items that could not move, in item_id order).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a 2-D array (n x M), got shape {tokens.shape}")
+    n, m = tokens.shape
+    ids = [str(i) for i in item_ids]
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} item ids for {n} rows of tokens")
+    new = tokens.copy()
+    shared = np.flatnonzero(shared_row_mask(tokens))
+    if shared.size == 0:
+        return new, 0, []
+    rank = np.empty(n, dtype=np.int64)
+    rank[sorted(range(n), key=ids.__getitem__)] = np.arange(n)
+    shared = shared[np.argsort(rank[shared], kind="stable")]  # item_id order
+    _, group = np.unique(tokens[shared], axis=0, return_inverse=True)
+    first = np.zeros(shared.size, dtype=bool)
+    first[np.unique(group.ravel(), return_index=True)[1]] = True  # each group's smallest item_id
+    movers = shared[~first]
+
+    held = {row.tobytes() for row in np.unique(tokens, axis=0)}
+    moved, unresolved = 0, []
+    for start in range(0, movers.size, _DEDUP_BLOCK):
+        rows = movers[start : start + _DEDUP_BLOCK]
+        dist = np.asarray(token_distances(rows), dtype=np.float64)  # b x M x D
+        d = dist.shape[2]
+        k = max(1, min(top_k, d - 1))
+        own = np.take_along_axis(dist, tokens[rows][:, :, None].astype(np.int64), axis=2)
+        margin = dist - own
+        np.put_along_axis(margin, tokens[rows][:, :, None].astype(np.int64), np.inf, axis=2)
+        # Nearest other codes per expert: stable sort, so equal margins keep code order.
+        codes = np.argsort(margin, axis=2, kind="stable")[:, :, :k]  # b x M x k
+        cand = np.take_along_axis(margin, codes, axis=2)
+        # Flatten expert-major; a stable sort on margin keeps (expert, nearness) order among ties.
+        flat_margin = cand.reshape(rows.size, m * k)
+        order = np.argsort(flat_margin, axis=1, kind="stable")
+        for i, row in enumerate(rows):
+            placed = False
+            for j in order[i]:
+                if not np.isfinite(flat_margin[i, j]):
+                    break
+                expert, pos = divmod(int(j), k)
+                trial = tokens[row].copy()
+                trial[expert] = codes[i, expert, pos]
+                key = trial.tobytes()
+                if key not in held:
+                    held.add(key)
+                    new[row] = trial
+                    moved, placed = moved + 1, True
+                    break
+            if not placed:
+                unresolved.append(int(row))
+    return new, moved, unresolved

@@ -8,14 +8,23 @@ Two families are trained on the item embeddings (silver.item_embeddings):
   better (MSE 0.0008 vs 0.0015), trains in seconds rather than tens of seconds, and with the last-level
   de-duplication below both reach zero collisions; RQ-VAE's raw nearest-code collisions are lower (11% vs
   26% on 4,344 Amazon "Scientific" items, a catalogue where 7.5% of items have a near-twin at cosine >= 0.99);
-* MPQ tokens (`mpq_tokens`, REG4Rec): M unordered tokens in [0, D), one per expert codebook. Duplicate
-  tuples are reported in the metrics (`mpq_tuple_unique_share`, `mpq_duplicate_tuple_groups`), not resolved.
+* MPQ tokens (`mpq_tokens`, REG4Rec): M unordered tokens in [0, D), one per expert codebook, with no
+  extra digit. Near-duplicate items share tuples (90.9% unique on "Scientific" with nearest codes), so
+  with `mpq_dedup` (default) the shared ones are made unique by changing one token (below).
 
 Collisions: with `rq_dedup_last_level` (default) items that share all L codes are moved to the nearest
 free last-level code under their (L-1)-prefix, LC-Rec style (models.rq.dedup_last_level); the metrics keep
-the plain nearest-code figure as `rq_collision_rate_nearest`. Like the collision digit, this makes an
-item's last code depend on the other items assigned with it: assign a codebook version's whole catalogue
-in one `assign` call, not partition by partition.
+the plain nearest-code figure as `rq_collision_rate_nearest`. With `mpq_dedup` (default) items sharing
+an MPQ tuple, in item-id order after the first, move to the nearest tuple nobody holds that differs in
+one expert's token, trying each expert's `mpq_dedup_top_k` nearest other codes in order of distance
+margin (models.mpq.dedup_tuples); the metrics keep `mpq_tuple_unique_rate_nearest` (before),
+`mpq_dedup_moved_items` and `mpq_dedup_unresolved_items` (items whose candidates were all held; they keep
+colliding, and a warning names a few). Like the collision digit, both fixes make an item's codes depend on
+the other items assigned with it: assign a codebook version's whole catalogue in one `assign` call, not
+partition by partition.
+
+Versions: `config_hash()` leaves the MPQ de-dup settings out while `mpq_dedup` is off, and checkpoints
+saved before the setting existed load with it off, so their hashes and their tokens stay what they were.
 
 Small catalogues: a codebook larger than the data cannot be fitted. When n_items < K (or < D), that size
 is reduced to the largest power of two <= n_items / 2 (at least 2); the reduction is warned about and
@@ -53,7 +62,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from models.mpq import MPQ
+from models.mpq import MPQ, dedup_tuples
 from models.rq import RQVAE, RQKMeans, dedup_last_level, train_loop
 from models.sid_metrics import add_collision_digit, codebook_metrics
 
@@ -62,6 +71,7 @@ __all__ = [
     "TrainedQuantizers",
     "add_collision_digit",
     "assign",
+    "assign_one",
     "codebook_metrics",
     "load_checkpoint",
     "save_checkpoint",
@@ -75,6 +85,10 @@ MIN_ITEMS = 4
 _INFER_CHUNK = 16384
 
 Method = Literal["rq_vae", "rq_kmeans", "mpq"]
+# Added after checkpoints existed: absent from an old checkpoint's config means "off" (the old behaviour).
+_MPQ_DEDUP_FIELDS = ("mpq_dedup", "mpq_dedup_top_k")
+# Item ids named in the warning about MPQ tuples the de-duplication could not separate.
+_UNRESOLVED_SHOWN = 5
 
 
 class QuantizerConfig(BaseModel):
@@ -109,10 +123,26 @@ class QuantizerConfig(BaseModel):
         True,
         description="capacity-constrained Lloyd steps (ceil(n/K) per code) for RQ-KMeans and codebook init",
     )
+    mpq_dedup: bool = Field(
+        True,
+        description="items sharing an MPQ tuple (after the first by item id) move to the nearest free "
+        "tuple that differs in one expert's token",
+    )
+    mpq_dedup_top_k: int = Field(
+        16, ge=1, description="nearest other codes per expert tried by the MPQ de-duplication"
+    )
 
     def config_hash(self) -> str:
-        """12 hex digits of sha256 over the canonical JSON: stable across processes and machines."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """12 hex digits of sha256 over the canonical JSON: stable across processes and machines.
+
+        Settings that change nothing are left out, so configurations from before they existed keep their
+        hash: the MPQ de-dup fields while `mpq_dedup` is off.
+        """
+        fields = self.model_dump(mode="json")
+        if not self.mpq_dedup:
+            for name in _MPQ_DEDUP_FIELDS:
+                fields.pop(name)
+        canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
@@ -269,11 +299,14 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _blocks(model: nn.Module, x: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """fn applied to x in blocks of rows on the model's device, concatenated as numpy."""
+def _blocks(
+    model: nn.Module, x: np.ndarray, fn: Callable[..., torch.Tensor], *more: np.ndarray
+) -> np.ndarray:
+    """fn applied to x (and the same rows of each array in `more`) in blocks of rows on the model's
+    device, concatenated as numpy."""
     dev = _model_device(model)
     out = [
-        fn(torch.from_numpy(x[s : s + _INFER_CHUNK]).to(dev)).cpu().numpy()
+        fn(*(torch.from_numpy(a[s : s + _INFER_CHUNK]).to(dev) for a in (x, *more))).cpu().numpy()
         for s in range(0, len(x), _INFER_CHUNK)
     ]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
@@ -293,45 +326,121 @@ def _encode_rq(
     return codes, nearest_codes, moved
 
 
-def _evaluate(
-    rq: nn.Module, mpq: nn.Module, x: np.ndarray, item_ids: Sequence[str], dedup: bool
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    rq_codes, nearest_codes, moved = _encode_rq(rq, x, item_ids, dedup)
+@torch.no_grad()
+def _encode_mpq(
+    mpq: MPQ, x: np.ndarray, item_ids: Sequence[str], config: QuantizerConfig
+) -> tuple[np.ndarray, np.ndarray, int, list[int]]:
+    """(published tokens, nearest-code tokens, items moved, rows still colliding) for n x M MPQ tokens."""
+    nearest_tokens = _blocks(mpq, x, mpq.encode).astype(np.int32)
+    if not config.mpq_dedup:
+        return nearest_tokens, nearest_tokens, 0, []
+    tokens, moved, unresolved = dedup_tuples(
+        nearest_tokens,
+        item_ids,
+        lambda rows: _blocks(mpq, x[rows], mpq.token_distances),
+        config.mpq_dedup_top_k,
+    )
+    if unresolved:
+        shown = ", ".join(str(item_ids[r]) for r in unresolved[:_UNRESOLVED_SHOWN])
+        warnings.warn(
+            f"MPQ de-duplication left {len(unresolved)} items sharing a tuple (every one of their "
+            f"{config.mpq_dedup_top_k} nearest other codes per expert was taken), e.g. {shown}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return tokens, nearest_tokens, moved, unresolved
+
+
+def _assign_rq(
+    rq: nn.Module, x: np.ndarray, item_ids: Sequence[str], config: QuantizerConfig
+) -> tuple[np.ndarray, dict]:
+    """(n x (L+1) codes with the collision digit, rq_* metrics)."""
+    rq_codes, nearest_codes, moved = _encode_rq(rq, x, item_ids, config.rq_dedup_last_level)
     rq_recon = _blocks(rq, rq_codes, lambda c: rq.decode(c.long()))
-    mpq_tokens = _blocks(mpq, x, mpq.encode).astype(np.int32)
-    mpq_recon = _blocks(mpq, x, mpq.reconstruct)
     full = add_collision_digit(rq_codes, item_ids)
     metrics = codebook_metrics(
-        rq_codes,
-        rq.codebook_size,
-        full_ids=full,
-        mpq_tokens=mpq_tokens,
-        mpq_codebook_size=mpq.codebook_size,
-        embeddings=x,
-        rq_reconstruction=rq_recon,
-        mpq_reconstruction=mpq_recon,
+        rq_codes, rq.codebook_size, full_ids=full, embeddings=x, rq_reconstruction=rq_recon
     )
     metrics["rq_collision_rate_nearest"] = codebook_metrics(nearest_codes, rq.codebook_size)[
         "rq_collision_rate"
     ]
     metrics["rq_dedup_moved_items"] = moved
-    return full, mpq_tokens, metrics
+    return full, metrics
+
+
+def _assign_mpq(
+    mpq: MPQ, x: np.ndarray, item_ids: Sequence[str], config: QuantizerConfig
+) -> tuple[np.ndarray, dict]:
+    """(n x M tokens, mpq_* metrics)."""
+    tokens, nearest_tokens, moved, unresolved = _encode_mpq(mpq, x, item_ids, config)
+    # Reconstruction of the published tokens, the moved items' included (as for RQ's published codes).
+    recon = _blocks(mpq, x, mpq.reconstruct, tokens)
+    metrics = codebook_metrics(
+        mpq_tokens=tokens, mpq_codebook_size=mpq.codebook_size, embeddings=x, mpq_reconstruction=recon
+    )
+    metrics["mpq_tuple_unique_rate_nearest"] = codebook_metrics(
+        mpq_tokens=nearest_tokens, mpq_codebook_size=mpq.codebook_size
+    )["mpq_tuple_unique_share"]
+    metrics["mpq_dedup_moved_items"] = moved
+    metrics["mpq_dedup_unresolved_items"] = len(unresolved)
+    return tokens, metrics
+
+
+def _evaluate(
+    rq: nn.Module, mpq: MPQ, x: np.ndarray, item_ids: Sequence[str], config: QuantizerConfig
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    full, rq_metrics = _assign_rq(rq, x, item_ids, config)
+    tokens, mpq_metrics = _assign_mpq(mpq, x, item_ids, config)
+    return full, tokens, {**rq_metrics, **mpq_metrics}
 
 
 # --------------------------------------------------------------------------------------------- public API
 
 
 def train_one(
-    method: Method, embeddings: np.ndarray, config: QuantizerConfig, device: str | torch.device = "auto"
+    method: Method,
+    embeddings: np.ndarray,
+    config: QuantizerConfig,
+    device: str | torch.device = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[nn.Module, float]:
-    """Train a single quantizer ("rq_vae", "rq_kmeans" or "mpq"); returns (module in eval mode, seconds)."""
+    """Train a single quantizer ("rq_vae", "rq_kmeans" or "mpq"); returns (module in eval mode, seconds).
+
+    `config.rq_method` is ignored (`method` says what to train); `progress` as in train_quantizers.
+    The module's training statistics are in `model.train_stats`; `assign_one` assigns with it.
+    """
+    if method not in ("rq_vae", "rq_kmeans", "mpq"):
+        raise ValueError(f"unknown quantizer method {method!r}; expected rq_vae, rq_kmeans or mpq")
     x = validate_embeddings(embeddings)
     sizes, _ = _sizes(config, x.shape[0], [method])
     dev = resolve_device(device)
     size = sizes["mpq_codebook_size" if method == "mpq" else "codebook_size"]
-    model, seconds, stats = _train(method, torch.from_numpy(x).to(dev), config, size, dev, None)
+    model, seconds, stats = _train(method, torch.from_numpy(x).to(dev), config, size, dev, progress)
     model.train_stats = stats
     return model, seconds
+
+
+def assign_one(
+    model: nn.Module, embeddings: np.ndarray, item_ids: list[str], config: QuantizerConfig
+) -> tuple[np.ndarray, dict]:
+    """Batch inference with one quantizer from `train_one`: (codes int32, metrics of that quantizer).
+
+    RQ-KMeans / RQ-VAE: n x (L+1) codes with the collision digit, after the last-level de-dup if
+    `config.rq_dedup_last_level`; MPQ: n x M tokens, after the tuple de-dup if `config.mpq_dedup`. The
+    codes and metrics are those `assign` gives for the same module and config.
+    """
+    x = validate_embeddings(embeddings, expected_dim=model.in_dim)
+    ids = [str(i) for i in item_ids]
+    if len(ids) != x.shape[0]:
+        raise ValueError(f"{len(ids)} item ids for {x.shape[0]} embedding rows")
+    width = model.experts if model.method == "mpq" else model.levels + 1
+    if x.shape[0] == 0:
+        return np.zeros((0, width), np.int32), {"config_hash": config.config_hash(), "n_items": 0}
+    model.eval()
+    step = _assign_mpq if model.method == "mpq" else _assign_rq
+    codes, quality = step(model, x, ids, config)
+    metrics = {"config_hash": config.config_hash(), "n_items": int(x.shape[0]), **quality}
+    return codes.astype(np.int32), metrics
 
 
 def train_quantizers(
@@ -352,7 +461,7 @@ def train_quantizers(
     rq, rq_s, rq_stats = _train(config.rq_method, xt, config, sizes["codebook_size"], dev, progress)
     mpq, mpq_s, mpq_stats = _train("mpq", xt, config, sizes["mpq_codebook_size"], dev, progress)
     # Row numbers stand in for item ids: training metrics only need the digit's uniqueness, not its order.
-    _, _, quality = _evaluate(rq, mpq, x, [str(i) for i in range(n)], config.rq_dedup_last_level)
+    _, _, quality = _evaluate(rq, mpq, x, [str(i) for i in range(n)], config)
     metrics = {
         "config_hash": config.config_hash(),
         "rq_method": config.rq_method,
@@ -394,7 +503,7 @@ def assign(
         )
     tq.rq.eval()
     tq.mpq.eval()
-    full, tokens, quality = _evaluate(tq.rq, tq.mpq, x, ids, tq.config.rq_dedup_last_level)
+    full, tokens, quality = _evaluate(tq.rq, tq.mpq, x, ids, tq.config)
     metrics = {"config_hash": tq.config.config_hash(), "n_items": int(x.shape[0]), **quality}
     return full.astype(np.int32), tokens.astype(np.int32), metrics
 
@@ -435,8 +544,10 @@ def load_checkpoint(path: str | Path) -> TrainedQuantizers:
         model = _build(payload[key]["method"], payload[key]["meta"])
         model.load_state_dict(payload[key]["state_dict"])
         modules.append(model.eval())
+    # A checkpoint from before the MPQ de-dup existed published nearest-code tokens: keep doing that.
+    legacy = {"mpq_dedup": False} if "mpq_dedup" not in payload["config"] else {}
     return TrainedQuantizers(
-        config=QuantizerConfig(**payload["config"]),
+        config=QuantizerConfig(**{**payload["config"], **legacy}),
         rq=modules[0],
         mpq=modules[1],
         metrics=json.loads(payload["metrics_json"]),

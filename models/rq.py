@@ -8,7 +8,6 @@ only on the seed and the data, never on what else used the global RNG before.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -416,14 +415,6 @@ def _reset_adam_rows(opt: torch.optim.Optimizer, param: torch.Tensor, index) -> 
             state[key][index] = 0.0
 
 
-class Trainable(Protocol):
-    codebooks: torch.Tensor
-
-    def training_loss(self, x: torch.Tensor, cfg) -> tuple[torch.Tensor, dict, torch.Tensor]: ...
-    def init_codebooks(self, x: torch.Tensor, cfg, generator: torch.Generator) -> None: ...
-    def restart_dead_codes(self, x, usage, generator, opt) -> int: ...
-
-
 def train_loop(
     model: nn.Module,
     x: torch.Tensor,
@@ -434,7 +425,8 @@ def train_loop(
 ) -> dict:
     """Adam over shuffled mini-batches with k-means codebook init and per-epoch dead-code restarts.
 
-    Shared by RQ-VAE and MPQ: both expose training_loss / init_codebooks / restart_dead_codes and a
+    Shared by RQ-VAE and MPQ: both expose training_loss(x, cfg) -> (loss, parts, codes n x groups),
+    init_codebooks(x, cfg, generator), restart_dead_codes(x, usage, generator, opt) -> count, and a
     `codebooks` tensor of shape (groups x K x latent), one group per level or per expert.
     """
     n = x.shape[0]

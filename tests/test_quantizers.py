@@ -5,6 +5,7 @@ Sizes are tiny on purpose: the file shares two cores with Spark and must stay we
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from models.mpq import dedup_tuples
 from models.quantizers import (
     QuantizerConfig,
     TrainedQuantizers,
     add_collision_digit,
     assign,
+    assign_one,
     codebook_metrics,
     load_checkpoint,
     save_checkpoint,
@@ -77,6 +80,15 @@ def test_config_hash_is_stable_short_hex_and_tracks_every_field():
     assert QuantizerConfig(hidden_dims=[512, 256, 128]).config_hash() == a.config_hash()
     with pytest.raises(ValueError):
         QuantizerConfig(rq_method="pq")
+
+
+def test_mpq_dedup_settings_count_in_the_hash_only_when_on():
+    off = QuantizerConfig(mpq_dedup=False)
+    assert off.config_hash() != QuantizerConfig().config_hash()
+    assert QuantizerConfig(mpq_dedup_top_k=3).config_hash() != QuantizerConfig().config_hash()
+    # Off, the top-k changes nothing, and the hash is the one from before the settings existed.
+    assert QuantizerConfig(mpq_dedup=False, mpq_dedup_top_k=3).config_hash() == off.config_hash()
+    assert off.config_hash() == "c2ca6e189687"
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -167,6 +179,24 @@ def test_train_one_returns_model_and_seconds(method, data):
     assert seconds > 0 and not model.training
     codes = model.encode(torch.from_numpy(data))
     assert codes.shape == (len(data), TINY["mpq_experts"] if method == "mpq" else TINY["levels"])
+
+
+def test_assign_one_matches_assign_for_each_quantizer(dup_trained, dup_data):
+    ids = item_ids(len(dup_data))
+    codes, tokens, metrics = assign(dup_trained, dup_data, ids)
+    one_rq, rq_metrics = assign_one(dup_trained.rq, dup_data, ids, dup_trained.config)
+    one_mpq, mpq_metrics = assign_one(dup_trained.mpq, dup_data, ids, dup_trained.config)
+    np.testing.assert_array_equal(one_rq, codes)
+    np.testing.assert_array_equal(one_mpq, tokens)
+    assert {**rq_metrics, **mpq_metrics} == metrics
+    assert "mpq_tuple_unique_share" not in rq_metrics and "rq_collision_rate" not in mpq_metrics
+    empty, _ = assign_one(dup_trained.mpq, np.zeros((0, 24), np.float32), [], dup_trained.config)
+    assert empty.shape == (0, TINY["mpq_experts"])
+
+
+def test_train_one_rejects_unknown_method(data):
+    with pytest.raises(ValueError, match="unknown quantizer method"):
+        train_one("pq", data, QuantizerConfig(**TINY), device="cpu")
 
 
 def test_progress_reports_every_stage(data):
@@ -303,3 +333,110 @@ def test_kmeans_keeps_every_code_in_use_and_is_seeded():
         c2, a2 = kmeans(x, 16, 20, torch.Generator().manual_seed(0), balanced)
         assert torch.equal(c1, c2) and torch.equal(a1, a2)
         assert len(torch.unique(a1)) == 16
+
+
+# ------------------------------------------------------------------------------------ MPQ tuple de-duplication
+
+
+def with_duplicates(n: int = 240, copies: int = 16) -> np.ndarray:
+    """clustered() plus exact copies of some rows: copies always share every MPQ token."""
+    x = clustered(n)
+    return np.concatenate([x, x[np.arange(copies) * 7], x[:2]])  # rows 0 and 1 appear three times
+
+
+@pytest.fixture(scope="module")
+def dup_data() -> np.ndarray:
+    return with_duplicates()
+
+
+@pytest.fixture(scope="module")
+def dup_trained(dup_data) -> TrainedQuantizers:
+    return train_quantizers(dup_data, QuantizerConfig(**TINY), device="cpu")
+
+
+def nearest_only(tq: TrainedQuantizers) -> TrainedQuantizers:
+    return dataclasses.replace(tq, config=tq.config.model_copy(update={"mpq_dedup": False}))
+
+
+def test_mpq_dedup_makes_tuples_unique_by_moving_one_token(dup_trained, dup_data):
+    ids = item_ids(len(dup_data))
+    _, tokens, metrics = assign(dup_trained, dup_data, ids)
+    _, nearest, raw = assign(nearest_only(dup_trained), dup_data, ids)
+    n = len(dup_data)
+    assert len({tuple(t) for t in tokens}) == n and metrics["mpq_tuple_unique_share"] == 1.0
+    assert metrics["mpq_items_in_duplicate_tuples"] == 0 and metrics["mpq_dedup_unresolved_items"] == 0
+    assert metrics["mpq_tuple_unique_rate_nearest"] == raw["mpq_tuple_unique_share"] < 1.0
+    assert "mpq_tuple_unique_rate_nearest" in dup_trained.metrics
+    changed = (tokens != nearest).sum(1)
+    assert set(changed.tolist()) <= {0, 1}  # one expert's token, never more
+    assert metrics["mpq_dedup_moved_items"] == int((changed == 1).sum()) >= 18
+    # In every group sharing a nearest tuple the smallest item id (here: the first row) keeps it and the
+    # others move; items with a tuple of their own keep it.
+    _, group = np.unique(nearest, axis=0, return_inverse=True)
+    for g in np.unique(group):
+        rows = np.flatnonzero(group.ravel() == g)
+        assert changed[rows[0]] == 0 and (changed[rows[1:]] == 1).all()
+    assert (changed[240:] == 1).all()  # the copies
+    assert tokens.min() >= 0 and tokens.max() < TINY["mpq_codebook_size"]
+    assert raw["mpq_dedup_moved_items"] == 0
+    assert raw["mpq_tuple_unique_rate_nearest"] == raw["mpq_tuple_unique_share"]
+
+
+def test_mpq_dedup_is_deterministic_for_a_checkpoint(dup_trained, dup_data, tmp_path):
+    ids = item_ids(len(dup_data))
+    _, tokens, metrics = assign(dup_trained, dup_data, ids)
+    np.testing.assert_array_equal(assign(dup_trained, dup_data, ids)[1], tokens)
+    # Row order does not matter, item ids do.
+    perm = np.random.default_rng(5).permutation(len(dup_data))
+    shuffled = assign(dup_trained, dup_data[perm], [ids[i] for i in perm])[1]
+    np.testing.assert_array_equal(shuffled, tokens[perm])
+    # A reloaded checkpoint gives the same tokens and metrics.
+    save_checkpoint(dup_trained, tmp_path / "q.pt")
+    loaded = load_checkpoint(tmp_path / "q.pt")
+    assert loaded.config.mpq_dedup
+    _, tokens_l, metrics_l = assign(loaded, dup_data, ids)
+    np.testing.assert_array_equal(tokens_l, tokens)
+    assert metrics_l == metrics
+
+
+def test_checkpoint_from_before_mpq_dedup_still_publishes_nearest_tokens(dup_trained, dup_data, tmp_path):
+    path = tmp_path / "old.pt"
+    save_checkpoint(dup_trained, path)
+    payload = torch.load(path, weights_only=True)
+    for name in ("mpq_dedup", "mpq_dedup_top_k"):
+        del payload["config"][name]
+    torch.save(payload, path)
+    old = load_checkpoint(path)
+    assert not old.config.mpq_dedup
+    ids = item_ids(len(dup_data))
+    nearest = assign(nearest_only(dup_trained), dup_data, ids)[1]
+    np.testing.assert_array_equal(assign(old, dup_data, ids)[1], nearest)
+
+
+def test_dedup_tuples_by_hand_margin_order_next_best_and_unresolved():
+    # Items a, b, c share (0, 0); d holds (1, 0). Two experts, three codes each.
+    tokens = np.array([[0, 0], [0, 0], [0, 0], [1, 0]], dtype=np.int32)
+    ids = ["c", "a", "b", "d"]  # row 1 ("a") keeps the tuple; "b" (row 2) moves before "c" (row 0)
+    dist = {  # rows 2 and 0 only: the keeper's distances are never asked for
+        0: [[0.0, 0.3, 0.9], [0.0, 0.7, 0.6]],
+        2: [[1.0, 1.1, 1.5], [2.0, 2.4, 2.3]],  # margins: expert 0 -> code 1 (+0.1), but (1, 0) is held
+    }
+    calls = []
+
+    def distances(rows):
+        calls.append(rows.tolist())
+        return np.array([dist[int(r)] for r in rows])
+
+    new, moved, unresolved = dedup_tuples(tokens, ids, distances, top_k=2)
+    assert calls == [[2, 0]]  # movers only, in item-id order
+    # b: (1, 0) is held by d, the next margin, +0.3, is expert 1 code 2 -> (0, 2).
+    # c: expert 0 code 1 (+0.3) gives (1, 0), held; expert 1 code 2 (+0.6) gives (0, 2), just taken by b;
+    # expert 1 code 1 (+0.7) gives (0, 1), free.
+    np.testing.assert_array_equal(new, [[0, 1], [0, 0], [0, 2], [1, 0]])
+    assert moved == 2 and unresolved == []
+    # With one candidate per expert, c's two tuples are both held (by d and b): it stays and is reported.
+    new1, moved1, unresolved1 = dedup_tuples(tokens, ids, distances, top_k=1)
+    np.testing.assert_array_equal(new1, [[0, 0], [0, 0], [0, 2], [1, 0]])
+    assert moved1 == 1 and unresolved1 == [0]
+    same, none, left = dedup_tuples(tokens[2:], ids[2:], lambda rows: pytest.fail("no collisions"), 2)
+    assert none == 0 and left == [] and np.array_equal(same, tokens[2:])
