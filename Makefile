@@ -27,7 +27,12 @@ export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
-.PHONY: help setup run test bench bench-llm bench-sids lint format lock clean distclean
+LLM_MODEL ?= Qwen/Qwen3-8B
+LLM_PORT  ?= 8000
+LLM_SEQS  ?= 64
+VLLM_VENV ?= $(CACHE)/vllm-venv
+
+.PHONY: help setup run test bench bench-llm bench-sids lint format lock clean distclean serve-llm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -68,6 +73,11 @@ bench-llm: setup ## LLM fan-out throughput through the Spark job against a local
 
 bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
 	@$(PY) -m bench.semantic_ids
+
+serve-llm: | $(UV) ## GPU host only: vLLM OpenAI-compatible server with prefix caching (LLM_MODEL=, LLM_PORT=, LLM_SEQS=)
+	@command -v nvidia-smi >/dev/null || { echo "serve-llm needs an NVIDIA GPU (nvidia-smi not found); use the offline backend here or point REASEQ__LLM__BASE_URL at a GPU host"; exit 2; }
+	@test -x $(VLLM_VENV)/bin/vllm || { $(UV) venv -q --python $(PYTHON_BOOT) $(VLLM_VENV) && VIRTUAL_ENV=$(VLLM_VENV) $(UV) pip install -q -r requirements-vllm.txt; }
+	$(VLLM_VENV)/bin/vllm serve $(LLM_MODEL) --port $(LLM_PORT) --enable-prefix-caching --max-num-seqs $(LLM_SEQS)
 
 lint: setup ## ruff
 	@$(VENV)/bin/ruff check .

@@ -19,7 +19,8 @@ hierarchical codes, MPQ M=4 experts x D=256), then all items are assigned with a
   de-dup; MPQ: 1 - tuple unique rate), unique_id_rate (share of items with an ID of their own: RQ full
   ID with the digit, MPQ tuple), level_utilization and perplexity (per level, per expert for MPQ),
   reconstruction_mse (of the published codes), the before-de-dup figures (collision_rate_nearest,
-  unique_id_rate_nearest, dedup_moved_items), training statistics and the raw assign metrics.
+  dedup_moved_items; MPQ also unique_id_rate_nearest and dedup_unresolved_items), training statistics
+  and the raw assign_one metrics.
   meta: items, dim, machine, torch threads, date, config, and train/assign time ratios.
 * semantic_ids.md: the table printed at the end.
 * semantic_ids.png: code usage per level / expert (codes ranked by item count) for each method.
@@ -97,9 +98,8 @@ def summarize(method: str, model, train_seconds: float, assign_seconds: float, n
             "level_utilization": metrics["rq_utilization"],
             "perplexity": metrics["rq_perplexity"],
             "reconstruction_mse": metrics["rq_recon_mse"],
+            # Before the last-level de-dup. Full IDs are unique either way: the collision digit.
             "collision_rate_nearest": metrics["rq_collision_rate_nearest"],
-            # Without the de-dup the collision digit still makes every full ID unique.
-            "unique_id_rate_nearest": 1.0,
             "dedup_moved_items": metrics["rq_dedup_moved_items"],
             "max_collision_digit": metrics["rq_max_collision_digit"],
         }
@@ -147,7 +147,7 @@ def plot(results: dict, codes: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False, sharey=True)
     for ax, (method, r) in zip(axes[0], results.items(), strict=True):
         c = codes[method]
         cols = c.shape[1] - (0 if method == "mpq" else 1)  # the collision digit is no codebook

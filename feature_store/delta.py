@@ -78,14 +78,15 @@ def merge(
     root: str | None = None,
     *,
     partition_values: list | None = None,
-    delete_unmatched_in_partitions: bool = False,
+    delete_unmatched: bool | str = False,
 ) -> dict:
     """Upsert `df` into the table on its key; a rerun with the same rows leaves the same table.
 
     `partition_values` puts the partition predicate into the MERGE condition, which keeps concurrent
     merges into disjoint partitions from conflicting and lets a day's rerun touch only that day.
-    With `delete_unmatched_in_partitions`, target rows of those partitions that the source no longer
-    has are deleted: the partition ends up exactly equal to the source.
+    `delete_unmatched` makes the MERGE a sync: target rows the source does not have are deleted,
+    all of them (True) or those matching a SQL condition on the target `t` (e.g. "t.ds <= '2026-11-22'"),
+    so the covered part of the table ends up exactly equal to the source.
     """
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
@@ -114,10 +115,10 @@ def merge(
         .whenMatchedUpdate(set=updates)
         .whenNotMatchedInsertAll()
     )
-    if delete_unmatched_in_partitions and partition_values is not None and spec.partition_by:
-        col = spec.partition_by[0]
-        values = ", ".join(f"'{v}'" for v in partition_values)
-        m = m.whenNotMatchedBySourceDelete(condition=f"t.`{col}` IN ({values})")
+    if delete_unmatched is True:
+        m = m.whenNotMatchedBySourceDelete()
+    elif delete_unmatched:
+        m = m.whenNotMatchedBySourceDelete(condition=delete_unmatched)
     m.execute()
     last = target.history(1).select("operationMetrics", "version").collect()[0]
     metrics = {k: int(v) for k, v in (last["operationMetrics"] or {}).items() if str(v).isdigit()}

@@ -38,7 +38,7 @@ def run(ctx: RunContext) -> JobResult:
         delta.read_spark(spark, "silver.item_knowledge", ctx.root)
         .filter((F.col("prompt_version") == PROMPT_VERSION) & (F.col("model") == model_name(llm_config(ctx, 1))))
         .join(items, ["item_id", "content_hash"])
-        .select("item_id", F.element_at("category_path", -1).alias("category"), "audiences", "scenarios")
+        .select("item_id", F.when(F.size("category_path") > 0, F.element_at("category_path", -1)).alias("category"), "audiences", "scenarios")
     )
     ev = events.join(know, "item_id", "left")
 
@@ -93,7 +93,7 @@ def run(ctx: RunContext) -> JobResult:
     )
     n = out.count()
     coverage = out.filter(F.col("category_affinity").isNotNull()).count()
-    delta.merge(spark, out, "gold.user_features", ctx.root)
+    delta.merge(spark, out, "gold.user_features", ctx.root, delete_unmatched=True)
     return JobResult(rows_in=n, rows_out=n, metrics={
         "users": n, "users_with_knowledge_affinity": coverage, "half_life_days": HALF_LIFE_DAYS,
     })

@@ -66,7 +66,7 @@ def run(ctx: RunContext) -> JobResult:
         F.sum(F.when(F.col("seq_len") < 3, 1).otherwise(0)).alias("short"),
         F.sum(F.size(F.filter("semantic_ids", lambda s: s.isNull()))).alias("missing_sid"),
     ).collect()[0]
-    delta.merge(spark, out, "gold.user_sequences", ctx.root, delete_unmatched_in_partitions=False)
+    delta.merge(spark, out, "gold.user_sequences", ctx.root, delete_unmatched=True)
     return JobResult(rows_in=int(stats["events"] or 0), rows_out=n_users, metrics={
         "users": n_users, "mean_seq_len": round(float(stats["mean_len"] or 0), 2), "max_len": max_len,
         "users_without_validation_target": int(stats["short"] or 0),

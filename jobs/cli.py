@@ -179,9 +179,13 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
     for t in order:
         r = by_task.get(t, {})
         state = (states or {}).get(t) or r.get("status", "?")
+        if states and state not in ("success", "failed"):
+            r = {}  # never ran in this run: an older run's record would mislead
         print(f"{t:24} {state:10} {r.get('seconds') or 0:8.1f} {r.get('rows_in') or 0:9d} "
               f"{r.get('rows_out') or 0:9d} {r.get('rows_quarantined') or 0:8d}")
     for t in order:
+        if states and states.get(t) != "failed":
+            continue
         err = json.loads(by_task.get(t, {}).get("metrics") or "{}").get("error")
         if err:
             print(f"\n{t} failed: {err}")

@@ -94,7 +94,8 @@ def run(ctx: RunContext) -> JobResult:
         .localCheckpoint(eager=True)
     )
     counts = {r["status"]: r["count"] for r in out.groupBy("status").count().collect()}
-    delta.merge(spark, out, "gold.user_augmented_behaviors", ctx.root)
+    delta.merge(spark, out, "gold.user_augmented_behaviors", ctx.root,
+                delete_unmatched=f"t.model_version = '{MODEL_VERSION}'")
     users = sum(counts.values())
     return JobResult(rows_in=users, rows_out=users, metrics={
         "model_version": MODEL_VERSION, "status_counts": counts, "top_n": top_n,

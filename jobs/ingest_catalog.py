@@ -38,9 +38,16 @@ def run(ctx: RunContext) -> JobResult:
     rows_in = batch.rows_read["items"]
     if rows_in != n + len(quarantined):
         raise RuntimeError(f"catalog accounting broken: read {rows_in}, kept {n}, quarantined {len(quarantined)}")
+    if n == 0:
+        raise RuntimeError(
+            f"{ctx.dataset}: the source has no usable item ({len(quarantined)} quarantined); refusing to empty "
+            "bronze.catalog_items: check the source and silver.quarantine"
+        )
     spark = ctx.spark
     df = spark.createDataFrame(items)
-    merged = delta.merge(spark, df, "bronze.catalog_items", ctx.root)
+    # The source is a full snapshot: items it no longer lists leave bronze (Delta history keeps them,
+    # and their knowledge and embeddings stay cached in silver for when they come back).
+    merged = delta.merge(spark, df, "bronze.catalog_items", ctx.root, delete_unmatched=True)
     write_quarantine(ctx, quarantined)
     return JobResult(rows_in=rows_in, rows_out=n, rows_quarantined=len(quarantined),
                      metrics={"merge": merged, "source": ctx.dataset})

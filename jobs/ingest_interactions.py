@@ -1,7 +1,8 @@
 """Load user events into bronze.interactions, partitioned by the event's UTC date (ds).
 
-The MERGE carries the partition predicate and deletes target rows of those days that the source no
-longer has, so replaying a day leaves exactly that day's events (idempotent backfills).
+The MERGE carries the partition predicate and deletes target rows up to ds that the source no longer
+has, so replaying a day leaves exactly that day's events (idempotent backfills), and switching the
+lakehouse to another source leaves no events of the old one.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def run(ctx: RunContext) -> JobResult:
     spark = ctx.spark
     df = spark.createDataFrame(inter)
     partitions = sorted({d.isoformat() for d in pc.unique(days).to_pylist()})
+    # Sources are full snapshots up to ds: days up to ds end up exactly as loaded (a day's rerun
+    # replaces that day; events of a previous source in the same lakehouse are dropped).
     merged = delta.merge(spark, df, "bronze.interactions", ctx.root, partition_values=partitions,
-                         delete_unmatched_in_partitions=True) if n else {}
+                         delete_unmatched=f"t.ds <= DATE'{ctx.ds.isoformat()}'") if n else {}
     write_quarantine(ctx, quarantined)
     return JobResult(rows_in=rows_in, rows_out=n, rows_quarantined=len(quarantined),
                      metrics={"merge": merged, "days": len(partitions), "not_yet_due": later})

@@ -9,8 +9,9 @@ Two families are trained on the item embeddings (silver.item_embeddings):
   de-duplication below both reach zero collisions; RQ-VAE's raw nearest-code collisions are lower (11% vs
   26% on 4,344 Amazon "Scientific" items, a catalogue where 7.5% of items have a near-twin at cosine >= 0.99);
 * MPQ tokens (`mpq_tokens`, REG4Rec): M unordered tokens in [0, D), one per expert codebook, with no
-  extra digit. Near-duplicate items share tuples (90.9% unique on "Scientific" with nearest codes), so
-  with `mpq_dedup` (default) the shared ones are made unique by changing one token (below).
+  extra digit. Near-duplicate items share tuples (89-91% unique on "Scientific" with nearest codes,
+  depending on the text embedded), so with `mpq_dedup` (default) the shared ones are made unique by
+  changing one token (below; 100% unique there, 307 of 4,344 items moved, in a fraction of a second).
 
 Collisions: with `rq_dedup_last_level` (default) items that share all L codes are moved to the nearest
 free last-level code under their (L-1)-prefix, LC-Rec style (models.rq.dedup_last_level); the metrics keep

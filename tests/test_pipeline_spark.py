@@ -65,7 +65,7 @@ def test_a_days_rerun_replaces_exactly_that_day(ctx_factory, spark):
     keep = day_rows.slice(1)
     df = spark.createDataFrame(keep.to_pandas(), delta.spark_schema(TABLES["bronze.interactions"]))
     delta.merge(spark, df, "bronze.interactions", ctx.root, partition_values=[day.isoformat()],
-                delete_unmatched_in_partitions=True)
+                delete_unmatched=f"t.ds = DATE'{day.isoformat()}'")
     after = delta.read_arrow("bronze.interactions", ctx.root)
     assert after.num_rows == before.num_rows - 1
     other = pc.not_equal(before["ds"], day)
