@@ -61,6 +61,22 @@ def _ctx(root: Path, n_items: int, base_url: str, concurrency: int, partitions: 
     })
 
 
+def _failure_reasons(ctx) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    from feature_store import delta
+
+    if not delta.exists("silver.quarantine", ctx.root):
+        return {}
+    q = delta.read_arrow("silver.quarantine", ctx.root, columns=["stage", "reason"],
+                         filter=pc.field("stage") == "reason_items")
+    out: dict[str, int] = {}
+    for r in q["reason"].to_pylist():
+        code = r.split(":")[0]
+        out[code] = out.get(code, 0) + 1
+    return out
+
+
 def run(items: int, capacity: int, latency: float, out: Path, naive_items: int) -> dict:
     from jobs.runtime import execute
 
@@ -78,6 +94,8 @@ def run(items: int, capacity: int, latency: float, out: Path, naive_items: int) 
             print(f"bench-llm: reasoning {items} items, {partitions} partitions x {inflight // partitions} in flight",
                   flush=True)
             res = execute("reason_items", ctx).metrics
+            failures = _failure_reasons(ctx)
+            retry = execute("reason_items", ctx).metrics if res["failed"] else {"work_set": 0, "llm_calls": 0}
             rerun = execute("reason_items", ctx).metrics
 
             naive_ctx = _ctx(tmp / "naive", naive_items, base_url, 1, 1, "2026-11-22")
@@ -106,6 +124,8 @@ def run(items: int, capacity: int, latency: float, out: Path, naive_items: int) 
         "completion_tokens_per_item": round(res["tokens_out"] / max(ok, 1), 1),
         "ok_items": ok,
         "failed_items": res["failed"],
+        "failure_reasons": failures,
+        "retry_run_items": retry["work_set"],
         "llm_calls_unchanged_rerun": rerun["llm_calls"],
         "work_set_unchanged_rerun": rerun["work_set"],
         "naive_items": naive_items,
