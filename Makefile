@@ -32,7 +32,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run test bench bench-llm bench-sids lint format lock clean distclean serve-llm
+.PHONY: help setup run test bench bench-llm bench-sids lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -63,7 +63,13 @@ setup: $(VENV) $(JARS) ## create the virtualenv, fetch Delta's jars (both cached
 run: setup ## nightly refresh through Airflow: make run [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD]
 	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)"
 
-test: setup ## run the test suite
+browser: ## headless Chromium for the report test (Debian's package; best effort, the test skips without it)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  echo "setup: installing Debian's chromium for the report's browser test" && \
+	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null 2>&1) || \
+	  echo "setup: chromium not installed; the report's browser test will be skipped"; }
+
+test: setup browser ## run the test suite
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: bench-llm bench-sids ## all benchmarks (results in bench/results/)
@@ -78,6 +84,12 @@ serve-llm: | $(UV) ## GPU host only: vLLM OpenAI-compatible server with prefix c
 	@command -v nvidia-smi >/dev/null || { echo "serve-llm needs an NVIDIA GPU (nvidia-smi not found); use the offline backend here or point REASEQ__LLM__BASE_URL at a GPU host"; exit 2; }
 	@test -x $(VLLM_VENV)/bin/vllm || { $(UV) venv -q --python $(PYTHON_BOOT) $(VLLM_VENV) && VIRTUAL_ENV=$(VLLM_VENV) $(UV) pip install -q -r requirements-vllm.txt; }
 	$(VLLM_VENV)/bin/vllm serve $(LLM_MODEL) --port $(LLM_PORT) --enable-prefix-caching --max-num-seqs $(LLM_SEQS)
+
+sql: setup ## query the tables by name: make sql Q="SELECT count(*) FROM gold.user_features" (DuckDB, no JVM)
+	@$(PY) -m feature_store.sql $(if $(Q),"$(Q)",--list)
+
+report: setup ## rebuild the feature report of a run: make report [RUN_ID=reaseq_nightly__YYYY-MM-DD]
+	@$(PY) -m jobs.report $(if $(RUN_ID),--run-id "$(RUN_ID)")
 
 lint: setup ## ruff
 	@$(VENV)/bin/ruff check .

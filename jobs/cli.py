@@ -196,7 +196,18 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
         print(f"  {name:34} {rows_s:>10} {ver:>5}  {info['path']}")
     if run_id:
         report = Path(resolve_path(cfg["reports"])) / run_id
-        print(f"\nReports: {report}/ (summary.json, validation/)")
+        index = report / "report" / "index.html"
+        if index.exists():
+            # Rebuilt now so the report also shows publish's own record.
+            from jobs.report import build_report
+
+            try:
+                build_report(root, run_id, index.parent, reports_dir=Path(resolve_path(cfg["reports"])))
+            except Exception as exc:  # the report is a view; a failure here must not fail the run
+                print(f"(could not refresh the report: {exc})", file=sys.stderr)
+        print(f"\nRun summary: {report / 'summary.json'}")
+        print(f"Feature report: {index if index.exists() else '(not written: publish did not run)'}")
+        print(f"Validation results: {report / 'validation'}/")
 
 
 def main(argv: list[str] | None = None) -> int:

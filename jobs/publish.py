@@ -57,9 +57,14 @@ def run(ctx: RunContext) -> JobResult:
     out_dir = Path(resolve_path(ctx.config["reports"])) / ctx.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     s = summary(ctx)
+    from jobs.report import build_report
+
+    report = build_report(ctx.root, ctx.run_id, out_dir / "report", reports_dir=Path(resolve_path(ctx.config["reports"])))
+    s["report"] = str(report)
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2, default=str))
     written = sum(v["rows"] or 0 for v in s["tables"].values())
-    return JobResult(rows_in=written, rows_out=written, metrics={"summary": str(out_dir / "summary.json")})
+    return JobResult(rows_in=written, rows_out=written,
+                     metrics={"summary": str(out_dir / "summary.json"), "report": str(report)})
 
 
 if __name__ == "__main__":

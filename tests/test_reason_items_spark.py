@@ -54,6 +54,8 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
         assert srv.stats["ok"] > 0
 
         srv.set_faults()
+        # Faults off; a generous timeout so a loaded CI machine cannot turn slowness into failures.
+        ctx.config["llm"].update(timeout_s=10, max_retries=3)
         before = srv.stats["requests"]
         second = execute("reason_items", ctx)
         assert second.metrics["work_set"] == len(bad_ids), "the rerun works on exactly the quarantined items"
