@@ -130,9 +130,9 @@ def run(ctx: RunContext) -> JobResult:
             .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
         )
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
-        if "BackendUnavailable" in str(exc):
-            line = next((x for x in str(exc).splitlines() if "BackendUnavailable" in x), str(exc))
-            raise StageFailed(line.split("BackendUnavailable:", 1)[-1].strip()) from None
+        lines = [x for x in str(exc).splitlines() if "BackendUnavailable: " in x]
+        if lines:
+            raise StageFailed(lines[-1].split("BackendUnavailable: ", 1)[-1].strip()) from None
         raise
     seconds = time.monotonic() - t0
     ok = results.filter(F.col("status") == "ok")

@@ -59,15 +59,31 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
         before = srv.stats["requests"]
         second = execute("reason_items", ctx)
         assert second.metrics["work_set"] == len(bad_ids), "the rerun works on exactly the quarantined items"
-        assert second.rows_out == len(bad_ids) and second.rows_quarantined == 0
-        assert srv.stats["requests"] - before == 4 * len(bad_ids)  # 3 agents + reconciler per item
+        # The fake model "obeys" the catalog's planted injection text and breaks the schema: that item
+        # must stay quarantined as a schema violation, never reach the knowledge table.
+        injected = set(_injected_items(ctx))
+        assert len(injected) == 1
+        assert second.rows_out == len(bad_ids) - len(injected & set(bad_ids))
         know = delta.read_arrow("silver.item_knowledge", ctx.root)
-        assert sorted(know["item_id"].to_pylist()) == sorted(items)
+        assert sorted(know["item_id"].to_pylist()) == sorted(set(items) - injected)
         assert set(know["model"].to_pylist()) == {srv.model}
+        q = delta.read_arrow("silver.quarantine", ctx.root, filter=pc.field("stage") == "reason_items").to_pylist()
+        reasons = {r["key"]: r["reason"] for r in q}
+        assert all(reasons[i].startswith("schema_violation") for i in injected)
 
-        before = srv.stats["requests"]
+        srv.injection = "fields"  # a model that keeps the schema but echoes the injected values
         third = execute("reason_items", ctx)
-        assert third.metrics["work_set"] == 0 and srv.stats["requests"] == before, "unchanged rerun: no call"
+        assert third.metrics["work_set"] == len(injected) and third.rows_out == len(injected)
+        before = srv.stats["requests"]
+        fourth = execute("reason_items", ctx)
+        assert fourth.metrics["work_set"] == 0 and srv.stats["requests"] == before, "unchanged rerun: no call"
+
+
+def _injected_items(ctx) -> list[str]:
+    from tests.fake_openai_server import INJECTION
+
+    t = delta.read_arrow("bronze.catalog_items", ctx.root, columns=["item_id", "title", "description"])
+    return [r["item_id"] for r in t.to_pylist() if INJECTION.search(f"{r['title']} {r['description'] or ''}")]
 
 
 def test_editing_one_title_re_reasons_that_item_only(ctx_factory, spark):
