@@ -13,20 +13,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-STAGES = [
-    "ingest_catalog",
-    "ingest_interactions",
-    "validate_bronze",
-    "reason_items",
-    "embed_items",
-    "train_quantizer",
-    "assign_semantic_ids",
-    "build_user_sequences",
-    "infer_beyond_log",
-    "build_user_features",
-    "validate_gold",
-    "publish",
-]
+from jobs.stages import PIPELINE
+
+STAGES = PIPELINE
 LAKEHOUSE = os.environ.get("REASEQ_LAKEHOUSE_URI", "file://lakehouse")
 GOLD_ASSETS = [
     Asset(f"{LAKEHOUSE}/gold/{t}")

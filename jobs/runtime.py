@@ -19,24 +19,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from jobs.context import JobResult, RunContext
+from jobs.stages import PIPELINE  # re-exported: callers import it from here
 
 log = logging.getLogger("reaseq")
-
-# The nightly refresh, in dependency order (the DAG mirrors this list).
-PIPELINE = [
-    "ingest_catalog",
-    "ingest_interactions",
-    "validate_bronze",
-    "reason_items",
-    "embed_items",
-    "train_quantizer",
-    "assign_semantic_ids",
-    "build_user_sequences",
-    "infer_beyond_log",
-    "build_user_features",
-    "validate_gold",
-    "publish",
-]
 
 
 class StageFailed(RuntimeError):

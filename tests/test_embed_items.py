@@ -1,0 +1,110 @@
+"""Embeddings: the OpenAI-compatible /v1/embeddings backend against a real local HTTP server, and the
+incremental embed path (only items whose embedded text changed are embedded again)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from models.embedder import EmbedderConfig, embed_texts
+
+DIM = 16
+
+
+def _vec(text: str) -> list[float]:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).normal(size=DIM).tolist()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fail = False
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/embeddings" or type(self).fail:
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": "boom"}')
+            return
+        data = [{"object": "embedding", "index": i, "embedding": _vec(t)} for i, t in enumerate(body["input"])]
+        random.Random(0).shuffle(data)  # servers may answer out of order; the client must sort by index
+        out = json.dumps({"object": "list", "data": data, "model": body["model"]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def embeddings_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    _Handler.fail = False
+
+
+def test_openai_backend_batches_orders_and_normalises(embeddings_server):
+    cfg = EmbedderConfig(backend="openai", model="bge-small", base_url=embeddings_server, batch_size=3)
+    texts = [f"item {i}" for i in range(8)]
+    out = embed_texts(texts, cfg)
+    assert out.shape == (8, DIM) and out.dtype == np.float32
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    for text, row in zip(texts, out, strict=True):
+        ref = np.asarray(_vec(text), dtype=np.float32)
+        assert np.allclose(row, ref / np.linalg.norm(ref), atol=1e-5)
+    assert cfg.name == "bge-small@openai"
+
+
+def test_openai_backend_error_names_the_server(embeddings_server):
+    _Handler.fail = True
+    cfg = EmbedderConfig(backend="openai", base_url=embeddings_server)
+    with pytest.raises(RuntimeError, match="embeddings server .* answered 500"):
+        embed_texts(["x"], cfg)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown embedding backend"):
+        embed_texts(["x"], EmbedderConfig(backend="nope"))
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_only_changed_texts_are_embedded_again(ctx_factory, spark):
+    from feature_store import delta
+    from jobs.runtime import execute
+
+    ctx = ctx_factory(synthetic={"n_items": 40, "n_users": 15, "seed": 4})
+    for stage in ("ingest_catalog", "reason_items"):
+        execute(stage, ctx)
+    first = execute("embed_items", ctx)
+    assert first.rows_out == 40
+    emb = delta.read_arrow("silver.item_embeddings", ctx.root)
+    assert set(emb["dim"].to_pylist()) == {384}
+    assert all(len(v) == 384 for v in emb["embedding"].to_pylist())
+    assert execute("embed_items", ctx).rows_out == 0
+
+    target = sorted(emb["item_id"].to_pylist())[0]
+    path = delta.table_path("bronze.catalog_items", ctx.root)
+    spark.sql(f"UPDATE delta.`{path}` SET title = concat(title, ' Pro'), content_hash = sha2(concat(title, ' Pro'), 256) "
+              f"WHERE item_id = '{target}'")
+    assert execute("reason_items", ctx).metrics["work_set"] == 1
+    again = execute("embed_items", ctx)
+    assert again.rows_out == 1
+    after = delta.read_arrow("silver.item_embeddings", ctx.root)
+    assert after.num_rows == 40  # MERGE on (item_id, embedder): replaced, not added
+    old = emb.filter(pc.equal(emb["item_id"], target))["text_hash"][0].as_py()
+    new = after.filter(pc.equal(after["item_id"], target))["text_hash"][0].as_py()
+    assert old != new
