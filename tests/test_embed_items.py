@@ -108,3 +108,32 @@ def test_only_changed_texts_are_embedded_again(ctx_factory, spark):
     old = emb.filter(pc.equal(emb["item_id"], target))["text_hash"][0].as_py()
     new = after.filter(pc.equal(after["item_id"], target))["text_hash"][0].as_py()
     assert old != new
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_nan_and_wrong_dimension_vectors_are_quarantined_not_trained_on(ctx_factory, spark):
+    from feature_store import delta
+    from feature_store.catalog import ITEM_EMBEDDINGS
+    from jobs.runtime import execute
+
+    ctx = ctx_factory(synthetic={"n_items": 40, "n_users": 15, "seed": 6},
+                      quantizer={"codebook_size": 8, "mpq_codebook_size": 8})
+    for stage in ("ingest_catalog", "reason_items", "embed_items"):
+        execute(stage, ctx)
+    rows = delta.read_arrow("silver.item_embeddings", ctx.root).sort_by("item_id").slice(0, 2).to_pylist()
+    rows[0]["embedding"] = [float("nan")] * 384
+    rows[1]["embedding"] = [0.1] * 12
+    rows[1]["dim"] = 12
+    bad = spark.createDataFrame(rows, delta.spark_schema(ITEM_EMBEDDINGS))
+    delta.merge(spark, bad, "silver.item_embeddings", ctx.root)
+
+    res = execute("train_quantizer", ctx)
+    assert res.rows_out == 38 and res.rows_quarantined == 2
+    q = delta.read_arrow("silver.quarantine", ctx.root, filter=pc.field("stage") == "train_quantizer").to_pylist()
+    reasons = {r["key"]: r["reason"] for r in q}
+    assert reasons[rows[0]["item_id"]].startswith("non_finite_embedding")
+    assert reasons[rows[1]["item_id"]].startswith("wrong_dimension")
+    execute("assign_semantic_ids", ctx)
+    sids = delta.read_arrow("gold.item_semantic_ids", ctx.root)
+    assert sids.num_rows == 38 and rows[0]["item_id"] not in sids["item_id"].to_pylist()
