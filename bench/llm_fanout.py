@@ -36,7 +36,11 @@ def _start_server(capacity: int, latency: float) -> tuple[subprocess.Popen, str]
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--port", str(port),
-         "--capacity", str(capacity), "--latency", str(latency)],
+         "--capacity", str(capacity), "--latency", str(latency),
+         # The catalog's planted injection item: a model that keeps the schema (robustness against a
+         # schema-breaking one is tested in tests/test_reason_items_spark.py), so every item completes
+         # and the unchanged rerun measures incrementality alone.
+         "--injection", "fields"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30

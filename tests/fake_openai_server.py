@@ -429,6 +429,8 @@ def main() -> None:
     ap.add_argument("--queue-limit", type=int, default=100_000)
     ap.add_argument("--model", default="fake-model")
     ap.add_argument("--disagreement", type=float, default=0.0)
+    ap.add_argument("--injection", default="schema", choices=["schema", "fields"],
+                    help="how the fake model 'obeys' injected item text: break the schema or echo values")
     ap.add_argument("--faults", default="", help="e.g. 429=0.02,500=0.02,stall=0.01")
     args = ap.parse_args()
     faults = {k: float(v) for k, v in (kv.split("=") for kv in args.faults.split(",") if kv)}
@@ -439,6 +441,7 @@ def main() -> None:
         faults=faults,
         model=args.model,
         disagreement=args.disagreement,
+        injection=args.injection,
         host=args.host,
         port=args.port,
     ).start()
