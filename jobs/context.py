@@ -46,8 +46,9 @@ class RunContext:
                 ds = dt.date.fromisoformat(ds[:10])
             except ValueError:
                 raise ValueError(f"ds={ds!r} is not a date: use YYYY-MM-DD") from None
-        # Deterministic by default so that rerunning a day writes the same lineage (idempotent reruns).
-        run_id = run_id or f"manual__{ds.isoformat()}"
+        # Deterministic, and the same as the DAG writes, so that rerunning a day by any entry point
+        # rewrites the same lineage (idempotent reruns).
+        run_id = run_id or f"{dag_id}__{ds.isoformat()}"
         return cls(ds=ds, run_id=run_id, config=load_config(overrides), dag_id=dag_id)
 
     @property

@@ -145,7 +145,7 @@ def cli_main(name: str, argv: list[str] | None = None) -> int:
         description=f"Run the {name} stage of the nightly feature refresh once.",
     )
     p.add_argument("--ds", help="logical date YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--run-id", help="lineage run id (default: manual__<ds>)")
+    p.add_argument("--run-id", help="lineage run id (default: reaseq_nightly__<ds>, as the DAG writes it)")
     p.add_argument("--dataset", help="synthetic | amazon-json | movielens")
     p.add_argument("--data", help="dataset path for amazon-json / movielens")
     p.add_argument("--lakehouse", help="root of the Delta tables (path or s3a:// URI)")
