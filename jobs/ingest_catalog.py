@@ -53,11 +53,5 @@ def run(ctx: RunContext) -> JobResult:
                      metrics={"merge": merged, "source": ctx.dataset})
 
 
-def _spec():
-    from feature_store.catalog import CATALOG_ITEMS
-
-    return CATALOG_ITEMS
-
-
 if __name__ == "__main__":
     raise SystemExit(cli_main("ingest_catalog"))

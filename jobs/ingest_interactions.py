@@ -18,6 +18,8 @@ from jobs.runtime import cli_main, write_quarantine
 def run(ctx: RunContext) -> JobResult:
     from feature_store import delta
 
+    # The source is read again rather than staged by ingest_catalog: a load takes 1-2 s on these
+    # sources, and each task stays runnable on its own (retries, spark-submit, backfills).
     batch = load(ctx)
     inter = batch.interactions
     n = inter.num_rows
