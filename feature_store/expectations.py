@@ -50,7 +50,7 @@ def _suite_expectations(name: str) -> list:
         "gold.user_augmented_behaviors": [
             gxe.ExpectTableRowCountToBeBetween(min_value=1),
             gxe.ExpectColumnValuesToBeInSet(
-                column="status", value_set=["ok", "history_too_short", "no_candidates", "no_semantic_ids"]
+                column="status", value_set=["ok", "history_too_short", "no_candidates", "no_semantic_ids", "llm_failed"]
             ),
             # Most users must get an inference; a collapse to zero means the model broke.
             gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ok"], mostly=0.5),

@@ -23,6 +23,7 @@ SMALL = {
     "quantizer": {"levels": 3, "codebook_size": 16, "mpq_experts": 3, "mpq_codebook_size": 16, "seed": 0},
     "llm": {"partitions": 2, "max_concurrency": 8},
     "sequences": {"max_len": 20},
+    "beyond_log": {"diffusion": {"d_model": 16, "n_layers": 1, "n_heads": 2, "epochs": 2, "slots": 2}},
 }
 
 

@@ -1,0 +1,151 @@
+"""Masked diffusion beyond-log model: forward masking, reverse unmasking order, leakage, mapping to items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.infer_beyond_log import training_prefixes
+from models import diffusion as D
+
+
+def small_vocab(n_items: int = 12):
+    # two levels plus a collision digit; items 0..n-1 get distinct groups
+    ids = [f"i{k}" for k in range(n_items)]
+    codes = [[k % 4, k // 4, 0] for k in range(n_items)]
+    return D.SemanticVocab.build(ids, codes)
+
+
+def test_vocab_maps_groups_back_to_items_and_skips_unknown():
+    vocab = small_vocab()
+    assert vocab.level_sizes == [4, 3, 1]
+    assert vocab.item_for([1, 2, 0]) == vocab.index("i9")
+    assert vocab.item_for([3, 2, 1]) is None  # a group no item has
+    idx, skipped = vocab.encode(["i1", "nope", "i2"])
+    assert idx == [1, 2] and skipped == 1
+
+
+def test_vocab_rejects_mixed_group_lengths_and_counts_ambiguous_groups():
+    with pytest.raises(ValueError, match="different lengths"):
+        D.SemanticVocab.build(["a", "b"], [[1, 2], [1, 2, 3]])
+    v = D.SemanticVocab.build(["a", "b", "c"], [[1, 2], [1, 2], [0, 0]])
+    assert v.ambiguous_groups == 1 and v.item_for([1, 2]) == 0
+
+
+def test_forward_masking_rate_follows_t_and_never_touches_padding():
+    g = torch.Generator().manual_seed(0)
+    b, t, levels = 4000, 6, 3
+    tokens = torch.zeros(b, t, levels, dtype=torch.long)
+    lengths = torch.full((b,), 4)
+    pad = torch.arange(t).view(1, t) >= lengths.view(b, 1)
+    noised, m, tt = D.mask_tokens(tokens, pad, lengths, [9, 9, 9], g, suffix_prob=0.0, min_t=0.05, max_suffix=2)
+    assert not m[pad].any()
+    assert (noised[m] == 9).all() and (noised[~m] == 0).all()
+    rate = m[:, :4].float().mean(dim=(1, 2))
+    # the per-sequence masked share tracks t (12 tokens per sequence: loose per-row, tight on average)
+    assert abs(float((rate - tt).mean())) < 0.02
+    assert float(torch.corrcoef(torch.stack([rate, tt]))[0, 1]) > 0.8
+    assert m.flatten(1).any(1).all()  # every sequence has something to learn
+
+
+def test_suffix_masking_only_noises_the_last_items():
+    g = torch.Generator().manual_seed(1)
+    b, t, levels = 500, 8, 2
+    tokens = torch.zeros(b, t, levels, dtype=torch.long)
+    lengths = torch.full((b,), 8)
+    pad = torch.zeros(b, t, dtype=torch.bool)
+    _, m, _ = D.mask_tokens(tokens, pad, lengths, [5, 5], g, suffix_prob=1.0, min_t=0.5, max_suffix=3)
+    assert not m[:, :5].any()      # at most the last 3 items
+    assert m[:, 7].any()
+
+
+def test_loss_weights_masked_tokens_by_one_over_t():
+    logits = [torch.zeros(1, 2, 4)]  # uniform: CE = log 4 per token
+    targets = torch.zeros(1, 2, 1, dtype=torch.long)
+    mask = torch.tensor([[[True], [False]]])
+    loss = D.diffusion_loss(logits, targets, mask, torch.tensor([0.5]), torch.tensor([2]))
+    assert float(loss) == pytest.approx(np.log(4) / 0.5 / 2)
+
+
+class _Scripted(torch.nn.Module):
+    """A model whose confidence is fixed per (slot, level): checks the reverse process's commit order."""
+
+    def __init__(self, level_sizes, slots, conf):
+        super().__init__()
+        self.level_sizes, self.config = level_sizes, D.DiffusionConfig(slots=slots, max_len=4)
+        self.conf = conf  # [slots, levels] probabilities of token 1
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    @property
+    def mask_ids(self):
+        return list(self.level_sizes)
+
+    def forward(self, tokens, pad, at):
+        self.calls.append(tokens.clone())
+        assert at.tolist() == [[2, 3]]  # logits asked for the appended slots only
+        out = []
+        for level, n in enumerate(self.level_sizes):
+            p = torch.full((1, 2, n), 1e-6)
+            for s in range(self.conf.shape[0]):
+                p[:, s, 1] = self.conf[s, level]
+                p[:, s, 0] = 1 - self.conf[s, level]
+            out.append(p.log())
+        return out
+
+
+def test_unmasking_commits_the_most_confident_token_first_and_remasks_the_rest():
+    conf = torch.tensor([[0.6, 0.9], [0.7, 0.95]])  # slot 1 level 1 most confident, then slot 0 level 1 ...
+    model = _Scripted([3, 3], slots=2, conf=conf)
+    tokens = torch.zeros(1, 4, 2, dtype=torch.long)
+    pad = torch.zeros(1, 4, dtype=torch.bool)
+    decoded, confidence, order, _ = D.unmask(model, tokens, pad, torch.tensor([2]), slots=2, tokens_per_step=1)
+    # flat index = slot * levels + level
+    assert order.tolist() == [[3, 1, 2, 0]]
+    assert (decoded == 1).all()
+    assert torch.allclose(confidence[0], conf, atol=1e-5)
+    # step k sees exactly k committed tokens; the others are still [MASK] (remasked)
+    masked_per_step = [int((c[0, 2:] == 3).sum()) for c in model.calls]
+    assert masked_per_step == [4, 3, 2, 1]
+
+
+def test_training_prefixes_leave_out_validation_and_test_targets():
+    vocab = small_vocab()
+    seqs = [("u1", ["i0", "i1", "i2", "i3", "i4"]), ("u2", ["i5", "i6", "i7"]), ("u3", ["i8", "i9"])]
+    train, skipped = training_prefixes(vocab, seqs)
+    assert train == [[0, 1, 2]]  # u2's prefix has one item (too short to learn from), u3 has none
+    held_out = {"i3", "i4", "i6", "i7", "i8", "i9"}
+    assert not {vocab.item_ids[i] for s in train for i in s} & held_out
+    assert skipped == 0
+
+
+def test_a_short_training_run_learns_a_deterministic_successor_and_maps_back_to_items():
+    vocab = small_vocab()
+    # item k is always followed by item k+1: the model must learn it from the tokens
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(300):
+        start = int(rng.integers(0, 6))
+        seqs.append(list(range(start, start + 6)))
+    cfg = D.DiffusionConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, epochs=40, batch_size=64, lr=3e-3,
+                            slots=2, max_len=8, seed=0, device="cpu")
+    model, stats = D.train(vocab, seqs, cfg)
+    assert stats.last_loss < stats.first_loss * 0.7
+    res = D.infer(model, vocab, [[2, 3, 4], [5, 6, 7]], top_n=4)
+    assert res[0].item_idx[0] == 5 and res[1].item_idx[0] == 8
+    for r, hist in zip(res, [[2, 3, 4], [5, 6, 7]], strict=True):
+        assert len(r.item_idx) == 4 and not set(r.item_idx) & set(hist)
+        assert len(set(r.item_idx)) == 4
+        assert r.decoded_valid + r.decoded_invalid + r.decoded_seen == 2
+
+
+def test_checkpoint_round_trip(tmp_path):
+    vocab = small_vocab()
+    cfg = D.DiffusionConfig(d_model=16, n_layers=1, n_heads=2, epochs=1, slots=1, max_len=6, device="cpu")
+    model, _ = D.train(vocab, [[0, 1, 2], [3, 4, 5]], cfg)
+    D.save(model, vocab, tmp_path / "v", {"x": 1})
+    again = D.load(tmp_path / "v", "cpu")
+    a = D.infer(model, vocab, [[0, 1]], top_n=3)[0]
+    b = D.infer(again, vocab, [[0, 1]], top_n=3)[0]
+    assert a.item_idx == b.item_idx
