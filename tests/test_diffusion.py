@@ -149,3 +149,45 @@ def test_checkpoint_round_trip(tmp_path):
     a = D.infer(model, vocab, [[0, 1]], top_n=3)[0]
     b = D.infer(again, vocab, [[0, 1]], top_n=3)[0]
     assert a.item_idx == b.item_idx
+
+
+def test_users_without_a_usable_history_get_a_row_that_says_why(tmp_path):
+    """One interaction, empty history, items without semantic IDs: counted and explained, no crash."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from feature_store import delta
+    from feature_store.catalog import ITEM_SEMANTIC_IDS
+    from jobs.infer_beyond_log import infer_diffusion
+    from tests.conftest import make_ctx
+
+    ctx = make_ctx(tmp_path)
+    n = 12
+    rows = [{"item_id": f"i{k}", "codebook_version": "cb-test", "rq_codes": [k % 4, k // 4, 0],
+             "mpq_tokens": [k % 3, k % 2], "embedder": "e", "ds": ctx.ds, "run_id": "r"} for k in range(n)]
+    write_deltalake(delta.table_path("gold.item_semantic_ids", ctx.root),
+                    pa.Table.from_pylist(rows, schema=ITEM_SEMANTIC_IDS.schema))
+    sequences = [
+        ("u_ok", ["i0", "i1", "i2", "i3", "i4", "i5"]),
+        ("u_ok2", ["i3", "i4", "i5", "i6", "i7"]),
+        ("u_one", ["i1"]),                       # a single interaction: it is the test target
+        ("u_empty", []),
+        ("u_unknown", ["x1", "x2", "i2"]),       # history items without semantic IDs
+        ("u_partial", ["x1", "i7", "i8", "i9"]),  # one unknown item, skipped and counted
+    ]
+    rows, metrics = infer_diffusion(ctx, sequences, "cb-test", top_n=3, min_history=2)
+    by = {r["user_id"]: r for r in rows}
+    assert set(by) == {u for u, _ in sequences}
+    assert by["u_one"]["status"] == "history_too_short" and by["u_empty"]["status"] == "history_too_short"
+    assert by["u_unknown"]["status"] == "no_semantic_ids" and by["u_unknown"]["item_ids"] == []
+    for u in ("u_ok", "u_ok2", "u_partial"):
+        r = by[u]
+        assert r["status"] == "ok" and len(r["item_ids"]) == 3
+        assert not set(r["item_ids"]) & set(dict(sequences)[u][:-1])
+        assert r["semantic_ids"] == [[int(i[1:]) % 4, int(i[1:]) // 4, 0] for i in r["item_ids"]]
+    # u_partial's prefix is x1, i7: x1 is skipped and one item is too short to learn from
+    assert metrics["training_sequences"] == 2
+    assert metrics["training_events_without_semantic_id"] == 2
+    again_rows, again = infer_diffusion(ctx, sequences, "cb-test", top_n=3, min_history=2)
+    assert again["reused_checkpoint"] is True and again["model_version"] == metrics["model_version"]
+    assert [r["item_ids"] for r in again_rows] == [r["item_ids"] for r in rows]

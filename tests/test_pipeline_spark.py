@@ -109,9 +109,13 @@ def test_every_stage_end_to_end_then_an_unchanged_rerun_is_a_no_op(ctx_factory):
     aug = delta.read_arrow("gold.user_augmented_behaviors", root).to_pylist()
     by_user = {s["user_id"]: s for s in seqs}
     assert sum(a["status"] == "ok" for a in aug) > 0.5 * len(aug)
+    assert {a["user_id"] for a in aug} == set(by_user), "every user gets a row, inferred or with a reason"
+    assert all(a["model_version"].startswith("masked-diffusion-v1-") for a in aug)
     for a in aug:
         history = set(by_user[a["user_id"]]["item_ids"][:-1])
         assert not history & set(a["item_ids"]), "inferred items must be beyond the user's log"
+        assert (a["status"] == "ok") == bool(a["item_ids"])
+        assert len(a["item_ids"]) == len(a["scores"]) == len(a["semantic_ids"])
     feats = delta.read_arrow("gold.user_features", root)
     assert feats.num_rows == len(seqs)
     assert results["validate_gold"].metrics["suites"]["gold.user_features"]["success"]
@@ -122,4 +126,5 @@ def test_every_stage_end_to_end_then_an_unchanged_rerun_is_a_no_op(ctx_factory):
     assert rerun["reason_items"].metrics["llm_calls"] == 0
     assert rerun["embed_items"].rows_out == 0
     assert rerun["train_quantizer"].metrics["reused_checkpoint"] is True
+    assert rerun["infer_beyond_log"].metrics["reused_checkpoint"] is True
     assert {n: delta.read_arrow(n, root).num_rows for n in counts} == counts
