@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .types import ItemInput
+from .types import HistoryItem, ItemInput
 
 
 @dataclass
@@ -20,6 +20,8 @@ class CompletionRequest:
     # parsing its own prompt back, the HTTP backend ignores them.
     item: ItemInput | None = None
     context: dict[str, dict[str, Any]] | None = None
+    # The interests agent's structured input (a user's recent items), for the same reason.
+    history: list[HistoryItem] | None = None
 
 
 @dataclass

@@ -266,6 +266,11 @@ _HANDLERS = {"profiler": profile, "audience": audience, "relations": relations}
 
 class OfflineBackend:
     async def complete(self, request: CompletionRequest) -> Completion:
+        if request.agent == "interests":  # a user's history, not an item (see interests.py)
+            from .interests import offline_interests
+
+            content = _ENCODE(offline_interests(request.history or []))
+            return Completion(choices=[content] * request.n, finish_reasons=["stop"] * request.n)
         item = request.item
         if item is None:
             raise ValueError("the offline backend needs request.item")

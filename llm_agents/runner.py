@@ -45,7 +45,7 @@ from .prompts import (
     render_item,
     repair_messages,
 )
-from .types import ItemInput, KnowledgeResult
+from .types import HistoryItem, ItemInput, KnowledgeResult
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,14 @@ class _Run:
             return await self.backend.complete(request)
 
     async def _sample(
-        self, tally: _Tally, agent: Agent, item: ItemInput, messages: list[dict[str, str]], context: Any
+        self,
+        tally: _Tally,
+        agent: Agent,
+        item: ItemInput | None,
+        messages: list[dict[str, str]],
+        context: Any,
+        history: list[HistoryItem] | None = None,
+        subject: str | None = None,
     ) -> list[dict[str, Any]]:
         """k validated paths for one agent: n=k in one call, topped up when fewer come back.
 
@@ -191,6 +198,7 @@ class _Run:
                 max_tokens=self.cfg.max_tokens,
                 item=item,
                 context=context,
+                history=history,
             )
             tally.llm_calls += 1
             try:
@@ -208,7 +216,7 @@ class _Run:
                     if 2 * len(paths) > k:
                         return paths  # a majority of paths arrived; the vote counts the rest as dissent
                     raise _ItemFailed(e.code, agent.name, e.detail, e.raw) from None
-                log.debug("retrying %s for item %s after %s", agent.name, item.item_id, e.code)
+                log.debug("retrying %s for %s after %s", agent.name, subject or getattr(item, "item_id", None), e.code)
                 outgoing = messages
                 await self._backoff(failures, e.retry_after)
                 continue

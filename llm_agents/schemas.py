@@ -157,3 +157,13 @@ def wire_schema(model: type[_Answer]) -> dict[str, Any]:
     schema = _strip_titles(model.model_json_schema())
     assert "$defs" not in schema, "keep agent schemas flat: not every server resolves $ref"
     return copy.deepcopy(schema)
+
+
+class InterestsAnswer(_Answer):
+    """The interests agent (beyond-log inference): what the user's history covers, then what lies beyond it."""
+
+    covered: Phrases = Field(description="product types the history already covers")
+    interests: Phrases = Field(
+        description="3 to 8 product types or needs the user plausibly wants next, not already in the history, "
+        "most likely first"
+    )

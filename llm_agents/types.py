@@ -136,3 +136,60 @@ def _map(v: Any) -> dict[str, str]:
         if _text(k) is not None and _text(val) is not None:
             out[str(k)] = str(val)
     return out
+
+
+# -- the interests agent (beyond-log inference): one user's recent history in, interests out -------
+
+
+@dataclass
+class HistoryItem:
+    """One item of a user's history, with its knowledge when the explicit path has produced it."""
+
+    item_id: str
+    title: str
+    category_path: list[str] = field(default_factory=list)
+    summary: str | None = None
+    product_type: str | None = None
+    complements: list[str] = field(default_factory=list)
+    substitutes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, row: Mapping[str, Any]) -> HistoryItem:
+        """From a dict as JSON, pandas or Arrow hand it over (NaN, None and numpy arrays normalised)."""
+        return cls(
+            item_id=str(row["item_id"]),
+            title=_text(row.get("title")) or "",
+            category_path=[str(c) for c in _seq(row.get("category_path")) if _text(c)],
+            summary=_text(row.get("summary")),
+            product_type=_text(row.get("product_type")),
+            complements=[str(c) for c in _seq(row.get("complements")) if _text(c)],
+            substitutes=[str(c) for c in _seq(row.get("substitutes")) if _text(c)],
+        )
+
+
+@dataclass
+class UserHistory:
+    user_id: str
+    items: list[HistoryItem]  # oldest first, most recent last
+
+
+@dataclass
+class InterestsResult:
+    user_id: str
+    prompt_version: str
+    model: str
+    # "ok" | "failed" (the LLM call failed after retries) | "skipped" (no usable history item: no call)
+    status: str
+    interests: list[str] = field(default_factory=list)  # normalised phrases (lowercase), best first
+    weights: list[float] = field(default_factory=list)  # one per interest, in (0, 1]
+    covered: list[str] = field(default_factory=list)  # what the answer says the history already covers
+    traces: str = "{}"
+    tokens_in: int = 0
+    tokens_out: int = 0
+    llm_calls: int = 0
+    latency_ms: float = 0.0
+    error: str | None = None
+    raw: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

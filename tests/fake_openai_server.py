@@ -16,7 +16,9 @@ half, finish_reason "length"), "schema" (valid JSON that violates the requested 
 
 Answers are schema-valid JSON built from the request: the item JSON is read back from between
 <item> and </item>, and each property of the requested json_schema is filled plausibly from it
-(category_path from the categories, and so on). `disagreement` makes sampled choices differ, so
+(category_path from the categories, and so on; for the interests agent, whose block holds a user's
+"recent_items", `covered` lists their category leaves and `interests` "<leaf> accessories", most
+recent first). `disagreement` makes sampled choices differ, so
 self-consistency voting has something to prune. An item whose text carries a prompt injection
 ("ignore previous instructions", ...) makes this fake model "obey" it, per `injection`:
 "schema" answers with an extra key (a schema violation), "fields" stuffs the injected text into
@@ -382,6 +384,16 @@ def _fill(
         "substitutes": [f"another {ptype}"],
         "summary": f"{title} is a {ptype} in {' > '.join(cats)}.",
     }
+    history = [h for h in item.get("recent_items") or [] if isinstance(h, dict)]
+    if history:  # the interests agent: a user's recent items instead of one item
+        leaves: list[str] = []
+        for h in history:
+            hc = [str(c) for c in h.get("categories") or []]
+            leaf = (hc[-1] if hc else (str(h.get("title") or "item").split() or ["item"])[-1]).lower()
+            if leaf not in leaves:
+                leaves.append(leaf)
+        plausible["covered"] = leaves
+        plausible["interests"] = [f"{leaf} accessories" for leaf in reversed(leaves)][:8]
     out: dict[str, Any] = {}
     for name, prop in (schema.get("properties") or {}).items():
         value = plausible.get(name, _default(prop))
