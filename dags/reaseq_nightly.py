@@ -13,6 +13,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from jobs.callbacks import on_failure
 from jobs.stages import PIPELINE
 
 STAGES = PIPELINE
@@ -44,7 +45,9 @@ def _run_stage(name: str, **context) -> dict:
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=20),
+        "on_failure_callback": on_failure,  # one line: task, day, run, why, what next
     },
+    on_failure_callback=on_failure,
     params={
         "dataset": Param(os.environ.get("REASEQ_DATASET", "synthetic"), type="string",
                          enum=["synthetic", "amazon-json", "movielens"]),

@@ -40,3 +40,17 @@ def test_dagbag_loads_without_errors_and_mirrors_the_pipeline(tmp_path, monkeypa
     assert dag.catchup is False
     assert dag.get_task("reason_items").pool == "llm"
     assert dag.get_task("publish").outlets, "publish must emit the gold assets"
+
+
+def test_reaseq_nightly_has_the_failure_callback_on_the_dag_and_every_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    from airflow.models import DagBag
+
+    from jobs.callbacks import on_failure
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "reaseq_nightly.py")).dags["reaseq_nightly"]
+    callbacks = dag.on_failure_callback if isinstance(dag.on_failure_callback, list) else [dag.on_failure_callback]
+    assert on_failure in callbacks
+    for t in dag.tasks:
+        assert on_failure in list(t.on_failure_callback or []), t.task_id
