@@ -2,8 +2,10 @@
 
 `infer(ctx, seqs, top_n)` is called by `infer_beyond_log` when `beyond_log.method` is `llm`; it
 returns one row per user of `seqs` (gold.user_sequences) with the columns user_id, item_ids, scores,
-status (ok | history_too_short | no_candidates | llm_failed), n_history and model_version. The
-caller adds the lineage columns and writes the table.
+status (ok | history_too_short | no_candidates | llm_failed), n_history and model_version, plus
+semantic_ids (each item's rq_codes of the current codebook version, null where an item has none or no
+quantizer is trained yet), i.e. every column of gold.user_augmented_behaviors but the lineage ones,
+which the caller adds before writing the table.
 
 Steps, all in Spark:
 
@@ -76,7 +78,7 @@ CHUNK_ROWS = 1024  # phrases multiplied at once inside a task: CHUNK_ROWS x bloc
 
 OUTPUT_DDL = (
     "user_id string, item_ids array<string>, scores array<double>, status string, n_history int, "
-    "model_version string"
+    "model_version string, semantic_ids array<array<int>>"
 )
 INTERESTS_DDL = (
     "user_id string, status string, interests array<string>, weights array<double>, error string, raw string, "
@@ -308,6 +310,23 @@ def _history_items(ctx: RunContext, llm_model: str):
     )
 
 
+def _semantic_ids(ctx: RunContext):
+    """item_id, rq_codes of the current codebook version; None before any quantizer is trained."""
+    from pyspark.sql import functions as F
+
+    from feature_store import delta
+    from jobs.assign_semantic_ids import current_version
+
+    if not delta.exists("gold.item_semantic_ids", ctx.root):
+        return None
+    try:
+        version = current_version(ctx)
+    except RuntimeError:
+        return None
+    return (delta.read_spark(ctx.spark, "gold.item_semantic_ids", ctx.root)
+            .filter(F.col("codebook_version") == version).select("item_id", "rq_codes"))
+
+
 def _backend_error(exc: Exception) -> str | None:
     """The BackendUnavailable message inside a Spark-wrapped worker error, if that is what it is."""
     lines = [x for x in str(exc).splitlines() if "BackendUnavailable: " in x]
@@ -430,17 +449,21 @@ def infer_detailed(ctx: RunContext, seqs, top_n: int) -> InferOutput:
             cand = cand.withColumn("r", F.row_number().over(by_phrase)).filter(F.col("r") <= k).drop("r")
         history = users.select("user_id", F.explode("history").alias("item_id"))
         by_user = Window.partitionBy("user_id").orderBy(F.col("score").desc(), "item_id")
-        per_user = (
+        top = (
             pairs.join(cand, "phrase")
             .groupBy("user_id", "item_id").agg(F.max(F.col("weight") * F.col("sim")).alias("score"))
             .join(history, ["user_id", "item_id"], "left_anti")
             .withColumn("r", F.row_number().over(by_user))
             .filter(F.col("r") <= top_n)
-            .groupBy("user_id")
-            .agg(F.sort_array(F.collect_list(F.struct("r", "item_id", "score"))).alias("c"))
         )
+        sids = _semantic_ids(ctx)
+        top = (top.join(sids, "item_id", "left") if sids is not None
+               else top.withColumn("rq_codes", F.lit(None).cast("array<int>")))
+        per_user = top.groupBy("user_id").agg(
+            F.sort_array(F.collect_list(F.struct("r", "item_id", "score", "rq_codes"))).alias("c"))
     else:
-        per_user = spark.createDataFrame([], "user_id string, c array<struct<r:int,item_id:string,score:double>>")
+        per_user = spark.createDataFrame(
+            [], "user_id string, c array<struct<r:int,item_id:string,score:double,rq_codes:array<int>>>")
 
     out = (
         users.join(interests.select("user_id", F.col("status").alias("llm_status")), "user_id", "left")
@@ -455,6 +478,7 @@ def infer_detailed(ctx: RunContext, seqs, top_n: int) -> InferOutput:
             .otherwise("ok").alias("status"),
             F.col("n_history").cast("int").alias("n_history"),
             F.lit(version).alias("model_version"),
+            F.coalesce(F.col("c.rq_codes"), F.array().cast("array<array<int>>")).alias("semantic_ids"),
         )
         .localCheckpoint(eager=True)  # embedding, similarity and ranking run here, once
     )

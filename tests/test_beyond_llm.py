@@ -274,11 +274,31 @@ def lakehouse(tmp_path_factory, spark, minilm):
     rows.append({"item_id": "tent", "embedder": "other-model@local", "embedding": [1.0], "dim": 1,
                  "text_hash": "t", **base})
     _write("silver.item_embeddings", rows, ctx.root)
+    _write("gold.item_semantic_ids", [  # every item but the mug has a semantic ID in version cb-test
+        {"item_id": i.item_id, "codebook_version": "cb-test", "rq_codes": [n, 0, 0], **base}
+        for n, i in enumerate(items) if i.item_id != "mug"
+    ], ctx.root)
+    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    _write("gold.user_sequences", [
+        {"user_id": u, "item_ids": seq, "event_ts": [t0 + dt.timedelta(hours=h) for h in range(len(seq))],
+         "seq_len": len(seq), "n_events_total": len(seq), "test_item_id": seq[-1] if seq else None, **base}
+        for u, seq in SEQUENCES.items()
+    ], ctx.root)
     return root
 
 
 def _seqs(spark):
     return spark.createDataFrame([(u, s) for u, s in SEQUENCES.items()], "user_id string, item_ids array<string>")
+
+
+def _conforms(frame, spark) -> bool:
+    """What infer_beyond_log does with the result before its MERGE: add lineage, conform to the table."""
+    from pyspark.sql import functions as F
+
+    from feature_store.catalog import USER_AUGMENTED
+
+    lineage = frame.withColumn("ds", F.lit(dt.date(2026, 11, 22))).withColumn("run_id", F.lit("r"))
+    return delta.conform(lineage, USER_AUGMENTED).count() == frame.count()
 
 
 def _close(a: list, b: list) -> bool:
@@ -291,18 +311,20 @@ def test_spark_infer_offline_end_to_end_equals_the_direct_ranking(lakehouse, spa
     from tests.conftest import make_ctx
 
     # Blocks of 4 rows: 12 catalog items and the phrases split into several (phrase, item) block pairs.
-    ctx = make_ctx(lakehouse, spark=spark, beyond_log={"llm_block_rows": 4, "min_history": 2})
+    ctx = make_ctx(lakehouse, spark=spark, beyond_log={"llm_block_rows": 4, "min_history": 2},
+                   quantizer={"codebook_version": "cb-test"})
     top_n = 3
     res = infer_detailed(ctx, _seqs(spark), top_n)
     assert res.frame.schema.simpleString() == spark.createDataFrame([], OUTPUT_DDL).schema.simpleString()
     rows = {r["user_id"]: r.asDict() for r in res.frame.collect()}
     assert sorted(rows) == sorted(SEQUENCES), "every input user has exactly one row"
-    assert res.frame.count() == len(SEQUENCES)
+    assert res.frame.count() == len(SEQUENCES) and _conforms(res.frame, spark)
     status = {u: r["status"] for u, r in rows.items()}
     assert status == {"u-tools": "ok", "u-camp": "ok", "u-long": "no_candidates", "u-one": "history_too_short",
                       "u-empty": "history_too_short", "u-ghost": "history_too_short", "u-evil": "ok"}
     assert res.metrics["block_pairs"] > 1 and res.metrics["k_per_phrase"] == top_n + 11
     current = {i for i, _, _ in CATALOG}
+    ids_order = {i: n for n, (i, _, _) in enumerate(CATALOG)}
     for user, r in rows.items():
         seq = SEQUENCES[user]
         assert r["n_history"] == max(0, len(seq) - 1)
@@ -313,6 +335,7 @@ def test_spark_infer_offline_end_to_end_equals_the_direct_ranking(lakehouse, spa
         assert len(r["item_ids"]) == len(r["scores"]) <= top_n
         assert r["scores"] == sorted(r["scores"], reverse=True)
         assert (len(r["item_ids"]) > 0) == (r["status"] == "ok")
+        assert r["semantic_ids"] == [None if i == "mug" else [ids_order[i], 0, 0] for i in r["item_ids"]]
     # Recent items' complements lead: both users' first item is their held-out test target.
     assert rows["u-camp"]["item_ids"][0] == "bag"  # after the tent and the stove
     assert rows["u-tools"]["item_ids"][0] == "bits"  # after the drill and the safety glasses
@@ -335,27 +358,35 @@ def test_spark_infer_offline_end_to_end_equals_the_direct_ranking(lakehouse, spa
 
 
 @pytest.mark.spark
-def test_spark_infer_over_http_marks_failed_users_and_stops_on_a_dead_server(lakehouse, spark, monkeypatch):
+def test_infer_beyond_log_with_method_llm_over_http_marks_failed_users_and_stops_on_a_dead_server(
+    lakehouse, spark, monkeypatch
+):
+    """Through the stage itself (infer_beyond_log with beyond_log.method = llm), as the DAG runs it."""
     from jobs.beyond_llm import infer
-    from jobs.runtime import StageFailed
+    from jobs.runtime import StageFailed, execute
     from tests.conftest import make_ctx
 
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with FakeOpenAIServer(latency_s=0.001) as srv:
         llm = {"backend": "openai", "base_url": srv.base_url, "model": srv.model, "partitions": 2,
                "max_concurrency": 8, "timeout_s": 5, "max_retries": 1, "backoff_base_s": 0.01}
-        ctx = make_ctx(lakehouse, spark=spark, llm=llm, beyond_log={"llm_min_similarity": 0.0})
-        rows = {r["user_id"]: r for r in infer(ctx, _seqs(spark), 4).collect()}
+        ctx = make_ctx(lakehouse, spark=spark, llm=llm, beyond_log={"method": "llm", "llm_min_similarity": 0.0})
+        result = execute("infer_beyond_log", ctx)
         calls = srv.stats["requests"]
-    assert sorted(rows) == sorted(SEQUENCES)
+    rows = {r["user_id"]: r for r in delta.read_arrow("gold.user_augmented_behaviors", ctx.root).to_pylist()}
+    assert sorted(rows) == sorted(SEQUENCES) and result.rows_out == len(SEQUENCES)
     status = {u: r["status"] for u, r in rows.items()}
+    assert result.metrics["status_counts"] == {s: list(status.values()).count(s) for s in set(status.values())}
     # The injection item's title reaches the prompt; the fake model obeys it and breaks the schema.
     assert status["u-evil"] == "llm_failed"
     assert status["u-tools"] == status["u-camp"] == status["u-long"] == "ok" and status["u-one"] == "history_too_short"
     assert all(":fake-model:" in r["model_version"] for r in rows.values())
     for user, r in rows.items():
         assert not set(SEQUENCES[user][:-1]) & set(r["item_ids"])
-    assert rows["u-evil"]["item_ids"] == [] and rows["u-evil"]["n_history"] == 2
+        assert r["ds"] == dt.date(2026, 11, 22) and r["run_id"] == ctx.run_id
+    assert rows["u-evil"]["item_ids"] == rows["u-evil"]["semantic_ids"] == [] and rows["u-evil"]["n_history"] == 2
+    # No quantizer in this context: the items come back without semantic IDs, one null per item.
+    assert all(r["semantic_ids"] == [None] * len(r["item_ids"]) for r in rows.values())
     assert calls == 5  # one per user with a usable history (4), and the failing user's repair re-ask
     q = delta.read_arrow("silver.quarantine", ctx.root, filter=pc.field("stage") == "infer_beyond_log").to_pylist()
     assert {r["key"] for r in q} == {"u-evil"}
