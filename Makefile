@@ -32,7 +32,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run test bench bench-llm bench-sids lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup run test bench bench-llm bench-sids bench-ranker train lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -72,13 +72,19 @@ browser: ## headless Chromium for the report test (Debian's package; best effort
 test: setup browser ## run the test suite
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-llm bench-sids ## all benchmarks (results in bench/results/)
+bench: bench-llm bench-sids bench-ranker ## all benchmarks (results in bench/results/)
 
 bench-llm: setup ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
 	@$(PY) -m bench.llm_fanout
 
 bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
 	@$(PY) -m bench.semantic_ids
+
+bench-ranker: setup ## ranker ablation (id_only, +semantic_ids, +knowledge, +beyond_log, all; 3 seeds) on the real feature lakehouses
+	@$(PY) -m bench.ranker
+
+train: setup ## train the sequential ranker on the current lakehouse: make train [VARIANT=all] [SEED=0] [EPOCHS=60]
+	@$(PY) -m jobs.train_ranker $(if $(VARIANT),--variant "$(VARIANT)") $(if $(SEED),--seed $(SEED)) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 serve-llm: | $(UV) ## GPU host only: vLLM OpenAI-compatible server with prefix caching (LLM_MODEL=, LLM_PORT=, LLM_SEQS=)
 	@command -v nvidia-smi >/dev/null || { echo "serve-llm needs an NVIDIA GPU (nvidia-smi not found); use the offline backend here or point REASEQ__LLM__BASE_URL at a GPU host"; exit 2; }

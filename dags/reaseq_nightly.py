@@ -13,15 +13,13 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
 from jobs.stages import PIPELINE
 
 STAGES = PIPELINE
-LAKEHOUSE = os.environ.get("REASEQ_LAKEHOUSE_URI", "file://lakehouse")
-GOLD_ASSETS = [
-    Asset(f"{LAKEHOUSE}/gold/{t}")
-    for t in ("item_semantic_ids", "user_sequences", "user_augmented_behaviors", "user_features")
-]
+# The same URIs schedule the downstream DAGs (dags/train_ranker.py).
+GOLD_ASSETS = [Asset(uri) for uri in gold_asset_uris()]
 
 
 def _run_stage(name: str, **context) -> dict:

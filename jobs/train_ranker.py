@@ -1,0 +1,253 @@
+"""Train the sequential ranker on the current lakehouse and record the run in ops.training_runs.
+
+    python -m jobs.train_ranker                          # variant "all" on the configured lakehouse
+    python -m jobs.train_ranker --variant id_only --seed 1 --epochs 20
+    python -m jobs.train_ranker --lakehouse /path/to/lakehouse --set dropout=0.2 --no-record
+
+No Spark: the tables are read at pinned Delta versions through Arrow (models.ranker_data), the model is
+trained with torch (models.ranker), and the one ops.training_runs row is MERGEd on run_id with deltalake,
+so rerunning a day rewrites its row. Settings: models.ranker.RankerConfig's defaults, then the `ranker`
+section of the configuration (REASEQ__RANKER__<KEY>, e.g. REASEQ__RANKER__MAX_EPOCHS=20), then the flags.
+Progress lines (epoch, loss, validation Recall@10, sequences/s, ETA) go to the `reaseq` logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from jobs.context import JobResult, RunContext
+
+log = logging.getLogger("reaseq")
+MODEL_NAME = "sasrec-ranker-v1"
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def default_run_id(ds: dt.date, variant: str, seed: int) -> str:
+    return f"train_ranker__{ds.isoformat()}__{variant}__s{seed}"
+
+
+def ranker_config(ctx_config: dict | None, overrides: dict | None = None):
+    from models.ranker import RankerConfig
+
+    merged = dict((ctx_config or {}).get("ranker") or {})
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return RankerConfig.from_dict(merged)
+
+
+def write_training_run(root: str, row: dict) -> None:
+    """MERGE one row into ops.training_runs on run_id (deltalake, no JVM); creates the table if needed."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from feature_store import delta
+    from feature_store.catalog import TRAINING_RUNS
+
+    table = pa.Table.from_pylist([row], schema=TRAINING_RUNS.schema)
+    path = delta.table_path(TRAINING_RUNS.name, root)
+    if not delta.exists(TRAINING_RUNS.name, root):
+        write_deltalake(path, table, mode="append", description=TRAINING_RUNS.description)
+        return
+    (
+        DeltaTable(path)
+        .merge(table, predicate="t.run_id = s.run_id", source_alias="s", target_alias="t")
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute()
+    )
+
+
+def load_data(root: str, config, versions: dict[str, int] | None = None):
+    """(pinned tables, item features, beyond-log map or None, data statistics) for one lakehouse."""
+    from models.ranker_data import check_user_features, load_beyond_log, load_item_features, pin
+
+    t0 = time.perf_counter()
+    pinned = pin(root, versions=versions)
+    feats = load_item_features(pinned, embedder=config.embedder, batch_size=config.read_batch_rows)
+    beyond, bl_stats = load_beyond_log(pinned, feats, config.beyond_log_model, config.beyond_log_k,
+                                       config.read_batch_rows)
+    stats = {**feats.stats, **bl_stats, **check_user_features(pinned, config.read_batch_rows),
+             "load_seconds": round(time.perf_counter() - t0, 2)}
+    return pinned, feats, beyond, stats
+
+
+class _ProgressLog:
+    """Epoch lines, and within long epochs a line every `every_s` seconds."""
+
+    def __init__(self, prefix: str, config, every_s: float = 15.0):
+        self.prefix, self.config, self.every_s = prefix, config, every_s
+        self.start = self.last = time.monotonic()
+        self.epoch_times: list[float] = []
+        self.epoch = 1
+        self.epoch_start = time.monotonic()
+
+    def step(self, seqs: int, per_epoch: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = seqs / max(now - self.epoch_start, 1e-9)
+        total = f"/{per_epoch:,}" if per_epoch else ""
+        log.info("%s: epoch %d, %s%s sequences, %.0f seq/s", self.prefix, self.epoch, f"{seqs:,}", total, rate)
+
+    def epoch_done(self, rec: dict) -> None:
+        now = time.monotonic()
+        self.epoch_times.append(now - self.epoch_start)
+        per_epoch = sum(self.epoch_times) / len(self.epoch_times)
+        # Early stopping ends the run at best_epoch + patience unless validation improves again.
+        stop_by = min(rec["max_epochs"], rec["best_epoch"] + self.config.patience)
+        eta, eta_max = (stop_by - rec["epoch"]) * per_epoch, (rec["max_epochs"] - rec["epoch"]) * per_epoch
+        metric = self.config.select_metric
+        log.info(
+            "%s: epoch %d/%d loss %.4f valid %s %.4f (best %.4f @ %d) %.0f seq/s ETA %s (at most %s)",
+            self.prefix, rec["epoch"], rec["max_epochs"], rec["loss"], metric, rec["valid"][metric], rec["best"],
+            rec["best_epoch"], rec["sequences_per_second"], _fmt_s(eta), _fmt_s(eta_max),
+        )
+        self.epoch += 1
+        self.epoch_start = self.last = time.monotonic()
+
+
+def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: bool = True,
+          data: tuple | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one ranker; returns the ops.training_runs row as a dict (metrics and config decoded)."""
+    import torch
+
+    from models.ranker import MODEL_VERSION, fit, make_streams
+
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    run_id = run_id or default_run_id(ds, config.variant, config.seed)
+    pinned, feats, beyond, stats = data or load_data(root, config)
+    prefix = f"train_ranker[{config.variant} s{config.seed}]"
+    log.info("%s: %d items, %d users (%d too short to evaluate), tables %s", prefix, feats.n_items,
+             stats["users"], stats["users_too_short"], pinned.to_json())
+    prog = _ProgressLog(prefix, config) if progress else None
+    _, res = fit(feats, make_streams(pinned, feats, config, beyond), config,
+                 on_epoch=prog.epoch_done if prog else None, on_step=prog.step if prog else None)
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "test": res.test, "valid": res.valid, "best_epoch": res.best_epoch, "epochs": res.epochs,
+        "stopped_early": res.stopped_early, "train_seconds": round(res.train_seconds, 3),
+        "fit_seconds": round(res.fit_seconds, 3),
+        "sequences_per_second": round(res.sequences_per_second, 1), "train_sequences": res.train_sequences,
+        "eval_users": res.eval_users, "data": stats, "stream_counts": res.counts,
+        "loss": [round(h["loss"], 5) for h in res.history],
+        "valid_curve": [round(h["valid"][config.select_metric], 5) for h in res.history],
+    }
+    conf = {**config.to_dict(), "model_version": MODEL_VERSION, "codebook_version": feats.codebook_version,
+            "embedder": feats.embedder, "beyond_log_model_version": stats.get("beyond_log_model_version"),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    row = {
+        "run_id": run_id, "model": f"{MODEL_NAME}:{config.variant}", "started_at": started,
+        "seconds": round(seconds, 3), "table_versions": json.dumps({"root": root, **pinned.versions}, sort_keys=True),
+        "config": json.dumps(conf, sort_keys=True, default=str), "seed": int(config.seed),
+        "metrics": json.dumps(metrics, sort_keys=True, default=str), "device": res.device, "ds": ds,
+    }
+    if record:
+        write_training_run(root, row)
+    t = res.test
+    log.info("%s: done in %s, best epoch %d of %d; test recall@10 %.4f ndcg@10 %.4f (valid recall@10 %.4f)%s",
+             prefix, _fmt_s(seconds), res.best_epoch, res.epochs, t["recall@10"], t["ndcg@10"],
+             res.valid.get("recall@10", float("nan")), f"; recorded in ops.training_runs as {run_id}" if record else "")
+    return {**row, "metrics": metrics, "config": conf, "table_versions": {"root": root, **pinned.versions}}
+
+
+def run(ctx: RunContext) -> JobResult:
+    """Entry for jobs.runtime.execute (spark-submit path): settings from the `ranker` config section."""
+    config = ranker_config(ctx.config)
+    out = train(ctx.root, config, ds=ctx.ds, run_id=f"{ctx.run_id}__{config.variant}__s{config.seed}")
+    m = out["metrics"]
+    return JobResult(rows_in=m["data"]["users"], rows_out=1, metrics={
+        "training_run_id": out["run_id"], "test": m["test"], "best_epoch": m["best_epoch"],
+        "table_versions": out["table_versions"],
+    })
+
+
+def run_task(ds: str, run_id: str | None = None, conf: dict | None = None) -> dict:
+    """Airflow entry: train on the configured lakehouse; conf carries ranker settings (variant, seed, ...)."""
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("reaseq").setLevel(logging.INFO)
+    conf = {k: v for k, v in (conf or {}).items() if v not in (None, "")}
+    lakehouse = conf.pop("lakehouse", None)
+    ctx = RunContext.create(ds=ds, overrides={"lakehouse": lakehouse} if lakehouse else None, dag_id="train_ranker")
+    config = ranker_config(ctx.config, conf)
+    out = train(ctx.root, config, ds=ctx.ds, run_id=run_id)
+    return {"run_id": out["run_id"], "test": out["metrics"]["test"], "best_epoch": out["metrics"]["best_epoch"]}
+
+
+def _parse_set(values: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise SystemExit(f"--set {v!r}: use KEY=VALUE, e.g. --set dropout=0.2")
+        k, raw = v.split("=", 1)
+        out[k.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _variants() -> list[str]:
+    # Kept in sync with models.ranker.VARIANTS without importing torch for --help.
+    return ["id_only", "+semantic_ids", "+knowledge", "+beyond_log", "all"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.train_ranker",
+        description="Train the SASRec-style ranker on the feature tables (read at pinned Delta versions through "
+        "Arrow, no Spark), evaluate it by leave-one-out full ranking, and record the run in ops.training_runs.",
+    )
+    p.add_argument("--lakehouse", help="root of the Delta tables (default: the configuration's `lakehouse`)")
+    p.add_argument("--variant", choices=_variants(), help="item inputs (default: all)")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--epochs", type=int, dest="max_epochs", help="most epochs (default: 60; early stopping first)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation Recall@10 before stopping")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per batch (default: 256)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3)")
+    p.add_argument("--device", help="auto | cpu | cuda (default: auto: CUDA with mixed precision when present)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ranker setting (models.ranker.RankerConfig), e.g. --set dropout=0.2")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--ds", help="logical date YYYY-MM-DD recorded with the run (default: today, UTC)")
+    p.add_argument("--run-id", help="ops.training_runs key (default: train_ranker__<ds>__<variant>__s<seed>)")
+    p.add_argument("--no-record", action="store_true", help="do not write ops.training_runs")
+    args = p.parse_args(argv)
+    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with Spark, spinning threads made
+    # two-thread training several times slower than one. Must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("reaseq").setLevel(logging.INFO)
+    import torch
+
+    from feature_store.delta import TableMissing
+    from models.ranker_data import DataError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: getattr(args, k) for k in ("variant", "seed", "max_epochs", "patience", "batch_size", "lr",
+                                               "device")}
+    overrides.update(_parse_set(args.set))
+    try:
+        ctx = RunContext.create(ds=args.ds, overrides={"lakehouse": args.lakehouse} if args.lakehouse else None,
+                                dag_id="train_ranker")
+        config = ranker_config(ctx.config, overrides)
+        train(ctx.root, config, ds=ctx.ds, run_id=args.run_id, record=not args.no_record)
+    except (TableMissing, DataError, ValueError, RuntimeError) as exc:
+        print(f"train_ranker failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,345 @@
+"""The sequential ranker: Arrow reader (streaming, pinning, alignment, bad input), metrics, training, DAG.
+
+Test tables are small Delta tables written directly with deltalake from the catalog's Arrow schemas
+(no Spark): a catalogue of N items where each user walks i -> i+1 -> ... (mod N) from a random start,
+so a model learns something in a few epochs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from deltalake import write_deltalake
+
+from feature_store import delta
+from feature_store.catalog import get
+from models.ranker import RankerConfig, fit, make_streams, metrics_from_ranks, rank_of_target
+from models.ranker_data import (
+    DataError,
+    SequenceStream,
+    check_user_features,
+    load_beyond_log,
+    load_item_features,
+    pin,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DS = dt.date(2026, 11, 22)
+TS0 = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
+CB = "cb-test"
+N_ITEMS = 30
+DIM = 8
+
+
+def item_id(i: int) -> str:
+    return f"it{i % N_ITEMS:03d}"
+
+
+def codes(i: int) -> tuple[list[int], list[int]]:
+    i %= N_ITEMS
+    return [i % 4, (i // 4) % 4, i % 3, 0], [i % 5, (i * 7) % 6]
+
+
+def vector(i: int) -> list[float]:
+    rng = np.random.default_rng(1000 + i % N_ITEMS)
+    return rng.normal(size=DIM).astype(np.float32).tolist()
+
+
+def write(root: Path, name: str, rows: list[dict], mode: str = "append") -> None:
+    table = pa.Table.from_pylist(rows, schema=get(name).schema)
+    write_deltalake(delta.table_path(name, str(root)), table, mode=mode)
+
+
+def sequence_rows(n_users: int, seed: int = 0, version: str = CB, min_len: int = 3, max_len: int = 9) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(min_len, max_len + 1))
+        items = [start + k for k in range(length)]
+        rows.append({
+            "user_id": f"u{u:03d}", "item_ids": [item_id(i) for i in items],
+            "event_ts": [TS0 + dt.timedelta(days=k) for k in range(length)],
+            "semantic_ids": [codes(i)[0] for i in items], "seq_len": length, "n_events_total": length,
+            "valid_item_id": item_id(items[-2]) if length >= 3 else None,
+            "test_item_id": item_id(items[-1]) if length >= 2 else None,
+            "codebook_version": version, "ds": DS, "run_id": "test",
+        })
+    return rows
+
+
+def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None, nan_item: int | None = None,
+                    short_users: int = 0) -> Path:
+    """The five tables the ranker reads; order_seed shuffles the row order of every item table."""
+    rng = np.random.default_rng(order_seed)
+    perm = rng.permutation(N_ITEMS) if order_seed is not None else np.arange(N_ITEMS)
+    sid_rows, emb_rows = [], []
+    for i in perm:
+        rq, mpq = codes(int(i))
+        sid_rows.append({"item_id": item_id(int(i)), "codebook_version": CB, "rq_codes": rq, "mpq_tokens": mpq,
+                         "embedder": "test-embedder", "ds": DS, "run_id": "test"})
+        vec = vector(int(i))
+        if nan_item is not None and int(i) == nan_item:
+            vec = [float("nan")] * DIM
+        emb_rows.append({"item_id": item_id(int(i)), "embedder": "test-embedder", "embedding": vec, "dim": DIM,
+                         "text_hash": "h", "prompt_version": "p", "model": "m", "ds": DS, "run_id": "test"})
+    # Another codebook version's rows and another dataset's embeddings must be ignored.
+    sid_rows.append({"item_id": "other-1", "codebook_version": "cb-old", "rq_codes": [9, 9, 9, 0],
+                     "mpq_tokens": [9, 9], "embedder": "test-embedder", "ds": DS, "run_id": "old"})
+    emb_rows.append({"item_id": "other-1", "embedder": "test-embedder", "embedding": [1.0] * DIM, "dim": DIM,
+                     "text_hash": "h", "prompt_version": "p", "model": "m", "ds": DS, "run_id": "old"})
+    write(root, "gold.item_semantic_ids", sid_rows)
+    write(root, "silver.item_embeddings", emb_rows)
+    seqs = sequence_rows(n_users) + sequence_rows(short_users, seed=99, min_len=1, max_len=2)
+    for k, r in enumerate(seqs[n_users:]):
+        r["user_id"] = f"short{k}"
+    if order_seed is not None:
+        seqs = [seqs[j] for j in rng.permutation(len(seqs))]
+    write(root, "gold.user_sequences", seqs)
+    aug = []
+    for r in seqs:
+        last = int(r["item_ids"][-1][2:]) if r["item_ids"] else 0
+        aug.append({"user_id": r["user_id"], "model_version": "test-bl-v1",
+                    "item_ids": [item_id(last + 3), item_id(last + 4)], "scores": [0.6, 0.4],
+                    "semantic_ids": [codes(last + 3)[0], codes(last + 4)[0]],
+                    "status": "ok" if r["seq_len"] >= 3 else "history_too_short", "n_history": r["seq_len"] - 1,
+                    "ds": DS, "run_id": "test"})
+    write(root, "gold.user_augmented_behaviors", aug)
+    write(root, "gold.user_features", [{
+        "user_id": r["user_id"], "n_events": r["seq_len"], "n_items": r["seq_len"], "first_event_ts": TS0,
+        "last_event_ts": TS0, "days_since_last": float("nan") if k == 0 else 1.0, "mean_gap_days": 1.0,
+        "category_affinity": [], "audience_affinity": [], "scenario_affinity": [], "top_category": None,
+        "n_augmented": 2, "augmented_top_category": None, "ds": DS, "run_id": "test",
+    } for k, r in enumerate(seqs)])
+    return root
+
+
+@pytest.fixture
+def lake(tmp_path) -> str:
+    return str(build_lakehouse(tmp_path / "lh"))
+
+
+# ---------------------------------------------------------------- reader
+
+
+def test_reader_streams_in_batches_and_never_reads_a_whole_table(lake, monkeypatch):
+    def whole_table(*a, **k):
+        raise AssertionError("the ranker must stream, not read whole tables")
+
+    monkeypatch.setattr(delta, "read_arrow", whole_table)
+    pinned = pin(lake)
+    feats = load_item_features(pinned, batch_size=7)
+    beyond, _ = load_beyond_log(pinned, feats, batch_size=7)
+    check_user_features(pinned, batch_size=7)
+    stream = SequenceStream(pinned, feats, "train", batch_size=8, read_batch_rows=4, bucket_batches=1)
+    batches = list(stream)
+    assert stream.last_counts["arrow_batches"] >= 60 // 4
+    assert stream.last_counts["max_arrow_batch_rows"] <= 4
+    assert stream.last_counts["users_read"] == 60
+    assert all(b["input"].shape[0] <= 8 for b in batches)
+    # Every training position predicts the next item of the prefix: target[t] == input[t + 1].
+    b = batches[0]
+    inp, tgt = b["input"], b["target"]
+    both = (inp[:, 1:] != 0) & (tgt[:, :-1] != 0)
+    assert torch.equal(inp[:, 1:][both], tgt[:, :-1][both])
+
+
+def test_training_uses_only_the_prefix_before_the_validation_target(lake):
+    pinned = pin(lake)
+    feats = load_item_features(pinned)
+    index = feats.index()
+    seqs = {r["user_id"]: r for r in delta.read_arrow("gold.user_sequences", lake).to_pylist()}
+    train = SequenceStream(pinned, feats, "train", batch_size=1000, shuffle=False)
+    valid = SequenceStream(pinned, feats, "valid", batch_size=1000)
+    test = SequenceStream(pinned, feats, "test", batch_size=1000)
+    seen_train = {tuple(x[x != 0].tolist()) for x in next(iter(train))["target"]}
+    for r in seqs.values():
+        ids = [index[i] for i in r["item_ids"]]
+        assert tuple(ids[1:-2]) in seen_train or len(ids) < 4  # targets stop before the validation item
+    vb, tb = next(iter(valid)), next(iter(test))
+    expect_valid = sorted(index[r["valid_item_id"]] for r in seqs.values())
+    expect_test = sorted(index[r["test_item_id"]] for r in seqs.values())
+    assert sorted(vb["target"].tolist()) == expect_valid
+    assert sorted(tb["target"].tolist()) == expect_test
+    # The test input ends with the validation target; the validation input does not contain it at the end.
+    valid_of = {index[r["test_item_id"]]: index[r["valid_item_id"]] for r in seqs.values()}
+    assert all(tb["input"][k, -1].item() == valid_of[t] for k, t in enumerate(tb["target"].tolist()))
+
+
+def test_pinned_version_is_unchanged_by_a_later_write(lake):
+    pinned = pin(lake)
+    feats = load_item_features(pinned)
+    before = sorted(next(iter(SequenceStream(pinned, feats, "test", batch_size=1000)))["target"].tolist())
+    write(Path(lake), "gold.user_sequences", sequence_rows(10, seed=5), mode="overwrite")
+    assert delta.table_version("gold.user_sequences", lake) == pinned.versions["gold.user_sequences"] + 1
+    after = sorted(next(iter(SequenceStream(pinned, feats, "test", batch_size=1000)))["target"].tolist())
+    assert after == before and len(after) == 60
+    fresh = pin(lake)
+    assert len(next(iter(SequenceStream(fresh, feats, "test", batch_size=1000)))["target"]) == 10
+
+
+def test_features_align_to_one_vocabulary_whatever_the_source_row_order(tmp_path):
+    a = load_item_features(pin(str(build_lakehouse(tmp_path / "a"))))
+    b = load_item_features(pin(str(build_lakehouse(tmp_path / "b", order_seed=7))))
+    assert a.item_ids == b.item_ids == sorted(item_id(i) for i in range(N_ITEMS))
+    assert np.array_equal(a.sid_codes, b.sid_codes)
+    assert np.array_equal(a.knowledge, b.knowledge)
+    # Each row holds exactly its own item's source features (the other codebook / dataset is ignored).
+    index = b.index()
+    for i in range(N_ITEMS):
+        row = index[item_id(i)]
+        rq, mpq = codes(i)
+        assert b.sid_codes[row].tolist() == rq[:3] + mpq
+        assert np.allclose(b.knowledge[row], vector(i))
+    assert b.stats["embedding_rows_outside_vocabulary"] == 1
+    assert "other-1" not in index
+    # Padding row: the "missing" code of every column, no knowledge.
+    assert b.sid_codes[0].tolist() == [s - 1 for s in b.sid_sizes] and not b.knowledge_ok[0]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_table_is_named(tmp_path):
+    root = build_lakehouse(tmp_path / "lh")
+    import shutil
+
+    shutil.rmtree(delta.table_path("gold.user_augmented_behaviors", str(root)))
+    with pytest.raises(delta.TableMissing, match="gold.user_augmented_behaviors"):
+        pin(str(root))
+
+
+def test_codebook_version_mismatch_is_an_error(lake):
+    write(Path(lake), "gold.user_sequences", sequence_rows(20, version="cb-other"), mode="overwrite")
+    with pytest.raises(DataError, match="codebook version mismatch.*cb-other"):
+        load_item_features(pin(lake))
+    rows = sequence_rows(20) + [dict(r, user_id=f"x{k}", codebook_version="cb-old")
+                                for k, r in enumerate(sequence_rows(3))]
+    write(Path(lake), "gold.user_sequences", rows, mode="overwrite")
+    with pytest.raises(DataError, match="mixes codebook versions"):
+        load_item_features(pin(lake))
+
+
+def test_sequences_disagreeing_with_the_semantic_id_table_are_an_error(lake):
+    rows = sequence_rows(20)
+    rows[3]["semantic_ids"] = [[3, 3, 3, 1]] + rows[3]["semantic_ids"][1:]
+    write(Path(lake), "gold.user_sequences", rows, mode="overwrite")
+    with pytest.raises(DataError, match="disagree on the semantic IDs of 1 of"):
+        load_item_features(pin(lake))
+
+
+def test_short_histories_and_nan_vectors_are_skipped_and_counted(tmp_path):
+    root = str(build_lakehouse(tmp_path / "lh", nan_item=5, short_users=4))
+    pinned = pin(root)
+    feats = load_item_features(pinned)
+    assert feats.stats["users_too_short"] == 4 and feats.stats["users"] == 64
+    assert feats.stats["knowledge_nan_rows"] == 1 and feats.stats["items_without_knowledge"] == 1
+    assert not feats.knowledge_ok[feats.index()[item_id(5)]]
+    assert check_user_features(pinned)["user_features_nan_or_null"]["days_since_last"] == 1
+    beyond, stats = load_beyond_log(pinned, feats)
+    assert stats["beyond_log_status"] == {"ok": 60, "history_too_short": 4} and len(beyond) == 60
+    stream = SequenceStream(pinned, feats, "valid", batch_size=1000)
+    assert len(next(iter(stream))["target"]) == 60
+    assert stream.last_counts["users_too_short"] == 4
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_rank_counts_ties_against_the_target():
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.9, 0.5, 0.5, 0.1], [1.0, 1.0, 1.0, 1.0], [0.1, 0.2, 0.3, 0.4]])
+    target = torch.tensor([0, 2, 0, 0])
+    assert rank_of_target(scores, target).tolist() == [0, 2, 3, 3]
+    # Same result when the tied items are listed in another order.
+    assert rank_of_target(scores[:, [0, 2, 1, 3]], torch.tensor([0, 1, 0, 0])).tolist() == [0, 2, 3, 3]
+
+
+def test_recall_and_ndcg_by_hand():
+    m = metrics_from_ranks(torch.tensor([0, 1, 4, 9, 25]))
+    assert m["recall@5"] == pytest.approx(3 / 5)
+    assert m["recall@10"] == pytest.approx(4 / 5)
+    assert m["recall@20"] == pytest.approx(4 / 5)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 5)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(11)) / 5)
+    assert metrics_from_ranks(torch.tensor([100]))["ndcg@20"] == 0.0
+
+
+# ---------------------------------------------------------------- training and the recorded run
+
+SMALL = dict(d_model=16, n_layers=1, n_heads=2, batch_size=16, lr=5e-3, dropout=0.1, max_epochs=4, patience=4,
+             eval_batch_size=64)
+
+
+def test_short_training_run_learns_and_records_the_run(lake):
+    from jobs.train_ranker import train
+
+    torch.set_num_threads(1)
+    config = RankerConfig(variant="all", seed=3, **SMALL)
+    out = train(lake, config, ds=DS, progress=False)
+    m = out["metrics"]
+    assert m["loss"][-1] < m["loss"][0]
+    for split in ("valid", "test"):
+        assert set(m[split]) == {f"{k}@{n}" for k in ("recall", "ndcg") for n in (5, 10, 20)}
+        assert all(0.0 <= v <= 1.0 for v in m[split].values())
+    assert m["eval_users"] == 60 and m["epochs"] <= 4
+    runs = delta.read_arrow("ops.training_runs", lake).to_pylist()
+    assert [r["run_id"] for r in runs] == ["train_ranker__2026-11-22__all__s3"]
+    row = runs[0]
+    assert row["seed"] == 3 and row["model"].endswith(":all") and row["device"] == "cpu"
+    versions = json.loads(row["table_versions"])
+    assert versions["gold.user_sequences"] == delta.table_version("gold.user_sequences", lake)
+    assert json.loads(row["config"])["codebook_version"] == CB
+    assert json.loads(row["metrics"])["test"] == pytest.approx(m["test"])
+    # A rerun of the same day rewrites its row (MERGE on run_id).
+    train(lake, RankerConfig(variant="all", seed=3, **{**SMALL, "max_epochs": 1}), ds=DS, progress=False)
+    assert delta.read_arrow("ops.training_runs", lake).num_rows == 1
+
+
+def test_training_is_seeded(lake):
+    torch.set_num_threads(1)
+    pinned = pin(lake)
+    feats = load_item_features(pinned)
+    beyond, _ = load_beyond_log(pinned, feats)
+    results = []
+    for _ in range(2):
+        config = RankerConfig(variant="+beyond_log", seed=1, **{**SMALL, "max_epochs": 2})
+        _, res = fit(feats, make_streams(pinned, feats, config, beyond), config)
+        results.append(([h["loss"] for h in res.history], res.test))
+    assert results[0] == results[1]
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def test_cli_help_and_a_clear_error_on_a_missing_lakehouse(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "jobs.train_ranker", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, env=env)
+    assert p.returncode == 0 and "ops.training_runs" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "jobs.train_ranker", "--lakehouse", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 1
+    assert "train_ranker failed" in p.stderr and "not written yet" in p.stderr
+
+
+def test_train_ranker_dag_is_scheduled_on_the_published_gold_assets(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    from airflow.models import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["train_ranker"]
+    published = {a.uri for a in bag.dags["reaseq_nightly"].get_task("publish").outlets}
+    scheduled = {a.uri for a in dag.timetable.asset_condition.objects}  # AssetAll: every table updated
+    assert scheduled == published and len(published) == 4
+    assert [t.task_id for t in dag.tasks] == ["train_ranker"]
+    assert dag.max_active_runs == 1
