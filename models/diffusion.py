@@ -9,10 +9,15 @@ training) while every token is still masked and recovered on its own.
 
 Training (forward process): per sequence draw t ~ U(eps, 1) and mask each token independently with
 probability t; the loss is the cross-entropy on masked tokens weighted by 1/t and divided by the number
-of tokens, LLaDA's bound on the negative log-likelihood. Half of the sequences are first cut at a random
-point and only their last k items are noised ("suffix" masking, LLaDA's SFT recipe), because inference
-asks exactly that: what comes after a history. Callers pass training prefixes only; the job and the
+of tokens, LLaDA's bound on the negative log-likelihood. Half of the sequences have only their last k
+items noised ("suffix" masking, LLaDA's SFT recipe), because inference
+asks exactly that: what comes after a history; independently, half of the sequences are first cut at a
+random end, so every position of a long history serves as a "what comes next" example. Callers pass training prefixes only; the job and the
 benchmark drop validation and test targets before this module sees a sequence.
+
+Positions count back from a sequence's last item, so the slots appended at inference sit where the
+noised suffixes sat in training whatever the history's length; histories are cut to the last
+`max_len - slots` items so every position was trained.
 
 Inference (reverse process): append `slots` fully masked items after the history, then for
 `slots * G / tokens_per_step` steps predict every masked token, commit the `tokens_per_step` most
@@ -41,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 MODEL_FAMILY = "masked-diffusion-v1"
+MIN_STEPS_PER_EPOCH = 30
 
 
 @dataclass
@@ -57,6 +63,7 @@ class DiffusionConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     suffix_prob: float = 0.5   # share of sequences noised on a suffix only
+    crop_prob: float = 0.5     # share of sequences cut at a random end first (more "what next" positions)
     min_mask_t: float = 0.05
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda
@@ -137,7 +144,7 @@ class MaskedDiffusionLM(nn.Module):
         d = config.d_model
         # index size_g is level g's [MASK]; padding positions are excluded by the attention mask
         self.tok = nn.ModuleList(nn.Embedding(n + 1, d) for n in self.level_sizes)
-        self.pos = nn.Embedding(config.max_len + config.slots, d)
+        self.pos = nn.Embedding(config.max_len, d)
         layer = nn.TransformerEncoderLayer(d, config.n_heads, 4 * d, config.dropout, batch_first=True,
                                            norm_first=True, activation="gelu")
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
@@ -154,7 +161,11 @@ class MaskedDiffusionLM(nn.Module):
         With `at` [B, S] (positions), logits only there ([B, S, V_g]): inference needs the slots only.
         """
         b, t, g = tokens.shape
-        h = self.pos(torch.arange(t, device=tokens.device)).unsqueeze(0).expand(b, t, -1)
+        # positions count back from each sequence's last item: the slots after a history always sit
+        # where training's noised suffixes sat, whatever the history's length
+        lengths = (~pad).sum(1, keepdim=True)
+        pos = (lengths - 1 - torch.arange(t, device=tokens.device).view(1, t)).clamp(min=0)
+        h = self.pos(pos)
         for level in range(g):
             h = h + self.tok[level](tokens[..., level])
         h = self.encoder(h, src_key_padding_mask=pad)
@@ -232,6 +243,8 @@ class TrainStats:
 def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: DiffusionConfig,
           progress: Callable[[str], None] | None = None) -> tuple[MaskedDiffusionLM, TrainStats]:
     """Train on item-index sequences (training prefixes only; each needs at least 2 items)."""
+    if config.max_len <= config.slots:
+        raise ValueError(f"max_len={config.max_len} must exceed slots={config.slots}")
     seqs = [list(s)[-config.max_len:] for s in sequences if len(s) >= 2]
     if not seqs:
         raise ValueError("no training sequence with at least 2 items with semantic IDs")
@@ -243,7 +256,9 @@ def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: Diff
     rng = np.random.default_rng(config.seed)
     model = MaskedDiffusionLM(vocab.level_sizes, config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(seqs) / config.batch_size)
+    # small catalogs of long histories (MovieLens: 943 users) would get a handful of steps per epoch
+    batch_size = max(16, min(config.batch_size, math.ceil(len(seqs) / MIN_STEPS_PER_EPOCH)))
+    steps_per_epoch = math.ceil(len(seqs) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps_per_epoch * config.epochs,
                                                 pct_start=0.1)
     use_amp = device.type == "cuda"
@@ -254,15 +269,21 @@ def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: Diff
     model.train()
     for epoch in range(config.epochs):
         order = rng.permutation(len(seqs))
-        chunks = [order[i: i + config.batch_size * 16] for i in range(0, len(order), config.batch_size * 16)]
+        chunks = [order[i: i + batch_size * 16] for i in range(0, len(order), batch_size * 16)]
         batches = []
         for c in chunks:
             c = c[np.argsort(lengths[c], kind="stable")]
-            batches += [c[i: i + config.batch_size] for i in range(0, len(c), config.batch_size)]
+            batches += [c[i: i + batch_size] for i in range(0, len(c), batch_size)]
         rng.shuffle(batches)
         total, count = 0.0, 0
         for idx in batches:
-            tokens, pad, lens = _batch(vocab, [seqs[i] for i in idx], config.max_len, 0, device)
+            batch = []
+            for i in idx:
+                s = seqs[i]
+                if len(s) > 2 and rng.random() < config.crop_prob:
+                    s = s[: int(rng.integers(2, len(s) + 1))]
+                batch.append(s)
+            tokens, pad, lens = _batch(vocab, batch, config.max_len, 0, device)
             noised, m, tt = mask_tokens(tokens, pad, lens, model.mask_ids, gen, config.suffix_prob,
                                         config.min_mask_t, config.slots)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -351,11 +372,11 @@ def infer(model: MaskedDiffusionLM, vocab: SemanticVocab, histories: Sequence[Se
     dev = next(model.parameters()).device
     codes = torch.from_numpy(vocab.codes).to(dev)                                     # [N, G]
     # batches of similar length: padding would otherwise cost most of the attention work
-    order = sorted(range(len(histories)), key=lambda i: min(len(histories[i]), cfg.max_len))
+    order = sorted(range(len(histories)), key=lambda i: min(len(histories[i]), cfg.max_len - cfg.slots))
     out: list[Inference | None] = [None] * len(histories)
     for start in range(0, len(order), batch_size):
         ids = order[start: start + batch_size]
-        chunk = [list(histories[i])[-cfg.max_len:] for i in ids]
+        chunk = [list(histories[i])[-(cfg.max_len - cfg.slots):] for i in ids]
         tokens, pad, lengths = _batch(vocab, chunk, cfg.max_len, cfg.slots, dev)
         decoded, conf, _, first_logp = unmask(model, tokens, pad, lengths, cfg.slots, cfg.tokens_per_step)
         # factorised slot-0 log-likelihood of every item: sum over levels of log p_g(code_g)
