@@ -16,7 +16,8 @@ Methods: `diffusion` (models.diffusion trained here on the training prefixes wit
 configuration; train_seconds and inference users_per_second recorded), `popularity` (most frequent
 items of the training prefixes), `random` (uniform over the catalog, seeded). Writes
 bench/results/beyond_log.json ({"<dataset>": {"diffusion": {...}, "popularity": {...}, "random": {...}}}),
-beyond_log.md (the table) and beyond_log.png (hit rates per method). All methods run in one process on
+beyond_log_meta.json (machine, date, configuration, ratios), beyond_log.md (the table) and
+beyond_log.png (hit rates per method). All methods run in one process on
 the same users, so the ratios hold even on a noisy machine; seconds are this machine's.
 """
 
@@ -129,26 +130,24 @@ def run_dataset(name: str, args) -> dict:
     })
     pop = hit_rates(popularity(train_seqs, users, len(vocab.item_ids)), users)
     rnd = hit_rates(random_recs(users, len(vocab.item_ids)), users)
-    res = {"diffusion": diff, "popularity": pop, "random": rnd,
-           "meta": {"items": len(vocab.item_ids), "users": len(sequences), "codebook_version": codebook,
-                    "config": {k: v for k, v in cfg.__dict__.items()},
-                    "diffusion_over_popularity": round(diff["hit_rate_at_10"] / max(pop["hit_rate_at_10"], 1e-9), 3)}}
+    res = {"diffusion": diff, "popularity": pop, "random": rnd}
+    meta = {"items": len(vocab.item_ids), "users": len(sequences), "codebook_version": codebook,
+            "config": dict(cfg.__dict__),
+            "diffusion_over_popularity": round(diff["hit_rate_at_10"] / max(pop["hit_rate_at_10"], 1e-9), 3)}
     log(f"{name}: diffusion {diff['hit_rate_at_10']:.4f}, popularity {pop['hit_rate_at_10']:.4f}, "
         f"random {rnd['hit_rate_at_10']:.4f}")
-    return res
+    return res, meta
 
 
-def table(results: dict) -> str:
+def table(results: dict, meta: dict) -> str:
     lines = ["| dataset | method | hit rate@10 (valid or test) | next-item hit@10 | train s | users/s |",
              "|---|---|---:|---:|---:|---:|"]
     for ds, res in results.items():
-        if ds == "meta":
-            continue
         for m in ("diffusion", "popularity", "random"):
             r = res[m]
             lines.append(f"| {ds} | {m} | {r['hit_rate_at_10']:.4f} | {r['next_item_hit_rate_at_10']:.4f} | "
                          f"{r.get('train_seconds', '')} | {r.get('users_per_second', '')} |")
-        lines.append(f"| {ds} | diffusion / popularity | {res['meta']['diffusion_over_popularity']:.2f}x | | | |")
+        lines.append(f"| {ds} | diffusion / popularity | {meta[ds]['diffusion_over_popularity']:.2f}x | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +157,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [d for d in results if d != "meta"]
+    names = list(results)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
     for ax, ds in zip(axes[0], names, strict=True):
         methods = ["diffusion", "popularity", "random"]
@@ -180,19 +179,20 @@ def main(argv=None) -> int:
     from bench.lakehouse import available
 
     args = parse_args(argv)
-    results = {}
+    results, meta = {}, {}
     for name in args.datasets:
         if not available(name):
             log(f"{name}: data not found under ../shared/data, skipped")
             continue
-        results[name] = run_dataset(name, args)
+        results[name], meta[name] = run_dataset(name, args)
     if not results:
         log("no dataset available: nothing measured")
         return 1
-    results["meta"] = {"date": utc_now(), "machine": machine_info(), "top_n": TOP_N}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "beyond_log.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = table(results)
+    meta = {"date": utc_now(), "machine": machine_info(), "top_n": TOP_N, "datasets": meta}
+    (args.out / "beyond_log_meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    md = table(results, meta["datasets"])
     (args.out / "beyond_log.md").write_text(md)
     plot(results, args.out / "beyond_log.png")
     print(md)

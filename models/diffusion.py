@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MODEL_FAMILY = "masked-diffusion-v1"
+MODEL_FAMILY = "masked-diffusion-v2"  # bump when a change makes old checkpoints unloadable or different
 MIN_STEPS_PER_EPOCH = 30
 
 

@@ -110,7 +110,7 @@ def test_every_stage_end_to_end_then_an_unchanged_rerun_is_a_no_op(ctx_factory):
     by_user = {s["user_id"]: s for s in seqs}
     assert sum(a["status"] == "ok" for a in aug) > 0.5 * len(aug)
     assert {a["user_id"] for a in aug} == set(by_user), "every user gets a row, inferred or with a reason"
-    assert all(a["model_version"].startswith("masked-diffusion-v1-") for a in aug)
+    assert all(a["model_version"].startswith("masked-diffusion-v2-") for a in aug)
     for a in aug:
         history = set(by_user[a["user_id"]]["item_ids"][:-1])
         assert not history & set(a["item_ids"]), "inferred items must be beyond the user's log"
