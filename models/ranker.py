@@ -11,7 +11,11 @@ is rare in the logs still gets a score from its features):
   without a usable vector get a learned "missing" vector instead;
 * beyond-log context: the user's inferred items (gold.user_augmented_behaviors) are prepended as extra
   tokens, embedded with the same item table plus a learned segment vector and no position; every
-  history position may attend to all of them, they attend only to each other.
+  history position may attend to all of them, they attend only to each other. The table is not
+  point-in-time correct for training (one inference per user, made from every event but the test
+  target), so a user's context is dropped at random in training (`context_dropout`) and the validation
+  target is scored without it (`valid_context`): model selection never sees an inference that was made
+  from the validation target. Only the test target is scored with the context it was published for.
 
 Training: full softmax cross-entropy over the whole catalogue at every position of the prefix before
 the validation target (no sampled negatives). Selection: early stopping on validation Recall@10, the
@@ -64,6 +68,12 @@ class RankerConfig:
     select_metric: str = "recall@10"
     beyond_log_k: int = 10
     beyond_log_pool: bool = False  # one mean-pooled context token instead of one token per inferred item
+    # The published inference is not point-in-time correct for training: it was made from every event but
+    # the test target, so it carries information from after each training position and from the validation
+    # target itself. Training drops a user's whole context with this probability (the model must work
+    # without it), and the validation target is scored without context unless valid_context is set.
+    context_dropout: float = 0.5
+    valid_context: bool = False
     beyond_log_model: str | None = None
     embedder: str | None = None
     exclude_history: bool = True
@@ -347,6 +357,9 @@ def fit(feats: ItemFeatures, streams: dict[str, SequenceStream], config: RankerC
             tgt = batch["target"].to(device, non_blocking=True)
             ctx = batch.get("context")
             ctx = ctx.to(device, non_blocking=True) if ctx is not None else None
+            if ctx is not None and config.context_dropout > 0:
+                dropped = torch.rand(ctx.shape[0], device=device) < config.context_dropout
+                ctx = ctx.masked_fill(dropped[:, None], 0)
             with _autocast(device, config.amp):
                 h, table = model(inp, ctx)
                 mask = tgt != 0
@@ -408,13 +421,13 @@ def fit(feats: ItemFeatures, streams: dict[str, SequenceStream], config: RankerC
 def make_streams(pinned, feats: ItemFeatures, config: RankerConfig,
                  beyond_log: dict[str, np.ndarray] | None = None) -> dict[str, SequenceStream]:
     ctx = beyond_log if config.use_beyond_log else None
-    common = dict(max_len=config.max_len, beyond_log=ctx, beyond_log_k=config.beyond_log_k,
-                  read_batch_rows=config.read_batch_rows)
+    common = dict(max_len=config.max_len, beyond_log_k=config.beyond_log_k, read_batch_rows=config.read_batch_rows)
     return {
         "train": SequenceStream(pinned, feats, "train", batch_size=config.batch_size, seed=config.seed,
-                                buffer_size=config.shuffle_buffer, **common),
-        "valid": SequenceStream(pinned, feats, "valid", batch_size=config.eval_batch_size, **common),
-        "test": SequenceStream(pinned, feats, "test", batch_size=config.eval_batch_size, **common),
+                                buffer_size=config.shuffle_buffer, beyond_log=ctx, **common),
+        "valid": SequenceStream(pinned, feats, "valid", batch_size=config.eval_batch_size,
+                                beyond_log=ctx if config.valid_context else None, **common),
+        "test": SequenceStream(pinned, feats, "test", batch_size=config.eval_batch_size, beyond_log=ctx, **common),
     }
 
 

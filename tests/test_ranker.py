@@ -316,6 +316,17 @@ def test_training_is_seeded(lake):
     assert results[0] == results[1]
 
 
+def test_beyond_log_context_scores_the_test_target_only(lake):
+    """The published inference was made from every event but the test target: selection must not see it."""
+    pinned = pin(lake)
+    feats = load_item_features(pinned)
+    beyond, _ = load_beyond_log(pinned, feats)
+    streams = make_streams(pinned, feats, RankerConfig(variant="+beyond_log", **SMALL), beyond)
+    assert "context" in next(iter(streams["train"])) and "context" in next(iter(streams["test"]))
+    assert "context" not in next(iter(streams["valid"]))
+    assert "context" not in next(iter(make_streams(pinned, feats, RankerConfig(variant="+knowledge"), beyond)["test"]))
+
+
 # ---------------------------------------------------------------- entry points
 
 
