@@ -24,10 +24,11 @@ Inference (reverse process): append `slots` fully masked items after the history
 confident ones and remask the rest (low-confidence remasking). Decoded groups map back to items through
 the semantic-ID table; groups that name no item, or an item already in the history, are skipped and
 counted. The top-N list is the decoded items first, in slot order (the next item first), then the
-remaining catalog ranked by the first slot's factorised log-likelihood sum_g log p_g(code_g(item)) from
-the all-masked pass, so every user gets N items even when fewer slots decode to a valid, unseen item.
-Scores are log-likelihoods: of the committed tokens for decoded items, of the factorised first-slot
-marginal for the rest; the list order is the rank.
+remaining catalog ranked by the all-masked pass's factorised first-slot log-likelihood
+sum_g log p_g(code_g(item)) (`fill: any_slot` takes the logsumexp over slots instead: it measured lower
+on MovieLens), so every user gets N items even when fewer slots decode to a valid, unseen item. Scores are log-likelihoods: of
+the committed tokens for decoded items, of the factorised marginal for the rest; the list order is the
+rank.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class DiffusionConfig:
     max_len: int = 50          # history items the model sees (the most recent ones)
     slots: int = 3             # masked items appended at inference
     tokens_per_step: int = 1   # tokens committed per reverse step
+    fill: str = "next_slot"    # rank the rest by: next_slot (first slot's likelihood) | any_slot (any slot's)
+    decoded_first: bool = True  # decoded items lead the list (else everything ranks by the fill score)
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3
@@ -314,7 +317,7 @@ def unmask(model: MaskedDiffusionLM, tokens: torch.Tensor, pad: torch.Tensor, le
     """Reverse process on `slots` masked items after each history (tokens [B, T+slots, G]).
 
     Returns (decoded [B, slots, G], confidence [B, slots, G], order [B, slots*G] flat slot-token
-    indices in commit order, first-pass log-probs of slot 0 per level).
+    indices in commit order, first-pass (all slots masked) log-probs per level [B, slots, V_g]).
     """
     b, _, g = tokens.shape
     dev = tokens.device
@@ -334,7 +337,7 @@ def unmask(model: MaskedDiffusionLM, tokens: torch.Tensor, pad: torch.Tensor, le
         for level in range(g):
             lp = F.log_softmax(logits[level].float(), dim=-1)                         # [B, S, V_g]
             if n_done == 0:
-                first_logp.append(lp[:, 0])
+                first_logp.append(lp)
             best = lp.max(-1)
             probs.append(best.values.exp())
             preds.append(best.indices)
@@ -379,8 +382,9 @@ def infer(model: MaskedDiffusionLM, vocab: SemanticVocab, histories: Sequence[Se
         chunk = [list(histories[i])[-(cfg.max_len - cfg.slots):] for i in ids]
         tokens, pad, lengths = _batch(vocab, chunk, cfg.max_len, cfg.slots, dev)
         decoded, conf, _, first_logp = unmask(model, tokens, pad, lengths, cfg.slots, cfg.tokens_per_step)
-        # factorised slot-0 log-likelihood of every item: sum over levels of log p_g(code_g)
-        item_lp = sum(first_logp[level][:, codes[:, level]] for level in range(vocab.groups))   # [B, N]
+        # factorised log-likelihood of every item per slot: sum over levels of log p_g(code_g)
+        slot_lp = sum(first_logp[level][:, :, codes[:, level]] for level in range(vocab.groups))  # [B, S, N]
+        item_lp = slot_lp[:, 0] if cfg.fill == "next_slot" else torch.logsumexp(slot_lp, dim=1)
         decoded_np = decoded.cpu().numpy()
         joint_np = conf.clamp(min=1e-12).log().sum(-1).cpu().numpy()                  # [B, S]
         item_lp_np = item_lp.float().cpu().numpy()
@@ -390,7 +394,7 @@ def infer(model: MaskedDiffusionLM, vocab: SemanticVocab, histories: Sequence[Se
             row_lp[list(seen)] = -np.inf
             picked, scores = [], []
             valid = invalid = seen_n = 0
-            for s in range(decoded_np.shape[1]):
+            for s in range(decoded_np.shape[1] if cfg.decoded_first else 0):
                 idx = vocab.item_for(decoded_np[i, s])
                 if idx is None:
                     invalid += 1
