@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from bench.common import REPO_ROOT, log, machine_info, utc_now
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see the Makefile
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 TOP_N = 10
 
