@@ -11,8 +11,8 @@ Training (forward process): per sequence draw t ~ U(eps, 1) and mask each token 
 probability t; the loss is the cross-entropy on masked tokens weighted by 1/t and divided by the number
 of tokens, LLaDA's bound on the negative log-likelihood. Half of the sequences have only their last k
 items noised ("suffix" masking, LLaDA's SFT recipe), because inference
-asks exactly that: what comes after a history; independently, half of the sequences are first cut at a
-random end, so every position of a long history serves as a "what comes next" example. Callers pass training prefixes only; the job and the
+asks exactly that: what comes after a history. (`crop_prob` can also cut sequences at a random end first;
+it lowered the next-item hit rate on both benchmark datasets, so it is off by default.) Callers pass training prefixes only; the job and the
 benchmark drop validation and test targets before this module sees a sequence.
 
 Positions count back from a sequence's last item, so the slots appended at inference sit where the
@@ -52,7 +52,7 @@ MIN_STEPS_PER_EPOCH = 30
 
 @dataclass
 class DiffusionConfig:
-    d_model: int = 64
+    d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
     dropout: float = 0.1
@@ -66,7 +66,7 @@ class DiffusionConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     suffix_prob: float = 0.5   # share of sequences noised on a suffix only
-    crop_prob: float = 0.5     # share of sequences cut at a random end first (more "what next" positions)
+    crop_prob: float = 0.0     # share of sequences cut at a random end first (measured lower: off)
     min_mask_t: float = 0.05
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda
