@@ -388,8 +388,8 @@ def infer(model: MaskedDiffusionLM, vocab: SemanticVocab, histories: Sequence[Se
         decoded_np = decoded.cpu().numpy()
         joint_np = conf.clamp(min=1e-12).log().sum(-1).cpu().numpy()                  # [B, S]
         item_lp_np = item_lp.float().cpu().numpy()
-        for i, hist in enumerate(chunk):
-            seen = set(hist)
+        for i in range(len(chunk)):
+            seen = set(histories[ids[i]])  # the whole history, not only what the model saw
             row_lp = item_lp_np[i]
             row_lp[list(seen)] = -np.inf
             picked, scores = [], []

@@ -191,3 +191,12 @@ def test_users_without_a_usable_history_get_a_row_that_says_why(tmp_path):
     again_rows, again = infer_diffusion(ctx, sequences, "cb-test", top_n=3, min_history=2)
     assert again["reused_checkpoint"] is True and again["model_version"] == metrics["model_version"]
     assert [r["item_ids"] for r in again_rows] == [r["item_ids"] for r in rows]
+
+
+def test_items_older_than_the_models_window_are_still_excluded():
+    vocab = small_vocab()
+    cfg = D.DiffusionConfig(d_model=16, n_layers=1, n_heads=2, epochs=1, slots=2, max_len=4, device="cpu")
+    model, _ = D.train(vocab, [[0, 1, 2, 3], [4, 5, 6, 7]], cfg)
+    history = list(range(10))  # the model sees the last 2; the other 8 must not come back
+    res = D.infer(model, vocab, [history], top_n=2)[0]
+    assert sorted(res.item_idx) == [10, 11]
