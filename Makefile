@@ -25,6 +25,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with Spark, spinning made torch's
+# two threads several times slower than one.
+export OMP_WAIT_POLICY ?= PASSIVE
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
 LLM_MODEL ?= Qwen/Qwen3-8B
@@ -32,7 +35,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run test bench bench-llm bench-sids bench-ranker train lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup run test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker train lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -72,13 +75,19 @@ browser: ## headless Chromium for the report test (Debian's package; best effort
 test: setup browser ## run the test suite
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-llm bench-sids bench-ranker ## all benchmarks (results in bench/results/)
+bench: bench-llm bench-sids bench-beyond bench-ranker ## all benchmarks (results in bench/results/)
 
 bench-llm: setup ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
 	@$(PY) -m bench.llm_fanout
 
 bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
 	@$(PY) -m bench.semantic_ids
+
+bench-lakehouse: setup ## build the real datasets' feature lakehouses the consumer benchmarks read (cached)
+	@$(PY) -m bench.lakehouse
+
+bench-beyond: setup ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data
+	@$(PY) -m bench.beyond_log
 
 bench-ranker: setup ## ranker ablation (id_only, +semantic_ids, +knowledge, +beyond_log, all; 3 seeds) on the real feature lakehouses
 	@$(PY) -m bench.ranker
