@@ -18,6 +18,7 @@ JARS        := $(CACHE)/delta-$(shell sed -n 's/^delta-spark==\([0-9.]*\).*/\1/p
 DATASET ?= synthetic
 DATA    ?=
 DS      ?= $(shell date -u +%F)
+AIRFLOW_PORT  ?= 8080
 
 export PYTHONPATH := $(CURDIR)
 export REASEQ_CACHE := $(CACHE)
@@ -35,7 +36,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker train lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup run backfill airflow test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker train lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -65,6 +66,12 @@ setup: $(VENV) $(JARS) ## create the virtualenv, fetch Delta's jars (both cached
 
 run: setup ## nightly refresh through Airflow: make run [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD]
 	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)"
+
+backfill: setup ## replay days through Airflow, oldest first, idempotent: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DATASET=] [DATA=]
+	@$(PY) -m jobs.cli backfill --start "$(START)" --end "$(END)" --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)")
+
+airflow: setup ## real Airflow (UI + REST API, scheduler, DAG processor) on SQLite at http://127.0.0.1:8080 [AIRFLOW_PORT=]; prints the login; Ctrl-C stops it
+	@$(PY) -m jobs.cli airflow --port "$(AIRFLOW_PORT)"
 
 browser: ## headless Chromium for the report test (Debian's package; best effort, the test skips without it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

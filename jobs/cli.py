@@ -1,11 +1,19 @@
 """Command line for people: run the nightly refresh through Airflow, print the run summary.
 
     python -m jobs.cli run [--dataset synthetic|amazon-json|movielens] [--data PATH] [--ds YYYY-MM-DD]
+    python -m jobs.cli backfill --start YYYY-MM-DD --end YYYY-MM-DD [--dataset ...] [--data PATH]
+    python -m jobs.cli airflow [--host 127.0.0.1] [--port 8080]
     python -m jobs.cli summary [--run-id ID]
 
 `run` drives real Airflow (`airflow dags test`, SQLite metadata in a private AIRFLOW_HOME) over the
 DAGs in dags/, streams the stages' progress lines, then prints each task's state and time, rows per
 table and where the tables are. It exits non-zero unless every task succeeded.
+
+`backfill` replays the days START..END (inclusive, oldest first) through the same `airflow dags test`
+path, one day after the other, and stops at the first failed day. Every write is a MERGE on the key and
+a day's interactions replace exactly that day, so replaying a range twice leaves the same tables.
+Airflow 3's own `airflow backfill create` only records a backfill: a running scheduler (and the API
+server its task runners report to) executes it, which `airflow` (make airflow) starts.
 """
 
 from __future__ import annotations
@@ -90,26 +98,48 @@ def _console_line(line: str) -> str | None:
     return None
 
 
-def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False) -> int:
+def _check_dataset(dataset: str, data: str | None) -> tuple[str | None, str | None]:
+    """(error message, resolved data path)."""
     if dataset not in DATASETS:
-        print(f"unknown DATASET={dataset!r}: choose one of {', '.join(DATASETS)}", file=sys.stderr)
-        return 2
+        return f"unknown DATASET={dataset!r}: choose one of {', '.join(DATASETS)}", None
     if dataset != "synthetic":
         if not data:
-            print(f"DATASET={dataset} needs DATA=<folder with the files>", file=sys.stderr)
-            return 2
+            return f"DATASET={dataset} needs DATA=<folder with the files>", None
         if not Path(data).exists():
-            print(f"DATA={data}: no such file or folder", file=sys.stderr)
-            return 2
+            return f"DATA={data}: no such file or folder", None
         data = str(Path(data).resolve())
+    return None, data
+
+
+def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False) -> int:
+    err, data = _check_dataset(dataset, data)
+    if err:
+        print(err, file=sys.stderr)
+        return 2
     env = airflow_env()
     ensure_airflow_db(env)
+    rc, states, log_path, _ = _dags_test(env, dataset, data, ds, quiet)
+    run_id = states.get("__run_id__")
+    print_summary(run_id, states)
+    failed = [t for t, s in states.items() if not t.startswith("__") and s != "success"]
+    if rc != 0 or failed or not states:
+        print(f"run FAILED: tasks not successful: {', '.join(failed) or '(none recorded)'}; see {log_path}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _dags_test(env: dict[str, str], dataset: str, data: str | None, ds: str,
+               quiet: bool) -> tuple[int, dict[str, str], Path, float]:
+    """One `airflow dags test` of the nightly DAG for one day: (exit code, task states, log, seconds)."""
     cfg = load_config()
     log_dir = Path(resolve_path(cfg["reports"])) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{DAG_ID}_{ds}_{dataset}.log"
     conf = json.dumps({"dataset": dataset, "data": data or ""})
     cmd = [airflow_bin(), "dags", "test", DAG_ID, ds, "-c", conf]
+    # The failure callback (jobs.callbacks) names this file and `make run DS=…` as the next step.
+    env = {**env, "REASEQ_RUN_LOG": str(log_path)}
     print(f"running {DAG_ID} for ds={ds} on dataset={dataset} through Airflow (log: {log_path})", flush=True)
     t0 = time.monotonic()
     with open(log_path, "w") as log:
@@ -120,18 +150,100 @@ def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False) -
             log.write(line)
             shown = None if quiet else _console_line(line)
             if shown:
-                print("  " + shown[:300], flush=True)
+                # The failure callback's line is the one to read in full; other lines are capped.
+                print("  " + (shown if " FAILED " in f" {shown} " else shown[:300]), flush=True)
         rc = proc.wait()
-    print(f"airflow dags test exited {rc} after {time.monotonic() - t0:.0f}s", flush=True)
-    states = task_states(env, ds)
-    run_id = states.get("__run_id__")
-    print_summary(run_id, states)
-    failed = [t for t, s in states.items() if not t.startswith("__") and s != "success"]
-    if rc != 0 or failed or not states:
-        print(f"run FAILED: tasks not successful: {', '.join(failed) or '(none recorded)'}; see {log_path}",
+    seconds = time.monotonic() - t0
+    print(f"airflow dags test exited {rc} after {seconds:.0f}s", flush=True)
+    return rc, task_states(env, ds), log_path, seconds
+
+
+def _parse_day(value: str | None, flag: str) -> tuple[dt.date | None, str | None]:
+    if not value:
+        return None, f"backfill needs START=YYYY-MM-DD and END=YYYY-MM-DD ({flag} missing)"
+    try:
+        return dt.date.fromisoformat(value), None
+    except ValueError:
+        return None, f"{flag} {value!r} is not a date: use YYYY-MM-DD"
+
+
+def backfill_days(start: str | None, end: str | None,
+                  today: dt.date | None = None) -> tuple[list[str], str | None]:
+    """The days START..END inclusive, or one message saying why the range is refused."""
+    first, err = _parse_day(start, "START")
+    if err:
+        return [], err
+    last, err = _parse_day(end, "END")
+    if err:
+        return [], err
+    assert first is not None and last is not None
+    if last < first:
+        return [], f"END {last} is before START {first}"
+    today = today or dt.datetime.now(dt.UTC).date()
+    if last > today:
+        return [], f"END {last} is in the future (today is {today} UTC): a day can be replayed once it has begun"
+    return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)], None
+
+
+def run_backfill(start: str | None, end: str | None, dataset: str, data: str | None, quiet: bool = False) -> int:
+    # Everything is checked before anything is written (no Airflow DB, no log folder, no table).
+    days, err = backfill_days(start, end)
+    if not err:
+        err, data = _check_dataset(dataset, data)
+    if err:
+        print(err, file=sys.stderr)
+        return 2
+    env = airflow_env()
+    ensure_airflow_db(env)
+    n = len(days)
+    print(f"backfill of {DAG_ID} on dataset={dataset}: {n} day{'s' * (n != 1)}, {days[0]} .. {days[-1]}", flush=True)
+    results: list[dict] = []
+    t_all = time.monotonic()
+    for k, ds in enumerate(days, 1):
+        print(f"\n=== day {k} of {n}: ds={ds}", flush=True)
+        rc, states, log_path, seconds = _dags_test(env, dataset, data, ds, quiet)
+        tasks = {t: s for t, s in states.items() if not t.startswith("__")}
+        failed = [t for t, s in tasks.items() if s == "failed"] or [t for t, s in tasks.items() if s != "success"]
+        ok = rc == 0 and bool(tasks) and not failed
+        results.append({"ds": ds, "ok": ok, "seconds": seconds, "tasks": tasks, "failed": failed,
+                        "log": log_path, "run_id": states.get("__run_id__")})
+        if not ok:
+            break
+    _print_backfill(results, days, time.monotonic() - t_all)
+    bad = next((r for r in results if not r["ok"]), None)
+    if bad:
+        k = days.index(bad["ds"]) + 1
+        first_failed = next((t for t in _ordered(bad["tasks"]) if t in bad["failed"]), None)
+        task = first_failed or "(no task state recorded)"
+        rest = days[k:]
+        print(f"backfill FAILED on day {bad['ds']} (day {k} of {n}) at task {task}; see {bad['log']}"
+              + (f"; not run: {rest[0]}{f' .. {rest[-1]}' if len(rest) > 1 else ''} (resume with START={bad['ds']})"
+               if rest else ""),
               file=sys.stderr)
         return 1
     return 0
+
+
+def _ordered(tasks) -> list[str]:
+    from jobs.stages import PIPELINE
+
+    return sorted(tasks, key=lambda t: PIPELINE.index(t) if t in PIPELINE else 99)
+
+
+def _print_backfill(results: list[dict], days: list[str], seconds: float) -> None:
+    done = {r["ds"]: r for r in results}
+    print(f"\nBackfill of {DAG_ID}: {sum(r['ok'] for r in results)} of {len(days)} days succeeded "
+          f"in {seconds:.0f}s")
+    print(f"{'ds':12} {'result':8} {'seconds':>8} {'tasks ok':>9}  failed task")
+    for ds in days:
+        r = done.get(ds)
+        if r is None:
+            print(f"{ds:12} {'not run':8} {'':>8} {'':>9}  -")
+            continue
+        n_ok = sum(s == "success" for s in r["tasks"].values())
+        failed = ", ".join(t for t in _ordered(r["tasks"]) if t in r["failed"]) or "-"
+        print(f"{ds:12} {'ok' if r['ok'] else 'FAILED':8} {r['seconds']:8.0f} {n_ok:>4}/{len(r['tasks']):<4}  {failed}")
+    print_tables()
 
 
 def task_states(env: dict[str, str], ds: str) -> dict[str, str]:
@@ -160,7 +272,6 @@ def task_states(env: dict[str, str], ds: str) -> dict[str, str]:
 
 def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> None:
     from feature_store import delta
-    from jobs.publish import table_counts
 
     cfg = load_config()
     root = resolve_path(cfg["lakehouse"])
@@ -189,11 +300,7 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
         err = json.loads(by_task.get(t, {}).get("metrics") or "{}").get("error")
         if err:
             print(f"\n{t} failed: {err}")
-    print(f"\nTables under {root}")
-    for name, info in table_counts(root).items():
-        rows_s = "-" if info["rows"] is None else f"{info['rows']:,}"
-        ver = "" if info["version"] is None else f"v{info['version']}"
-        print(f"  {name:34} {rows_s:>10} {ver:>5}  {info['path']}")
+    print_tables(root)
     if run_id:
         report = Path(resolve_path(cfg["reports"])) / run_id
         index = report / "report" / "index.html"
@@ -210,6 +317,17 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
         print(f"Validation results: {report / 'validation'}/")
 
 
+def print_tables(root: str | None = None) -> None:
+    from jobs.publish import table_counts
+
+    root = root or resolve_path(load_config()["lakehouse"])
+    print(f"\nTables under {root}")
+    for name, info in table_counts(root).items():
+        rows_s = "-" if info["rows"] is None else f"{info['rows']:,}"
+        ver = "" if info["version"] is None else f"v{info['version']}"
+        print(f"  {name:34} {rows_s:>10} {ver:>5}  {info['path']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data", default=os.environ.get("DATA") or None, help="dataset folder (amazon-json, movielens)")
     r.add_argument("--ds", default=dt.datetime.now(dt.UTC).date().isoformat(), help="logical date YYYY-MM-DD")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
+    b = sub.add_parser("backfill", help="replay a date range through Airflow, day by day (idempotent)",
+                       description="Replay the days START..END (inclusive, oldest first) through Airflow, one "
+                       "`airflow dags test` per day, and stop at the first failed day. Reruns are idempotent: "
+                       "every write is a MERGE on the key and a day's interactions replace exactly that day.")
+    b.add_argument("--start", help="first logical date YYYY-MM-DD")
+    b.add_argument("--end", help="last logical date YYYY-MM-DD (not after today, UTC)")
+    b.add_argument("--dataset", default=os.environ.get("DATASET", "synthetic"), help=f"one of {', '.join(DATASETS)}")
+    b.add_argument("--data", default=os.environ.get("DATA") or None, help="dataset folder (amazon-json, movielens)")
+    b.add_argument("--quiet", action="store_true", help="print only the progress lines and the summary")
+    a = sub.add_parser("airflow", help="start Airflow (API server + UI, scheduler, DAG processor) on SQLite",
+                       description="Start real Airflow in the foreground: API server (UI and REST), scheduler and "
+                       "DAG processor on SQLite in the private AIRFLOW_HOME, with this project's DAGs; print how "
+                       "to log in once healthy. Ctrl-C stops every process started.")
+    a.add_argument("--host", default="127.0.0.1")
+    a.add_argument("--port", type=int, default=int(os.environ.get("AIRFLOW_PORT", "8080")))
     s = sub.add_parser("summary", help="print the summary of a run already made")
     s.add_argument("--run-id", required=True)
     args = p.parse_args(argv)
@@ -229,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--ds {args.ds!r} is not a date: use YYYY-MM-DD", file=sys.stderr)
             return 2
         return run_pipeline(args.dataset, args.data, args.ds, args.quiet)
+    if args.cmd == "backfill":
+        return run_backfill(args.start, args.end, args.dataset, args.data, args.quiet)
+    if args.cmd == "airflow":
+        from jobs.airflow_server import serve
+
+        return serve(args.host, args.port)
     print_summary(args.run_id)
     return 0
 
