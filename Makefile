@@ -19,6 +19,7 @@ DATASET ?= synthetic
 DATA    ?=
 DS      ?= $(shell date -u +%F)
 AIRFLOW_PORT  ?= 8080
+SPARK_WORKERS ?= 2
 
 export PYTHONPATH := $(CURDIR)
 export REASEQ_CACHE := $(CACHE)
@@ -36,7 +37,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run backfill airflow test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker train lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker train lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -72,6 +73,12 @@ backfill: setup ## replay days through Airflow, oldest first, idempotent: make b
 
 airflow: setup ## real Airflow (UI + REST API, scheduler, DAG processor) on SQLite at http://127.0.0.1:8080 [AIRFLOW_PORT=]; prints the login; Ctrl-C stops it
 	@$(PY) -m jobs.cli airflow --port "$(AIRFLOW_PORT)"
+
+cluster-up: setup ## Spark standalone master + 2 workers (1 core, 1g each) on 127.0.0.1 in the background; UI :8090
+	@$(PY) -m jobs.spark_cluster up --workers "$(SPARK_WORKERS)"
+
+cluster-down: ## stop the Spark standalone cluster that cluster-up started
+	@$(PY) -m jobs.spark_cluster down
 
 browser: ## headless Chromium for the report test (Debian's package; best effort, the test skips without it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

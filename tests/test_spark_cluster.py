@@ -1,0 +1,128 @@
+"""Stages submitted with spark-submit to a Spark standalone cluster (one master, two 1-core workers on
+127.0.0.1, started from pyspark's own spark-class) write the same Delta tables as the same stages run with
+spark-submit on local[*]; every cluster process is stopped afterwards.
+
+The chain is the shortest one that ends in embed_items: ingest_catalog (bronze.catalog_items), reason_items
+(the knowledge the embedded text is built from) and embed_items. embed_items reads nothing else, and
+ingest_interactions / validate_bronze feed neither of the other two (validate_bronze gates them in the DAG
+but writes no table they read)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import spark_cluster
+from tests.conftest import SMALL
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["ingest_catalog", "reason_items", "embed_items"]
+DS = "2026-11-21"
+TABLES = ["bronze.catalog_items", "silver.item_knowledge", "silver.item_embeddings", "silver.quarantine",
+          "ops.pipeline_runs"]
+# Run-time columns: when and how long (and the per-run metrics, which hold throughput and Delta's file
+# counts); everything else must be equal. Embeddings are compared to float tolerance: a batch's padding
+# depends on which items share a batch, which depends on the partitioning.
+RUN_TIME = {"ops.pipeline_runs": {"started_at", "ended_at", "seconds", "metrics"},
+            "silver.item_knowledge": {"latency_ms"}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flatten(prefix: str, conf: dict) -> dict[str, str]:
+    out = {}
+    for k, v in conf.items():
+        key = f"{prefix}__{k.upper()}"
+        out.update(_flatten(key, v) if isinstance(v, dict) else {key: json.dumps(v)})
+    return out
+
+
+def _env(lake: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(_flatten("REASEQ", SMALL))
+    env.update({
+        "REASEQ__SYNTHETIC__N_ITEMS": "120",
+        "REASEQ__SYNTHETIC__N_USERS": "80",
+        "REASEQ__LAKEHOUSE": str(lake / "lakehouse"),
+        "REASEQ__ARTIFACTS": str(lake / "artifacts"),
+        "REASEQ__REPORTS": str(lake / "reports"),
+        "REASEQ_SHUFFLE_PARTITIONS": "2",
+        "PYTHONPATH": str(ROOT),
+    })
+    return env
+
+
+def _run_stages(master: str, lake: Path) -> None:
+    for stage in STAGES:
+        t0 = time.monotonic()
+        p = spark_cluster.submit(stage, ["--ds", DS], master, env=_env(lake), timeout=900)
+        assert p.returncode == 0, f"{stage} on {master} exited {p.returncode}"
+        print(f"{stage} on {master}: {time.monotonic() - t0:.0f}s")
+
+
+def _rows(name: str, root: str) -> list[dict]:
+    from feature_store import delta
+    from feature_store.catalog import TABLES as SPECS
+
+    keys = SPECS[name].key
+    rows = delta.read_arrow(name, root).to_pylist()
+    skip = RUN_TIME.get(name, set())
+    rows = [{k: v for k, v in r.items() if k not in skip} for r in rows]
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+
+
+@pytest.mark.slow
+def test_stages_submitted_to_a_standalone_cluster_write_what_local_mode_writes(tmp_path):
+    import psutil
+
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    _run_stages("local[*]", local)
+
+    port, ui_port = _free_port(), _free_port()
+    folder = tmp_path / "spark-cluster"
+    master = spark_cluster.master_url(port)
+    try:
+        assert spark_cluster.up(workers=2, cores=1, memory="1g", port=port, ui_port=ui_port, worker_ui_port=0,
+                                folder=folder, env=_env(cluster)) == 0
+        state = spark_cluster.master_state(ui_port)
+        assert state["aliveworkers"] == 2 and state["cores"] == 2
+        _run_stages(master, cluster)
+        state = spark_cluster.master_state(ui_port)
+        # One application per stage (named "reaseq": the stage's session builder sets the name).
+        apps = [a for a in state["completedapps"] if a["name"] == "reaseq"]
+        assert len(apps) == len(STAGES), state["completedapps"]
+        # Executors ran on both workers (each keeps a folder per application it served).
+        for k in (1, 2):
+            assert list((folder / f"worker-{k}").glob("app-*")), f"worker-{k} ran no executor"
+    finally:
+        pids = [int(f.read_text()) for f in folder.glob("*.pid")]
+        spark_cluster.down(folder)
+    assert not list(folder.glob("*.pid"))
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the master still listens"
+
+    for name in TABLES:
+        a, b = _rows(name, str(local / "lakehouse")), _rows(name, str(cluster / "lakehouse"))
+        assert len(a) == len(b), name
+        if name == "silver.item_embeddings":
+            ea = np.array([r.pop("embedding") for r in a], dtype=np.float32)
+            eb = np.array([r.pop("embedding") for r in b], dtype=np.float32)
+            assert np.allclose(ea, eb, atol=1e-5), float(np.abs(ea - eb).max())
+        assert a == b, name
+    from feature_store import delta
+
+    runs = delta.read_arrow("ops.pipeline_runs", str(cluster / "lakehouse")).to_pylist()
+    assert {r["task"] for r in runs if r["status"] == "success"} == set(STAGES)
+    know = delta.read_arrow("silver.item_knowledge", str(cluster / "lakehouse"))
+    assert know.num_rows > 100
