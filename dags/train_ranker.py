@@ -15,6 +15,7 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 from feature_store.assets import gold_asset_uris
+from jobs.callbacks import on_failure
 
 VARIANTS = ["all", "id_only", "+semantic_ids", "+knowledge", "+beyond_log"]
 
@@ -28,7 +29,9 @@ VARIANTS = ["all", "id_only", "+semantic_ids", "+knowledge", "+beyond_log"]
     default_args={
         "retries": int(os.environ.get("REASEQ_TASK_RETRIES", "1")),
         "retry_delay": timedelta(minutes=5),
+        "on_failure_callback": on_failure,  # one line: task, day, run, why, what next
     },
+    on_failure_callback=on_failure,
     params={
         "variant": Param("all", type="string", enum=VARIANTS),
         "seed": Param(0, type="integer"),
