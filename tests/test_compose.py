@@ -40,7 +40,7 @@ def test_airflow_uses_postgres_and_a_real_executor_and_reaches_the_cluster():
     env = SERVICES["airflow-scheduler"]["environment"]
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
     assert env["AIRFLOW__CORE__EXECUTOR"] in {"LocalExecutor", "CeleryExecutor", "KubernetesExecutor"}
-    assert env["REASEQ_SPARK_MASTER"] == "spark://spark-master:7077"
+    assert env["REASEQ__SPARK__MASTER"] == "spark://spark-master:7077"
     assert env["REASEQ__LAKEHOUSE"].startswith("s3a://")
     assert env["REASEQ__LLM__BACKEND"] == "openai" and "vllm:8000" in env["REASEQ__LLM__BASE_URL"]
 
