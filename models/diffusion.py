@@ -262,8 +262,11 @@ def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: Diff
     # small catalogs of long histories (MovieLens: 943 users) would get a handful of steps per epoch
     batch_size = max(16, min(config.batch_size, math.ceil(len(seqs) / MIN_STEPS_PER_EPOCH)))
     steps_per_epoch = math.ceil(len(seqs) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps_per_epoch * config.epochs,
-                                                pct_start=0.1)
+    # OneCycleLR divides by its warm-up length (pct_start * total - 1): a tiny catalog (a few steps in all)
+    # needs at least two warm-up steps, or the first step divides by zero.
+    total_steps = max(4, steps_per_epoch * config.epochs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total_steps,
+                                                pct_start=max(0.1, 2 / total_steps))
     use_amp = device.type == "cuda"
     # sort by length inside shuffled chunks so padding stays small without a fixed batch order
     lengths = np.array([len(s) for s in seqs])

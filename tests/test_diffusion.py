@@ -140,6 +140,17 @@ def test_a_short_training_run_learns_a_deterministic_successor_and_maps_back_to_
         assert r.decoded_valid + r.decoded_invalid + r.decoded_seen == 2
 
 
+@pytest.mark.parametrize("n_seqs, epochs", [(3, 1), (20, 2), (80, 2)])
+def test_a_tiny_catalog_trains_without_a_degenerate_schedule(n_seqs, epochs):
+    # A few optimiser steps in all (80 users, 2 epochs: 10 steps) once made OneCycleLR divide by zero.
+    vocab = small_vocab()
+    seqs = [[k % 6, (k + 1) % 6, (k + 2) % 6] for k in range(n_seqs)]
+    cfg = D.DiffusionConfig(d_model=16, n_layers=1, n_heads=2, epochs=epochs, slots=2, max_len=6, seed=0,
+                            device="cpu")
+    _, stats = D.train(vocab, seqs, cfg)
+    assert np.isfinite(stats.last_loss)
+
+
 def test_checkpoint_round_trip(tmp_path):
     vocab = small_vocab()
     cfg = D.DiffusionConfig(d_model=16, n_layers=1, n_heads=2, epochs=1, slots=1, max_len=6, device="cpu")
