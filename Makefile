@@ -65,11 +65,11 @@ $(JARS): | $(VENV)
 setup: $(VENV) $(JARS) ## create the virtualenv, fetch Delta's jars (both cached)
 	@ln -sfn $(VENV_DIR) $(VENV)
 
-run: setup ## nightly refresh through Airflow: make run [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD]
-	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)"
+run: setup ## nightly refresh through Airflow: make run [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD] [SPARK_MASTER=spark://host:7077]
+	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
 
 backfill: setup ## replay days through Airflow, oldest first, idempotent: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DATASET=] [DATA=]
-	@$(PY) -m jobs.cli backfill --start "$(START)" --end "$(END)" --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)")
+	@$(PY) -m jobs.cli backfill --start "$(START)" --end "$(END)" --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
 
 airflow: setup ## real Airflow (UI + REST API, scheduler, DAG processor) on SQLite at http://127.0.0.1:8080 [AIRFLOW_PORT=]; prints the login; Ctrl-C stops it
 	@$(PY) -m jobs.cli airflow --port "$(AIRFLOW_PORT)"

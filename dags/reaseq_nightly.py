@@ -1,8 +1,9 @@
 """Nightly feature refresh: catalog → knowledge → embeddings → semantic IDs → user features.
 
 Thin on purpose: tasks import the job modules only when they run, so parsing this file never loads
-pyspark or torch. Each task runs one `jobs.<name>` stage in-process (local Spark); on a cluster the
-same stages are submitted with spark-submit (see README, "Cluster").
+pyspark or torch. Each task runs one `jobs.<name>` stage in-process (local Spark, the default), or, with
+REASEQ_SUBMIT=spark-submit, submits the same stage file to the cluster of the `spark_reaseq` Airflow
+connection through the Spark provider's SparkSubmitOperator (see README, "Cluster").
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from airflow.sdk import Asset, Param, dag, task
 from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
 from jobs.stages import PIPELINE
+from jobs.submit import CONN_ID, submit_mode, submit_settings
 
 STAGES = PIPELINE
 # A cron expression (default 02:00 UTC), or "none" for manual runs only (an Airflow started for a test).
 SCHEDULE = os.environ.get("REASEQ_SCHEDULE") or "0 2 * * *"
 # The same URIs schedule the downstream DAGs (dags/train_ranker.py).
 GOLD_ASSETS = [Asset(uri) for uri in gold_asset_uris()]
+SUBMIT = submit_mode()
 
 
 def _run_stage(name: str, **context) -> dict:
@@ -64,7 +67,10 @@ def reaseq_nightly():
             kwargs["pool"] = "llm"  # bounds concurrent LLM work across DAG runs
         if name == "publish":
             kwargs["outlets"] = GOLD_ASSETS
-        step = task(**kwargs)(_stage_callable(name))()
+        if SUBMIT == "spark-submit":
+            step = _submit_operator(name, **kwargs)
+        else:
+            step = task(**kwargs)(_stage_callable(name))()
         if previous is not None:
             previous >> step
         previous = step
@@ -76,6 +82,25 @@ def _stage_callable(name: str):
 
     run_stage.__name__ = name
     return run_stage
+
+
+def _submit_operator(name: str, **kwargs):
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    settings = submit_settings(name)
+    return SparkSubmitOperator(
+        conn_id=CONN_ID,
+        application=settings["application"],
+        name=settings["name"],
+        jars=settings["jars"],
+        packages=settings["packages"],
+        conf=settings["conf"],
+        driver_memory=settings["driver_memory"],
+        application_args=["--ds", "{{ ds }}", "--run-id", "{{ dag.dag_id }}__{{ ds }}",
+                          "--dataset", "{{ params.dataset }}", "--data", "{{ params.data }}",
+                          "--dag-id", "{{ dag.dag_id }}", "--airflow-run-id", "{{ run_id }}"],
+        **kwargs,
+    )
 
 
 reaseq_nightly()

@@ -111,12 +111,47 @@ def _check_dataset(dataset: str, data: str | None) -> tuple[str | None, str | No
     return None, data
 
 
-def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False) -> int:
+def _check_master(master: str | None) -> str | None:
+    """An error message when a --spark-master is given but is no standalone master that answers."""
+    if not master:
+        return None
+    from urllib.parse import urlsplit
+
+    u = urlsplit(master)
+    if u.scheme != "spark" or not u.hostname or not u.port:
+        return f"SPARK_MASTER={master!r}: give a standalone master URL, spark://HOST:PORT"
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(3)
+        if s.connect_ex((u.hostname, u.port)) != 0:
+            return f"no Spark master answers at {master}: start one with `make cluster-up`, or drop SPARK_MASTER"
+    return None
+
+
+def submit_env(env: dict[str, str], master: str | None) -> dict[str, str]:
+    """With a master, every task spark-submits its stage there through the SparkSubmitOperator."""
+    if not master:
+        return env
+    from urllib.parse import urlsplit
+
+    from jobs.submit import CONN_ENV, connection_uri
+
+    venv_bin = str(Path(sys.executable).parent)  # the provider's hook runs `spark-submit` from PATH
+    env = {**env, "REASEQ_SUBMIT": "spark-submit", CONN_ENV: connection_uri(master),
+           "PATH": os.pathsep.join([venv_bin, env.get("PATH", "")])}
+    if urlsplit(master).hostname in ("127.0.0.1", "localhost"):
+        env["SPARK_LOCAL_IP"] = "127.0.0.1"  # the driver must listen where a loopback cluster can reach it
+    return env
+
+
+def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False, master: str | None = None) -> int:
     err, data = _check_dataset(dataset, data)
+    err = err or _check_master(master)
     if err:
         print(err, file=sys.stderr)
         return 2
-    env = airflow_env()
+    env = submit_env(airflow_env(), master)
     ensure_airflow_db(env)
     rc, states, log_path, _ = _dags_test(env, dataset, data, ds, quiet)
     run_id = states.get("__run_id__")
@@ -185,15 +220,17 @@ def backfill_days(start: str | None, end: str | None,
     return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)], None
 
 
-def run_backfill(start: str | None, end: str | None, dataset: str, data: str | None, quiet: bool = False) -> int:
+def run_backfill(start: str | None, end: str | None, dataset: str, data: str | None, quiet: bool = False,
+                 master: str | None = None) -> int:
     # Everything is checked before anything is written (no Airflow DB, no log folder, no table).
     days, err = backfill_days(start, end)
     if not err:
         err, data = _check_dataset(dataset, data)
+    err = err or _check_master(master)
     if err:
         print(err, file=sys.stderr)
         return 2
-    env = airflow_env()
+    env = submit_env(airflow_env(), master)
     ensure_airflow_db(env)
     n = len(days)
     print(f"backfill of {DAG_ID} on dataset={dataset}: {n} day{'s' * (n != 1)}, {days[0]} .. {days[-1]}", flush=True)
@@ -337,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data", default=os.environ.get("DATA") or None, help="dataset folder (amazon-json, movielens)")
     r.add_argument("--ds", default=dt.datetime.now(dt.UTC).date().isoformat(), help="logical date YYYY-MM-DD")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
+    r.add_argument("--spark-master", default=os.environ.get("SPARK_MASTER") or None,
+                   help="spark://HOST:PORT: every task spark-submits its stage to this standalone cluster "
+                   "(make cluster-up starts one) instead of running it in-process on local Spark")
     b = sub.add_parser("backfill", help="replay a date range through Airflow, day by day (idempotent)",
                        description="Replay the days START..END (inclusive, oldest first) through Airflow, one "
                        "`airflow dags test` per day, and stop at the first failed day. Reruns are idempotent: "
@@ -346,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dataset", default=os.environ.get("DATASET", "synthetic"), help=f"one of {', '.join(DATASETS)}")
     b.add_argument("--data", default=os.environ.get("DATA") or None, help="dataset folder (amazon-json, movielens)")
     b.add_argument("--quiet", action="store_true", help="print only the progress lines and the summary")
+    b.add_argument("--spark-master", default=os.environ.get("SPARK_MASTER") or None,
+                   help="spark://HOST:PORT: submit every stage to this standalone cluster (as for run)")
     a = sub.add_parser("airflow", help="start Airflow (API server + UI, scheduler, DAG processor) on SQLite",
                        description="Start real Airflow in the foreground: API server (UI and REST), scheduler and "
                        "DAG processor on SQLite in the private AIRFLOW_HOME, with this project's DAGs; print how "
@@ -361,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             print(f"--ds {args.ds!r} is not a date: use YYYY-MM-DD", file=sys.stderr)
             return 2
-        return run_pipeline(args.dataset, args.data, args.ds, args.quiet)
+        return run_pipeline(args.dataset, args.data, args.ds, args.quiet, args.spark_master)
     if args.cmd == "backfill":
-        return run_backfill(args.start, args.end, args.dataset, args.data, args.quiet)
+        return run_backfill(args.start, args.end, args.dataset, args.data, args.quiet, args.spark_master)
     if args.cmd == "airflow":
         from jobs.airflow_server import serve
 

@@ -149,13 +149,18 @@ def cli_main(name: str, argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", help="synthetic | amazon-json | movielens")
     p.add_argument("--data", help="dataset path for amazon-json / movielens")
     p.add_argument("--lakehouse", help="root of the Delta tables (path or s3a:// URI)")
+    p.add_argument("--dag-id", default="reaseq_nightly", help="the DAG that submitted this stage (lineage)")
+    p.add_argument("--airflow-run-id", help="Airflow's run id, recorded in the task's metrics")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = {k: v for k, v in {"dataset": args.dataset, "data": args.data, "lakehouse": args.lakehouse}.items() if v}
-    ctx = RunContext.create(ds=args.ds, run_id=args.run_id, overrides=overrides)
+    ctx = RunContext.create(ds=args.ds, run_id=args.run_id, overrides=overrides, dag_id=args.dag_id)
+    ctx.airflow_run_id = args.airflow_run_id
     try:
         execute(name, ctx)
     except Exception as exc:
-        print(f"{name} failed: {exc}", file=sys.stderr)
+        # The traceback goes to the task log; the last line is the one a person reads first.
+        logging.getLogger("reaseq").exception("%s failed", name)
+        print(f"{name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -50,6 +50,24 @@ def resolve_delta_jars() -> list[str]:
     return jars
 
 
+def resolve_s3a_jars() -> None:
+    """Fetch hadoop-aws (matching pyspark's Hadoop) and its AWS SDK into the Ivy cache, so a cluster image
+    starts s3a:// sessions without reaching Maven Central."""
+    from pyspark.sql import SparkSession
+
+    package = f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"
+    spark = (
+        SparkSession.builder.master("local[1]")
+        .appName("reaseq-resolve-s3a")
+        .config("spark.jars.packages", package)
+        .config("spark.jars.ivy", str(cache_dir() / "ivy"))
+        .config("spark.ui.enabled", "false")
+        .getOrCreate()
+    )
+    spark.stop()
+    print(f"resolved {package} into {cache_dir() / 'ivy'}")
+
+
 def cached_jars() -> list[str]:
     manifest = jar_manifest()
     if not manifest.exists():
@@ -64,13 +82,60 @@ def cached_jars() -> list[str]:
     return jars
 
 
-def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict | None = None) -> dict[str, str]:
+def hadoop_version() -> str:
+    """The Hadoop client pyspark bundles (hadoop-aws must match it exactly)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("pyspark")
+    jars = Path(spec.origin).parent / "jars" if spec and spec.origin else None
+    found = sorted(jars.glob("hadoop-client-api-*.jar")) if jars and jars.exists() else []
+    if not found:
+        raise RuntimeError("pyspark's hadoop-client-api jar not found: is pyspark installed?")
+    return found[-1].name.removeprefix("hadoop-client-api-").removesuffix(".jar")
+
+
+def lakehouse_is_s3a() -> bool:
+    from jobs.config import load_config
+
+    return str(load_config().get("lakehouse", "")).startswith("s3a://")
+
+
+def s3a_packages() -> list[str]:
+    """Maven coordinates Spark needs for an s3a:// lakehouse (MinIO, S3); none for a local one."""
+    return [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"] if lakehouse_is_s3a() else []
+
+
+def s3a_conf() -> dict[str, str]:
+    """s3a settings for an S3-compatible store such as MinIO: endpoint from REASEQ_S3_ENDPOINT (or
+    AWS_ENDPOINT_URL), path-style addressing, credentials from the standard AWS environment variables."""
+    if not lakehouse_is_s3a():
+        return {}
+    conf = {
+        "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "spark.hadoop.fs.s3a.path.style.access": "true",
+        "spark.hadoop.fs.s3a.aws.credentials.provider":
+            "software.amazon.awssdk.auth.credentials.EnvironmentVariableCredentialsProvider",
+    }
+    endpoint = os.environ.get("REASEQ_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        conf["spark.hadoop.fs.s3a.endpoint"] = endpoint
+        conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(endpoint.startswith("https")).lower()
+    return conf
+
+
+def under_spark_submit() -> bool:
+    """True in a driver that spark-submit launched: it hands the Python process its JVM's gateway."""
+    return bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
+
+
+def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict | None = None,
+               with_jars: bool = True) -> dict[str, str]:
     """The settings every session gets; also what spark-submit receives as --conf in a cluster."""
     master = master or os.environ.get("REASEQ_SPARK_MASTER", "local[*]")
     conf = {
         "spark.master": master,
         "spark.app.name": app_name,
-        "spark.jars": ",".join(cached_jars()),
+        "spark.jars": ",".join(cached_jars()) if with_jars else "",
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "spark.sql.session.timeZone": "UTC",
@@ -92,6 +157,10 @@ def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict 
         "spark.pyspark.driver.python": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
         "spark.executorEnv.PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).resolve().parent.parent)),
     }
+    if s3a_packages():
+        conf["spark.jars.packages"] = ",".join(s3a_packages())
+        conf["spark.jars.ivy"] = str(cache_dir() / "ivy")
+    conf.update(s3a_conf())
     conf.update(extra or {})
     return conf
 
@@ -106,8 +175,14 @@ def get_spark(master: str | None = None, app_name: str = "reaseq", extra: dict |
     # PySpark reads the worker interpreter from the environment only (not from spark.pyspark.python).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    conf = spark_conf(master, app_name, extra)
+    if under_spark_submit():
+        # spark-submit already chose the master, the name and the jars; a builder setting would win over
+        # them and pull a submitted job back into local mode.
+        for key in ("spark.master", "spark.app.name", "spark.jars", "spark.jars.packages", "spark.driver.memory"):
+            conf.pop(key, None)
     builder = SparkSession.builder
-    for k, v in spark_conf(master, app_name, extra).items():
+    for k, v in conf.items():
         builder = builder.config(k, v)
     # py4j logs every connection close at INFO, also during interpreter shutdown when streams are gone.
     import logging
@@ -121,18 +196,19 @@ def get_spark(master: str | None = None, app_name: str = "reaseq", extra: dict |
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.spark", description=__doc__)
     p.add_argument("--resolve", action="store_true", help="resolve Delta's jars into the cache (setup step)")
+    p.add_argument("--s3a", action="store_true",
+                   help="with --resolve: also resolve hadoop-aws (for an s3a:// lakehouse) into the Ivy cache")
     p.add_argument("--print-jars", action="store_true", help="print the cached jar paths, comma-separated")
     args = p.parse_args(argv)
     if args.resolve:
-        if jar_manifest().exists():
-            try:
-                cached_jars()
-                print(f"Delta jars already cached ({jar_manifest()})")
-                return 0
-            except RuntimeError:
-                pass
-        jars = resolve_delta_jars()
-        print(f"resolved {len(jars)} jars for {DELTA_PACKAGE} into {cache_dir() / 'ivy'}")
+        try:
+            cached_jars()
+            print(f"Delta jars already cached ({jar_manifest()})")
+        except RuntimeError:
+            jars = resolve_delta_jars()
+            print(f"resolved {len(jars)} jars for {DELTA_PACKAGE} into {cache_dir() / 'ivy'}")
+        if args.s3a:  # after Delta's manifest, so local sessions do not load the AWS SDK
+            resolve_s3a_jars()
         return 0
     if args.print_jars:
         print(",".join(cached_jars()))

@@ -11,11 +11,11 @@ under .spark-cluster/, waits until every worker has registered with the master, 
 UI (port 8090 by default, so it never clashes with `make airflow` on 8080). `down` stops exactly the
 processes whose pid files it finds.
 
-`submit` runs one stage the way a scheduler does against a cluster: `spark-submit --master spark://…`
-with the stage's file (jobs/<stage>.py, whose `__main__` is jobs.runtime.cli_main), Delta's jars from
-the local Ivy cache manifest in `--jars`, the session settings of jobs.spark.spark_conf as `--conf`,
-and REASEQ__SPARK__MASTER set to the same master: the stage's session builder sets spark.master from
-the pipeline's config, which would otherwise override spark-submit's `--master`. Executors import the
+`submit` runs one stage the way the DAG's SparkSubmitOperator does (both build the command in
+jobs.submit): `spark-submit --master spark://…` with the stage's file (jobs/<stage>.py, whose `__main__`
+is jobs.runtime.cli_main), Delta's jars from the local Ivy cache manifest in `--jars`, the session
+settings of jobs.spark.spark_conf as `--conf`. Under spark-submit the stage's session builder leaves the
+master, name and jars to spark-submit (jobs.spark.get_spark), so nothing else must agree. Executors import the
 project from PYTHONPATH (spark.executorEnv.PYTHONPATH): on one machine that is this checkout; on a real
 cluster the same path is mounted into the workers (docker-compose.yml) or shipped with `--py-files`.
 """
@@ -138,7 +138,7 @@ def up(workers: int = 2, cores: int = 1, memory: str = "1g", port: int = MASTER_
     print(f"Spark standalone cluster up in {time.monotonic() - t0:.0f}s: master {url}, "
           f"{workers} workers x {cores} core, {memory}")
     print(f"  master UI   http://{HOST}:{ui_port}")
-    print(f"  pipeline    REASEQ__SPARK__MASTER={url} make run   (tasks' Spark sessions use the cluster)")
+    print(f"  pipeline    make run SPARK_MASTER={url}   (every task spark-submits its stage to the cluster)")
     print(f"  one stage   python -m jobs.spark_cluster submit embed_items --ds YYYY-MM-DD --master {url}")
     print(f"  pids, logs  {folder}/")
     print("  stop        make cluster-down", flush=True)
@@ -193,28 +193,21 @@ def status(folder: Path = DEFAULT_DIR, ui_port: int = MASTER_UI_PORT) -> int:
     return 0 if all(procs.values()) else 1
 
 
-def submit_command(stage: str, args: list[str], master: str, driver_memory: str = "1g",
-                   executor_memory: str = "768m") -> list[str]:
-    """spark-submit of one stage against `master`: what an Airflow SparkSubmitOperator would run."""
-    from jobs.spark import cached_jars, spark_conf
-    from jobs.stages import PIPELINE
+def submit_command(stage: str, args: list[str], master: str, driver_memory: str | None = None,
+                   executor_memory: str | None = None) -> list[str]:
+    """spark-submit of one stage against `master`: what the DAG's SparkSubmitOperator runs (jobs.submit)."""
+    from jobs import submit as submission
 
-    if stage not in PIPELINE:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(PIPELINE)}")
-    conf = spark_conf(master, app_name=f"reaseq-{stage}", extra={"spark.executor.memory": executor_memory})
-    for key in ("spark.master", "spark.app.name", "spark.jars", "spark.driver.memory"):
-        conf.pop(key)  # given as spark-submit's own options below
-    cmd = [spark_bin("spark-submit"), "--master", master, "--deploy-mode", "client", "--name", f"reaseq-{stage}",
-           "--jars", ",".join(cached_jars()), "--driver-memory", driver_memory]
-    for k, v in sorted(conf.items()):
-        cmd += ["--conf", f"{k}={v}"]
-    return [*cmd, str(PROJECT_ROOT / "jobs" / f"{stage}.py"), *args]
+    cmd = submission.command(stage, args, master, binary=spark_bin("spark-submit"), executor_memory=executor_memory)
+    if driver_memory:
+        i = cmd.index("--driver-memory")
+        cmd[i + 1] = driver_memory
+    return cmd
 
 
 def submit(stage: str, args: list[str], master: str, env: dict[str, str] | None = None,
            timeout: float | None = None) -> subprocess.CompletedProcess:
     env = cluster_env(env)
-    env["REASEQ__SPARK__MASTER"] = master  # the stage's session builder reads the master from the config
     return subprocess.run(submit_command(stage, args, master), env=env, cwd=PROJECT_ROOT, timeout=timeout)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -25,6 +27,22 @@ SMALL = {
     "sequences": {"max_len": 20},
     "beyond_log": {"diffusion": {"d_model": 16, "n_layers": 1, "n_heads": 2, "epochs": 2, "slots": 2}},
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_overrides(conf: dict, prefix: str = "REASEQ") -> dict[str, str]:
+    """A nested config as the REASEQ__SECTION__KEY environment variables jobs.config reads, for tests that
+    run the pipeline in another process (Airflow, spark-submit)."""
+    out = {}
+    for k, v in conf.items():
+        key = f"{prefix}__{k.upper()}"
+        out.update(env_overrides(v, key) if isinstance(v, dict) else {key: json.dumps(v)})
+    return out
 
 
 @pytest.fixture(scope="session")

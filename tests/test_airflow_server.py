@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL
+from tests.conftest import SMALL, env_overrides, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # A full run here takes as long as a `make run` plus a Spark session per task (the LocalExecutor starts
@@ -26,18 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FULL_RUN = os.environ.get("REASEQ_TEST_AIRFLOW_FULL_RUN") == "1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flatten(prefix: str, conf: dict) -> dict[str, str]:
-    out = {}
-    for k, v in conf.items():
-        key = f"{prefix}__{k.upper()}"
-        out.update(_flatten(key, v) if isinstance(v, dict) else {key: json.dumps(v)})
-    return out
 
 
 def _processes_of(home: Path) -> list:
@@ -69,11 +57,11 @@ def _wait(what: str, fn, timeout: float, proc: subprocess.Popen, out: Path, ever
 def test_airflow_serves_the_dags_runs_a_triggered_run_and_stops_cleanly(tmp_path):
     import httpx
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     home = tmp_path / "airflow"
     env = dict(os.environ)
-    env.update(_flatten("REASEQ", SMALL))
+    env.update(env_overrides(SMALL))
     env.update({
         "AIRFLOW_HOME": str(home),
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import backfill_days
-from tests.conftest import SMALL
+from tests.conftest import SMALL, env_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,17 +34,10 @@ FEWER_ROWS = {"reason_items": {"rows_in", "rows_out"}, "embed_items": {"rows_out
 MORE_ROWS = {"validate_bronze": {"rows_in", "rows_out"}, "publish": {"rows_in", "rows_out"}}
 
 
-def _flatten(prefix: str, conf: dict) -> dict[str, str]:
-    out = {}
-    for k, v in conf.items():
-        key = f"{prefix}__{k.upper()}"
-        out.update(_flatten(key, v) if isinstance(v, dict) else {key: json.dumps(v)})
-    return out
-
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(_flatten("REASEQ", SMALL))  # the small synthetic config of the Spark tests
+    env.update(env_overrides(SMALL))  # the small synthetic config of the Spark tests
     env.update({
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),
