@@ -120,6 +120,10 @@ sql: setup ## query the tables by name: make sql Q="SELECT count(*) FROM gold.us
 report: setup ## rebuild the feature report of a run: make report [RUN_ID=reaseq_nightly__YYYY-MM-DD]
 	@$(PY) -m jobs.report $(if $(RUN_ID),--run-id "$(RUN_ID)")
 
+.PHONY: requeue-llm
+requeue-llm: setup ## send dead-lettered items to the LLM again: make requeue-llm ITEM="ID ..." | ALL=1 (neither: list them)
+	@$(PY) -m jobs.cli requeue-llm $(if $(ALL),--all,$(if $(ITEM),--item $(ITEM),--list))
+
 lint: setup ## ruff
 	@$(VENV)/bin/ruff check .
 

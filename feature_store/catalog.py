@@ -328,6 +328,42 @@ TRAINING_RUNS = _register(
     )
 )
 
+LLM_ATTEMPTS = _register(
+    TableSpec(
+        name="ops.llm_attempts",
+        key=("item_id", "content_hash", "prompt_version", "model"),
+        description=(
+            "Failed LLM attempts per item content, prompt version and model: reason_items skips (dead-letters) "
+            "a key once `failures` reaches llm.dead_letter_after; `python -m jobs.cli requeue-llm` resets it."
+        ),
+        schema=_schema(
+            ("item_id", pa.string(), False),
+            ("content_hash", pa.string(), False),
+            ("prompt_version", pa.string(), False),
+            ("model", pa.string(), False),
+            ("failures", pa.int32(), False),
+            ("total_failures", pa.int32(), False),
+            ("status", pa.string(), False),
+            ("last_reason", pa.string()),
+            ("first_failed_ds", pa.date32()),
+            ("last_failed_ds", pa.date32()),
+            ("last_failed_run_id", pa.string()),
+            ("requeued_at", TS),
+            DS,
+            RUN_ID,
+        ),
+        column_docs={
+            "failures": "failed reason_items attempts since the first failure or the last requeue (each execution "
+                        "that sent the item and ended with it quarantined counts one)",
+            "total_failures": "every failed attempt of this key, requeues included",
+            "status": "the last event: failing, requeued (counter reset by an operator) or ok (a later attempt "
+                      "succeeded)",
+            "last_reason": "the quarantine reason of the last failure (error code: message)",
+            "requeued_at": "when an operator last reset the counter",
+        },
+    )
+)
+
 
 def get(name: str) -> TableSpec:
     try:

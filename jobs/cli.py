@@ -4,6 +4,7 @@
     python -m jobs.cli backfill --start YYYY-MM-DD --end YYYY-MM-DD [--dataset ...] [--data PATH]
     python -m jobs.cli airflow [--host 127.0.0.1] [--port 8080]
     python -m jobs.cli summary [--run-id ID]
+    python -m jobs.cli requeue-llm (--item ID [ID ...] | --all | --list) [--lakehouse PATH]
 
 `run` drives real Airflow (`airflow dags test`, SQLite metadata in a private AIRFLOW_HOME) over the
 DAGs in dags/, streams the stages' progress lines, then prints each task's state and time, rows per
@@ -14,6 +15,9 @@ path, one day after the other, and stops at the first failed day. Every write is
 a day's interactions replace exactly that day, so replaying a range twice leaves the same tables.
 Airflow 3's own `airflow backfill create` only records a backfill: a running scheduler (and the API
 server its task runners report to) executes it, which `airflow` (make airflow) starts.
+
+`requeue-llm` resets the failure counters of dead-lettered items (ops.llm_attempts), so the next
+reason_items run sends them to the LLM again; see jobs/dead_letter.py.
 """
 
 from __future__ import annotations
@@ -331,6 +335,10 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
             r = {}  # never ran in this run: an older run's record would mislead
         print(f"{t:24} {state:10} {r.get('seconds') or 0:8.1f} {r.get('rows_in') or 0:9d} "
               f"{r.get('rows_out') or 0:9d} {r.get('rows_quarantined') or 0:8d}")
+    skipped = json.loads(by_task.get("reason_items", {}).get("metrics") or "{}").get("dead_lettered_skipped")
+    if skipped:
+        print(f"\nreason_items skipped {skipped} dead-lettered item(s) (quarantined as dead_letter): "
+              "python -m jobs.cli requeue-llm --list, then --item ID or --all once the cause is fixed")
     for t in order:
         if states and states.get(t) != "failed":
             continue
@@ -396,6 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--port", type=int, default=int(os.environ.get("AIRFLOW_PORT", "8080")))
     s = sub.add_parser("summary", help="print the summary of a run already made")
     s.add_argument("--run-id", required=True)
+    q = sub.add_parser("requeue-llm", help="let dead-lettered items reach the LLM again (reset their failure counters)",
+                       description="Reset the failed-attempt counters in ops.llm_attempts, so the next reason_items "
+                       "run sends the items to the LLM again. An item is dead-lettered (skipped, quarantined as "
+                       "dead_letter) once llm.dead_letter_after attempts of its content, prompt version and model "
+                       "failed. Exit 0: done or nothing to do; 1: a named item has no failed attempts (nothing "
+                       "changed); 2: bad arguments.")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--item", nargs="+", action="extend", metavar="ID", help="the item ids to requeue")
+    what.add_argument("--all", action="store_true", help="requeue every item with failed attempts")
+    what.add_argument("--list", action="store_true", help="list the items with failed attempts; change nothing")
+    q.add_argument("--lakehouse", help="root of the Delta tables (default: the configured lakehouse)")
     args = p.parse_args(argv)
     if args.cmd == "run":
         try:
@@ -410,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.airflow_server import serve
 
         return serve(args.host, args.port)
+    if args.cmd == "requeue-llm":
+        from jobs import dead_letter
+
+        cfg = load_config()
+        limit = int((cfg.get("llm") or {}).get("dead_letter_after", 3) or 0)
+        return dead_letter.main(resolve_path(args.lakehouse or cfg["lakehouse"]), args.item, args.all, args.list,
+                                limit)
     print_summary(args.run_id)
     return 0
 

@@ -5,7 +5,10 @@ model) has no knowledge row yet, so an unchanged nightly rerun makes zero LLM ca
 repartitioned so that partitions x per-partition concurrency equals the configured in-flight total
 (the server's batch capacity); each partition runs the async client inside `mapInPandas`. Items
 that still fail after retries go to silver.quarantine with the reason and the raw answer, and are
-picked up again by the next run.
+picked up again by the next run, until `llm.dead_letter_after` failed attempts of the same content,
+prompt version and model (counted in ops.llm_attempts): from then on the item is skipped and written
+to the quarantine as `dead_letter` in every run, until its content, the prompt or the model changes or
+an operator requeues it (`python -m jobs.cli requeue-llm`; see jobs/dead_letter.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import sys
 import time
 
+from jobs import dead_letter
 from jobs.context import JobResult, RunContext
 from jobs.runtime import StageFailed, cli_main, write_quarantine
 
@@ -103,6 +107,35 @@ def work_set(ctx: RunContext, prompt_version: str, model: str):
     return items.join(known, ["item_id", "content_hash"], "left_anti")
 
 
+def attempts(ctx: RunContext, prompt_version: str, model: str):
+    """This prompt version's and model's failure counters (ops.llm_attempts, created empty if missing)."""
+    from pyspark.sql import functions as F
+
+    from feature_store import delta
+    from feature_store.catalog import get
+
+    if not delta.exists(dead_letter.TABLE, ctx.root):
+        delta.ensure_table(ctx.spark, get(dead_letter.TABLE), ctx.root)
+    return (
+        delta.read_spark(ctx.spark, dead_letter.TABLE, ctx.root)
+        .filter((F.col("prompt_version") == prompt_version) & (F.col("model") == model))
+    )
+
+
+def _log_dead_letters(dead: list[dict], newly: list[str], limit: int, prompt_version: str, model: str) -> None:
+    hint = f"fix the cause (silver.quarantine has each failure's reason and raw answer), then requeue: " \
+           f"{dead_letter.REQUEUE_CMD} --item ID [ID ...] or --all ({dead_letter.REQUEUE_CMD} --list shows them)"
+    if dead:
+        ids = ", ".join(r["item_id"] for r in dead[:5]) + (", …" if len(dead) > 5 else "")
+        log.warning("reason_items: skipped %d dead-lettered item(s) (%d or more failed attempts with prompt %s and "
+                    "model %s; quarantined as %s): %s; %s", len(dead), limit, prompt_version, model,
+                    dead_letter.REASON, ids, hint)
+    if newly:
+        ids = ", ".join(newly[:5]) + (", …" if len(newly) > 5 else "")
+        log.warning("reason_items: %d item(s) reached %d failed attempts and are dead-lettered from the next run "
+                    "on: %s; %s", len(newly), limit, ids, hint)
+
+
 def run(ctx: RunContext) -> JobResult:
     from pyspark.sql import functions as F
 
@@ -113,15 +146,37 @@ def run(ctx: RunContext) -> JobResult:
     partitions = int((ctx.config.get("llm") or {}).get("partitions", 4))
     config = llm_config(ctx, partitions)
     model = model_name(config)
-    todo = work_set(ctx, PROMPT_VERSION, model)
+    limit = config.dead_letter_after
+    pending = work_set(ctx, PROMPT_VERSION, model)
+    counters = attempts(ctx, PROMPT_VERSION, model)
+    todo, dead = pending, []
+    if limit > 0:
+        over = counters.filter(F.col("failures") >= limit)
+        todo = pending.join(over.select("item_id", "content_hash"), ["item_id", "content_hash"], "left_anti")
+        dead = [r.asDict() for r in over.join(pending.select("item_id", "content_hash"),
+                                              ["item_id", "content_hash"], "left_semi").collect()]
+    dead.sort(key=lambda r: r["item_id"])
+    dead_records = [
+        {"source_table": "silver.item_knowledge", "key": r["item_id"], "stage": "reason_items",
+         "reason": dead_letter.dead_letter_reason(r, limit),
+         "payload": json.dumps({k: r[k] for k in (
+             "content_hash", "prompt_version", "model", "failures", "total_failures", "last_reason",
+             "first_failed_ds", "last_failed_ds", "last_failed_run_id", "requeued_at")}, default=str)}
+        for r in dead
+    ]
     total_items = current_items(ctx).count()
     n = todo.count()
-    log.info("reason_items: %d of %d items need knowledge (prompt %s, model %s, %d partitions x %d in flight)",
-             n, total_items, PROMPT_VERSION, model, partitions, config.max_concurrency)
+    log.info("reason_items: %d of %d items need knowledge, %d skipped as dead-lettered (prompt %s, model %s, "
+             "%d partitions x %d in flight)", n, total_items, len(dead), PROMPT_VERSION, model, partitions,
+             config.max_concurrency)
     metrics = {"prompt_version": PROMPT_VERSION, "model": model, "work_set": n, "catalog": total_items,
-               "partitions": partitions, "per_partition_concurrency": config.max_concurrency}
+               "partitions": partitions, "per_partition_concurrency": config.max_concurrency,
+               "dead_letter_after": limit, "dead_lettered_skipped": len(dead)}
     if n == 0:
-        return JobResult(rows_in=0, rows_out=0, metrics={**metrics, "llm_calls": 0})
+        write_quarantine(ctx, dead_records)
+        _log_dead_letters(dead, [], limit, PROMPT_VERSION, model)
+        return JobResult(rows_in=len(dead), rows_out=0, rows_quarantined=len(dead),
+                         metrics={**metrics, "llm_calls": 0, "failed": 0, "newly_dead_lettered": 0})
     t0 = time.monotonic()
     try:
         results = (
@@ -152,17 +207,40 @@ def run(ctx: RunContext) -> JobResult:
             "key": r["item_id"],
             "stage": "reason_items",
             "reason": (r["error"] or "failed")[:500],
-            "payload": json.dumps({"content_hash": r["content_hash"], "raw": (r["raw"] or "")[:4000]}),
+            "payload": json.dumps({"content_hash": r["content_hash"], "prompt_version": PROMPT_VERSION,
+                                   "model": model, "raw": (r["raw"] or "")[:4000]}),
         }
         for r in failed
-    ])
+    ] + dead_records)
+    # Count this run's failures (and close the counters of keys that succeeded now).
+    seen = counters.join(results.select("item_id", "content_hash", F.col("status").alias("_now")),
+                         ["item_id", "content_hash"], "inner").collect()
+    previous = {tuple(r[k] for k in dead_letter.KEY): {k: v for k, v in r.asDict().items() if k != "_now"}
+                for r in seen}
+    rows = dead_letter.attempt_rows(
+        previous,
+        [{"item_id": r["item_id"], "content_hash": r["content_hash"], "prompt_version": PROMPT_VERSION,
+          "model": model, "reason": r["error"]} for r in failed],
+        [tuple(r[k] for k in dead_letter.KEY) for r in seen if r["_now"] == "ok"],
+        ctx.ds, ctx.run_id,
+    )
+    if rows:
+        from feature_store.catalog import get
+
+        delta.merge(spark, spark.createDataFrame(rows, delta.spark_schema(get(dead_letter.TABLE))),
+                    dead_letter.TABLE, ctx.root)
+    newly = sorted(r["item_id"] for r in rows if r["status"] == "failing" and 0 < limit <= r["failures"])
+    _log_dead_letters(dead, newly, limit, PROMPT_VERSION, model)
     agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls")).collect()[0]
     metrics.update({
         "ok": n_ok, "failed": len(failed), "seconds": round(seconds, 2),
         "items_per_second": round(n / seconds, 2) if seconds else None,
         "tokens_in": int(agg[0] or 0), "tokens_out": int(agg[1] or 0), "llm_calls": int(agg[2] or 0),
+        "newly_dead_lettered": len(newly),
     })
-    return JobResult(rows_in=n, rows_out=n_ok, rows_quarantined=len(failed), metrics=metrics)
+    # Every input item ends as a knowledge row or a quarantine row (a failure, or a dead letter).
+    return JobResult(rows_in=n + len(dead), rows_out=n_ok, rows_quarantined=len(failed) + len(dead),
+                     metrics=metrics)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class LLMConfig(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int = Field(1024, ge=16)
     circuit_failures: int = Field(20, ge=1)
+    # Dead-letter policy of the reason_items job (the client itself never reads it): an item whose
+    # (content_hash, prompt_version, model) failed this many attempts is skipped until its content,
+    # the prompt or the model changes or an operator requeues it. 0 = never dead-letter.
+    dead_letter_after: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _resolve(self) -> LLMConfig:
