@@ -1,0 +1,312 @@
+"""REG4Rec's generative recommender: constrained decoding, dynamic step order, CORP, rewards, a short run.
+
+Decoding tests use small hand-made token catalogues and an untrained (or scripted) head; the end-to-end
+test reuses the ranker's tiny Delta lakehouse (tests/test_ranker.py) plus a silver.item_knowledge table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_ranker import CB, DS, N_ITEMS, build_lakehouse, item_id, sequence_rows, write
+
+from feature_store import delta
+from models.generative import (
+    GenerativeConfig,
+    GenerativeRecommender,
+    aggregate,
+    alignment_examples,
+    banned_matrix,
+    beam_search,
+    build_catalog,
+    build_examples,
+    corp_keep,
+    dense_scores,
+    item_logprob,
+    item_rewards,
+    load_category_paths,
+)
+from models.ranker_data import DataError, ItemFeatures, load_item_features, pin
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(d_model=16, n_layers=1, n_heads=2, dropout=0.0, max_len=10)
+
+
+def fake_feats(tuples: list[list[int] | None], sizes: list[int]) -> ItemFeatures:
+    """ItemFeatures holding only MPQ columns; None = an item without tokens (the reader's missing code)."""
+    n, m = len(tuples), len(sizes)
+    codes = np.zeros((n + 1, m), dtype=np.int64)
+    codes[0] = sizes
+    for i, t in enumerate(tuples, 1):
+        codes[i] = sizes if t is None else t
+    return ItemFeatures(item_ids=[f"i{i:03d}" for i in range(n)], codebook_version="cb", embedder=None,
+                        sid_codes=codes, sid_sizes=[s + 1 for s in sizes],
+                        sid_columns=[f"mpq_{e}" for e in range(m)], knowledge=np.zeros((n + 1, 1), np.float32),
+                        knowledge_ok=np.zeros(n + 1, bool))
+
+
+def random_catalog(seed: int = 0, n: int = 40, sizes=(5, 4, 6)):
+    rng = np.random.default_rng(seed)
+    all_tuples = np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"), -1).reshape(-1, len(sizes))
+    picked = all_tuples[rng.choice(len(all_tuples), n, replace=False)].tolist()
+    tuples: list = list(picked)
+    tuples.append(list(picked[3]))  # item 41 shares item 4's tuple
+    tuples.append(None)  # item 42 has no tokens
+    return fake_feats(tuples, list(sizes))
+
+
+def untrained(cat, seed=0):
+    torch.manual_seed(seed)
+    return GenerativeRecommender(cat, GenerativeConfig(**TINY)).eval()
+
+
+# ---------------------------------------------------------------- constrained decoding
+
+
+def test_catalog_counts_shared_tuples_and_items_without_tokens():
+    cat = build_catalog(random_catalog())
+    assert cat.stats["items_without_mpq"] == 1 and cat.stats["items_sharing_a_tuple"] == 2
+    assert cat.stats["shared_tuples"] == 1 and not bool(cat.has_tokens[42]) and not bool(cat.has_tokens[0])
+    with pytest.raises(DataError, match="no MPQ tokens"):
+        f = random_catalog()
+        build_catalog(ItemFeatures(f.item_ids, "cb", None, f.sid_codes[:, :0], [], [], f.knowledge, f.knowledge_ok))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_constrained_decoding_yields_only_real_items_with_their_path_scores(dynamic):
+    feats = random_catalog()
+    cat = build_catalog(feats)
+    model = untrained(cat)
+    h = torch.randn(3, 16)
+    history = torch.tensor([[1, 2, 0], [5, 0, 0], [4, 7, 9]])
+    banned = banned_matrix(history, cat.n_items)
+    first = list(range(cat.n_experts)) if dynamic else [0]
+    items, scores = beam_search(model, cat, h, banned, first, dynamic=dynamic, beam=5)
+    reached = torch.isfinite(scores)
+    assert reached.any(-1).all()
+    for b in range(3):
+        got = items[b][reached[b]]
+        assert cat.has_tokens[got].all(), "only items with MPQ tokens can be produced"
+        assert not banned[b, got].any(), "history items are never produced"
+        # every beam names a tuple of the catalogue: at most beam x paths distinct tuples
+        assert len({tuple(cat.codes[i].tolist()) for i in got.tolist()}) <= 5 * len(first)
+
+
+def test_exhaustive_fixed_order_beam_scores_every_item_by_its_path_probability():
+    feats = random_catalog()
+    cat = build_catalog(feats)
+    model = untrained(cat, seed=1)
+    h = torch.randn(2, 16)
+    banned = banned_matrix(torch.tensor([[3], [0]]), cat.n_items)
+    items, scores = beam_search(model, cat, h, banned, [0], dynamic=False, beam=1000)
+    dense = dense_scores(items, scores, cat.n_items)[:, 0]
+    real = torch.arange(cat.n_items + 1)[cat.has_tokens]
+    for b in range(2):
+        ok = real[~banned[b, real]]
+        assert torch.isfinite(dense[b, ok]).all() and torch.isinf(dense[b, 42]) and torch.isinf(dense[b, 0])
+        order = torch.arange(cat.n_experts)[None]
+        lp = item_logprob(model, h[b: b + 1], ok[None], order)[0]
+        share = cat.tuple_count[ok].float().log()
+        assert torch.allclose(dense[b, ok], lp - share, atol=1e-4)
+    # Two items sharing a tuple split its probability: equal scores, log 2 below the tuple's path score.
+    assert dense[1, 4] == dense[1, 41]
+
+
+class ScriptedHead:
+    """A head whose logits are fixed per expert and record the committed sets it is asked about."""
+
+    def __init__(self, peaks: dict[int, list[tuple[int, float]]], m: int, k: int):
+        self.peaks, self.m, self.k = peaks, m, k
+        self.calls: list[torch.Tensor] = []
+
+    def head(self, h, committed, tokens):
+        self.calls.append(committed.clone())
+        logits = torch.zeros(*h.shape[:-1], self.m, self.k)
+        for e, peaks in self.peaks.items():
+            for tok, v in peaks:
+                logits[..., e, tok] = v
+        return logits
+
+
+def test_dynamic_order_commits_the_expert_whose_best_valid_token_is_most_confident():
+    # After committing expert 0 = token 0 the consistent items are 1 and 2: expert 1 tokens {1},
+    # expert 2 tokens {0, 1}. Expert 2's globally best token (3) names no consistent item, so it must not
+    # count: constrained, expert 1 (token 1 at logit 4) is more confident than expert 2 (token 0 at 1).
+    feats = fake_feats([[0, 1, 0], [0, 1, 1], [1, 0, 3], [2, 2, 2]], [3, 3, 4])
+    cat = build_catalog(feats)
+    script = ScriptedHead({0: [(0, 6.0)], 1: [(1, 4.0)], 2: [(3, 9.0), (0, 1.0)]}, m=3, k=4)
+    h = torch.zeros(1, 8)
+    banned = banned_matrix(torch.zeros(1, 1, dtype=torch.long), cat.n_items)
+    items, scores = beam_search(script, cat, h, banned, [0], dynamic=True, beam=1)
+    second = script.calls[2][0, 0, 0]  # committed set of the top beam when step 3 is scored
+    assert second.tolist() == [True, True, False], "expert 1 is committed second"
+    reached = items[0, 0][torch.isfinite(scores[0, 0])].tolist()
+    assert reached == [1]  # token 0 of expert 2 beats token 1 under the script
+    # Unconstrained confidence would have picked expert 2 (logit 9): the fixed order differs here.
+    script2 = ScriptedHead({0: [(0, 6.0)], 1: [(1, 0.5)], 2: [(0, 3.0)]}, m=3, k=4)
+    beam_search(script2, cat, h, banned, [0], dynamic=True, beam=1)
+    assert script2.calls[2][0, 0, 0].tolist() == [True, False, True]
+
+
+# ---------------------------------------------------------------- CORP
+
+
+def test_corp_drops_the_disagreeing_path_and_the_path_without_items():
+    n = 30
+    s = torch.full((2, 4, n + 1), float("-inf"))
+    for p in (0, 1):
+        s[0, p, 1:11] = torch.linspace(-1, -5, 10)
+    s[0, 2, 5:15] = torch.linspace(-1, -5, 10)  # half its top items agree with the others
+    s[0, 3, 20:30] = torch.linspace(-0.5, -2, 10)  # confident, but disagrees with everyone
+    keep, agreement = corp_keep(s[:1], top_k=10, min_agreement=0.3)
+    assert keep[0].tolist() == [True, True, True, False]
+    assert agreement[0, 3] == 0 and agreement[0, 2] == pytest.approx(0.6)
+    # user 2: path 0 reaches nothing, the others disagree pairwise: fallback keeps every path with items
+    s[1, 1, 1:3] = -1.0
+    s[1, 2, 5:7] = -1.0
+    s[1, 3, 9:11] = -1.0
+    keep, _ = corp_keep(s, top_k=10, min_agreement=0.3)
+    assert keep[1].tolist() == [False, True, True, True]
+    agg = aggregate(s[:1], keep[:1])
+    assert torch.isinf(agg[0, 25]), "items only the pruned path reached are not ranked"
+    assert agg[0, 1] == pytest.approx(float(torch.log(torch.exp(s[0, :2, 1]).sum() / 3)))
+    assert torch.isfinite(aggregate(s[:1])[0, 25])  # without pruning it would have been ranked
+
+
+# ---------------------------------------------------------------- PARS / MSRA rewards
+
+
+def test_alignment_examples_and_msra_rewards_never_use_validation_or_test_targets():
+    seq = np.arange(1, 11)  # 10 distinct items; 9 = validation target, 10 = test target
+    rng = np.random.default_rng(0)
+    cfg = GenerativeConfig(msra_horizon=3, msra_weight=0.6, msra_discount=0.5, pars_partial_credit=0.4)
+    for _ in range(50):
+        for ex in alignment_examples(seq, rng, per_user=8, max_len=50, horizon=3):
+            seen = {ex.target, *ex.future.tolist(), *ex.input.tolist(), *ex.history.tolist()}
+            assert not seen & {9, 10}
+            t = int(np.flatnonzero(seq == ex.target)[0])
+            assert ex.future.tolist() == seq[t + 1: min(t + 4, 8)].tolist()
+    paths = [None, *[["A", "B", "C"]] * 8, ["A", "B", "X"], ["A", "B", "C"]]
+    cands = np.array([5, 6, 7, 9, 10, 2, 0])
+    r = item_rewards(cands, target=5, future=np.array([6, 7]), paths=paths, config=cfg, msra=True)
+    assert r[0] == 1.0
+    assert r[1] == pytest.approx(0.6) and r[2] == pytest.approx(0.4)  # max(0.6 * 0.5, 0.4 * 3/3)
+    assert r[3] == pytest.approx(0.4 * 2 / 3) and r[4] == pytest.approx(0.4)  # category credit only
+    assert r[6] == 0.0
+    plain = item_rewards(cands, target=5, future=np.array([6, 7]), paths=paths, config=cfg, msra=False)
+    assert plain[1] == pytest.approx(0.4) and plain[0] == 1.0
+    # Too short for a training target: no example at all.
+    assert alignment_examples(np.array([1, 2, 3]), rng, 4, 50, 3) == []
+
+
+def knowledge_rows(n: int = N_ITEMS) -> list[dict]:
+    return [{"item_id": item_id(i), "content_hash": "h", "prompt_version": "p", "model": "m",
+             "category_path": ["Root", f"dept{i % 3}", f"leaf{i % 6}"], "status": "ok", "ds": DS, "run_id": "test"}
+            for i in range(n)]
+
+
+@pytest.fixture
+def glake(tmp_path) -> str:
+    root = build_lakehouse(tmp_path / "lh", n_users=60)
+    write(root, "silver.item_knowledge", knowledge_rows())
+    return str(root)
+
+
+def test_examples_from_the_lakehouse_hold_no_held_out_target(glake):
+    pinned = pin(glake, tables=("gold.user_sequences", "gold.item_semantic_ids", "silver.item_embeddings",
+                                "silver.item_knowledge"))
+    feats = load_item_features(pinned)
+    index = feats.index()
+    held = {}
+    for r in delta.read_arrow("gold.user_sequences", glake).to_pylist():
+        seq = [index[i] for i in r["item_ids"]]
+        held[tuple(seq[:-2])] = {index[r["valid_item_id"]], index[r["test_item_id"]]}
+    examples = build_examples(pinned, feats, GenerativeConfig(pars_examples_per_user=10))
+    assert examples
+    for ex in examples:
+        # the walks never repeat an item, so a held-out target may not appear anywhere in an example
+        key = next(k for k in held if list(k[: len(ex.history)]) == ex.history.tolist()
+                   and len(k) > len(ex.history) and k[len(ex.history)] == ex.target)
+        assert not ({ex.target, *ex.future.tolist(), *ex.input.tolist()} & held[key])
+    paths, stats = load_category_paths(pinned, feats)
+    assert stats["items_with_category_path"] == N_ITEMS and paths[index[item_id(4)]] == ["Root", "dept1", "leaf4"]
+
+
+# ---------------------------------------------------------------- end to end
+
+SMALL = dict(d_model=16, n_layers=1, n_heads=2, batch_size=16, lr=5e-3, dropout=0.1, max_epochs=3, patience=3,
+             beam=8, pars_epochs=1, pars_examples_per_user=2, eval_batch_size=64, select_users=0)
+
+
+def test_short_training_run_end_to_end_records_the_run_and_checkpoints(glake, tmp_path):
+    from jobs.train_generative import train
+
+    torch.set_num_threads(1)
+    config = GenerativeConfig(seed=2, **SMALL)
+    out = train(glake, config, ds=DS, artifacts=str(tmp_path / "art"), progress=False)
+    m = out["metrics"]
+    assert set(m["variants"]) == {"fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra"}
+    for r in m["variants"].values():
+        assert set(r["test"]) == {f"{k}@{n}" for k in ("recall", "ndcg") for n in (5, 10, 20)}
+        assert all(0.0 <= v <= 1.0 for v in r["test"].values()) and r["users_per_second"] > 0
+    assert m["test_users"] == 60 and m["alignment_examples"] > 0
+    base = [h for h in m["history"] if h["stage"] == "base"]
+    assert base[-1]["loss"] < base[0]["loss"]
+    ckpt = Path(m["checkpoint_dir"])
+    assert ckpt.parent.name == "generative" and {p.name for p in ckpt.iterdir()} >= {"base.pt", "pars.pt", "msra.pt",
+                                                                                   "meta.json"}
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["table_versions"]["gold.user_sequences"] == delta.table_version("gold.user_sequences", glake)
+    runs = delta.read_arrow("ops.training_runs", glake).to_pylist()
+    assert [r["run_id"] for r in runs] == ["train_generative__2026-11-22__s2"]
+    assert runs[0]["model"].startswith("generative:") and runs[0]["device"] == "cpu"
+    assert json.loads(runs[0]["config"])["codebook_version"] == CB
+    # Another table version is another checkpoint version.
+    write(Path(glake), "gold.user_sequences", sequence_rows(60, seed=4), mode="overwrite")
+    out2 = train(glake, GenerativeConfig(seed=2, **{**SMALL, "max_epochs": 1}), ds=DS, artifacts=str(tmp_path / "art"),
+                 progress=False, record=False, variants=["fixed_order"])
+    assert out2["metrics"]["version"] != m["version"]
+
+
+def test_codebook_version_mismatch_is_a_clear_error(glake):
+    from jobs.train_generative import load_data
+
+    write(Path(glake), "gold.user_sequences", sequence_rows(20, version="cb-other"), mode="overwrite")
+    with pytest.raises(DataError, match="codebook version mismatch"):
+        load_data(glake, GenerativeConfig(**SMALL))
+
+
+def test_cli_help_and_a_clear_error_on_a_missing_lakehouse(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "jobs.train_generative", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, env=env)
+    assert p.returncode == 0 and "ops.training_runs" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "jobs.train_generative", "--lakehouse", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 1 and "train_generative failed" in p.stderr and "not written yet" in p.stderr
+
+
+def test_train_generative_dag_is_scheduled_on_the_published_gold_assets(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    from airflow.models import DagBag
+
+    from jobs.callbacks import on_failure
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["train_generative"]
+    published = {a.uri for a in bag.dags["reaseq_nightly"].get_task("publish").outlets}
+    assert {a.uri for a in dag.timetable.asset_condition.objects} == published
+    assert [t.task_id for t in dag.tasks] == ["train_generative"] and dag.max_active_runs == 1
+    assert on_failure in list(dag.tasks[0].on_failure_callback or [])
+
+
+_ = dt  # keep the datetime import for readers adapting the fixtures
