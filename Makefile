@@ -37,7 +37,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker train lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker bench-generative train train-generative lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -89,7 +89,7 @@ browser: ## headless Chromium for the report test (Debian's package; best effort
 test: setup browser ## run the test suite
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-llm bench-sids bench-beyond bench-ranker ## all benchmarks (results in bench/results/)
+bench: bench-llm bench-sids bench-beyond bench-ranker bench-generative ## all benchmarks (results in bench/results/)
 
 bench-llm: setup ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
 	@$(PY) -m bench.llm_fanout
@@ -105,6 +105,12 @@ bench-beyond: setup ## beyond-log inference hit rate: masked diffusion vs popula
 
 bench-ranker: setup ## ranker ablation (id_only, +semantic_ids, +knowledge, +beyond_log, all; 3 seeds) on the real feature lakehouses
 	@$(PY) -m bench.ranker
+
+bench-generative: setup ## generative recommender ablation (fixed_order, +dynamic_paths, +corp, +pars, +msra; 3 seeds) on the real feature lakehouses
+	@$(PY) -m bench.generative
+
+train-generative: setup ## train REG4Rec's generative recommender on the current lakehouse: make train-generative [SEED=0] [EPOCHS=20]
+	@$(PY) -m jobs.train_generative $(if $(SEED),--seed $(SEED)) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 train: setup ## train the sequential ranker on the current lakehouse: make train [VARIANT=all] [SEED=0] [EPOCHS=60]
 	@$(PY) -m jobs.train_ranker $(if $(VARIANT),--variant "$(VARIANT)") $(if $(SEED),--seed $(SEED)) $(if $(EPOCHS),--epochs $(EPOCHS))
