@@ -433,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         from jobs import dead_letter
 
         cfg = load_config()
-        limit = int((cfg.get("llm") or {}).get("dead_letter_after", 3) or 0)
+        raw = (cfg.get("llm") or {}).get("dead_letter_after", 3)
+        try:
+            limit = int(raw or 0)
+        except (TypeError, ValueError):
+            print(f"llm.dead_letter_after={raw!r} is not a whole number: fix conf/default.yaml or "
+                  "REASEQ__LLM__DEAD_LETTER_AFTER", file=sys.stderr)
+            return 2
         return dead_letter.main(resolve_path(args.lakehouse or cfg["lakehouse"]), args.item, args.all, args.list,
                                 limit)
     print_summary(args.run_id)

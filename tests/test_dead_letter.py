@@ -163,3 +163,13 @@ def test_attempt_rows_count_failures_and_close_on_success():
     assert (ok["failures"], ok["total_failures"], ok["status"]) == (0, 2, "ok")
     assert dead_letter.attempt_rows({key: ok}, [], [key], ds, "r4") == [], "an ok counter is not rewritten"
     assert dead_letter.attempt_rows({}, [], [key], ds, "r5") == [], "items that never failed have no counter"
+
+
+def test_requeue_with_a_limit_that_is_no_number_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REASEQ__LAKEHOUSE", str(tmp_path / "lakehouse"))
+    monkeypatch.setenv("REASEQ__LLM__DEAD_LETTER_AFTER", "three")
+    assert cli.main(["requeue-llm", "--list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("llm.dead_letter_after='three' is not a whole number: fix conf/default.yaml or "
+                   "REASEQ__LLM__DEAD_LETTER_AFTER")
+    assert not (tmp_path / "lakehouse").exists()
