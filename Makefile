@@ -87,7 +87,7 @@ browser: ## headless Chromium for the report test (Debian's package; best effort
 	  echo "setup: chromium not installed; the report's browser test will be skipped"; }
 
 test: setup browser ## run the test suite
-	@$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: bench-llm bench-sids bench-beyond bench-ranker bench-generative ## all benchmarks (results in bench/results/)
 
