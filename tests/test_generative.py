@@ -32,6 +32,7 @@ from models.generative import (
     item_logprob,
     item_rewards,
     load_category_paths,
+    user_sequences,
 )
 from models.ranker_data import DataError, ItemFeatures, load_item_features, pin
 
@@ -224,17 +225,16 @@ def test_examples_from_the_lakehouse_hold_no_held_out_target(glake):
                                 "silver.item_knowledge"))
     feats = load_item_features(pinned)
     index = feats.index()
-    held = {}
-    for r in delta.read_arrow("gold.user_sequences", glake).to_pylist():
-        seq = [index[i] for i in r["item_ids"]]
-        held[tuple(seq[:-2])] = {index[r["valid_item_id"]], index[r["test_item_id"]]}
-    examples = build_examples(pinned, feats, GenerativeConfig(pars_examples_per_user=10))
-    assert examples
-    for ex in examples:
+    held = {r["user_id"]: {index[r["valid_item_id"]], index[r["test_item_id"]]}
+            for r in delta.read_arrow("gold.user_sequences", glake).to_pylist()}
+    rng = np.random.default_rng(0)
+    n = 0
+    for user, seq in user_sequences(pinned, feats):
         # the walks never repeat an item, so a held-out target may not appear anywhere in an example
-        key = next(k for k in held if list(k[: len(ex.history)]) == ex.history.tolist()
-                   and len(k) > len(ex.history) and k[len(ex.history)] == ex.target)
-        assert not ({ex.target, *ex.future.tolist(), *ex.input.tolist()} & held[key])
+        for ex in alignment_examples(seq, rng, per_user=10, max_len=50, horizon=3):
+            assert not ({ex.target, *ex.future.tolist(), *ex.input.tolist(), *ex.history.tolist()} & held[user])
+            n += 1
+    assert n > 0 and len(build_examples(pinned, feats, GenerativeConfig(pars_examples_per_user=10))) == n
     paths, stats = load_category_paths(pinned, feats)
     assert stats["items_with_category_path"] == N_ITEMS and paths[index[item_id(4)]] == ["Root", "dept1", "leaf4"]
 
