@@ -95,12 +95,12 @@ class GenerativeConfig:
     beam_rows: int = 12800  # users x paths x beams decoded at once (memory bound)
     # PARS: DPO-style pairwise preference optimisation against a frozen reference copy
     pars_epochs: int = 2
-    pars_lr: float = 5e-4
-    pars_beta: float = 0.5
+    pars_lr: float = 1e-4
+    pars_beta: float = 0.1
     pars_negatives: int = 8  # rejected items per example, from the current model's decode
     pars_partial_credit: float = 0.5  # reward of a wrong item sharing the target's whole category path
     pars_min_margin: float = 0.05  # pairs need a reward gap at least this large
-    pars_sft_weight: float = 0.5  # + the training cross-entropy on the example's target
+    pars_sft_weight: float = 1.0  # + the training cross-entropy on the example's target
     pars_examples_per_user: int = 2  # training positions per user drawn for alignment
     # MSRA: the user's next few *training* interactions after the target also earn reward
     msra_horizon: int = 3
