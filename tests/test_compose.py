@@ -78,3 +78,10 @@ def test_executors_get_the_object_store_credentials():
         env = SERVICES[w]["environment"]
         assert env["REASEQ_S3_ENDPOINT"] == "http://minio:9000"
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+
+
+def test_airflow_services_call_the_airflow_cli_the_project_image_has_no_airflow_entrypoint():
+    for name, sub in (("airflow-apiserver", "api-server"), ("airflow-scheduler", "scheduler"),
+                      ("airflow-dag-processor", "dag-processor")):
+        assert SERVICES[name]["command"] == ["airflow", sub], name
+    assert "airflow db migrate" in " ".join(SERVICES["airflow-init"]["command"])
