@@ -149,14 +149,25 @@ def submit_env(env: dict[str, str], master: str | None) -> dict[str, str]:
     return env
 
 
-def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False, master: str | None = None) -> int:
-    err, data = _check_dataset(dataset, data)
+def _prepare(dataset: str, data: str | None, master: str | None,
+             err: str | None = None) -> tuple[dict[str, str] | None, str | None]:
+    """Check every argument before anything is written (no Airflow DB, no log folder, no table); then
+    the Airflow environment with its DB migrated. (None, _) after printing the one-line error."""
+    if not err:
+        err, data = _check_dataset(dataset, data)
     err = err or _check_master(master)
     if err:
         print(err, file=sys.stderr)
-        return 2
+        return None, data
     env = submit_env(airflow_env(), master)
     ensure_airflow_db(env)
+    return env, data
+
+
+def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False, master: str | None = None) -> int:
+    env, data = _prepare(dataset, data, master)
+    if env is None:
+        return 2
     rc, states, log_path, _ = _dags_test(env, dataset, data, ds, quiet)
     run_id = states.get("__run_id__")
     print_summary(run_id, states)
@@ -226,16 +237,10 @@ def backfill_days(start: str | None, end: str | None,
 
 def run_backfill(start: str | None, end: str | None, dataset: str, data: str | None, quiet: bool = False,
                  master: str | None = None) -> int:
-    # Everything is checked before anything is written (no Airflow DB, no log folder, no table).
     days, err = backfill_days(start, end)
-    if not err:
-        err, data = _check_dataset(dataset, data)
-    err = err or _check_master(master)
-    if err:
-        print(err, file=sys.stderr)
+    env, data = _prepare(dataset, data, master, err)
+    if env is None:
         return 2
-    env = submit_env(airflow_env(), master)
-    ensure_airflow_db(env)
     n = len(days)
     print(f"backfill of {DAG_ID} on dataset={dataset}: {n} day{'s' * (n != 1)}, {days[0]} .. {days[-1]}", flush=True)
     results: list[dict] = []

@@ -157,10 +157,10 @@ def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict 
         "spark.pyspark.driver.python": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
         "spark.executorEnv.PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).resolve().parent.parent)),
     }
-    if s3a_packages():
+    if lakehouse_is_s3a():
         conf["spark.jars.packages"] = ",".join(s3a_packages())
         conf["spark.jars.ivy"] = str(cache_dir() / "ivy")
-    conf.update(s3a_conf())
+        conf.update(s3a_conf())
     conf.update(extra or {})
     return conf
 
