@@ -3,7 +3,7 @@
 Incremental by content: the work set is the items whose (item_id, content_hash, prompt_version,
 model) has no knowledge row yet, so an unchanged nightly rerun makes zero LLM calls. The work set is
 repartitioned so that partitions x per-partition concurrency equals the configured in-flight total
-(the server's batch capacity); each partition runs the async client inside `mapInPandas`. Items
+(the server's batch capacity); each partition runs the async client inside `mapInArrow`. Items
 that still fail after retries go to silver.quarantine with the reason and the raw answer, and are
 picked up again by the next run, until `llm.dead_letter_after` failed attempts of the same content,
 prompt version and model (counted in ops.llm_attempts): from then on the item is skipped and written
@@ -46,20 +46,23 @@ def llm_config(ctx: RunContext, partitions: int):
     return LLMConfig(**cfg, max_concurrency=max(1, total // max(1, partitions)))
 
 
-def _partition_fn(config_json: str):
-    def fn(frames):
-        import pandas as pd
+def _partition_fn(config_json: str, schema):
+    """One Spark task: the partition's items through the async multi-agent client, as Arrow.
+
+    mapInArrow rather than mapInPandas: the rows become plain dicts either way, and a fresh Python
+    worker then never imports pandas (about 1.2 s of a 2-core machine's time per worker, paid before
+    the first request could leave).
+    """
+
+    def fn(batches):
+        import pyarrow as pa
 
         from llm_agents import ItemInput, LLMConfig, reason_items
 
         config = LLMConfig.model_validate_json(config_json)
-        frames = list(frames)
-        if not frames:
+        items = [ItemInput.from_record(r) for b in batches for r in b.to_pylist()]
+        if not items:
             return
-        rows = pd.concat(frames, ignore_index=True)
-        if rows.empty:
-            return
-        items = [ItemInput.from_record(r) for r in rows.to_dict("records")]
         start = time.monotonic()
         last = [start]
 
@@ -79,7 +82,7 @@ def _partition_fn(config_json: str):
             d["attributes_json"] = json.dumps(d.pop("attributes") or {}, ensure_ascii=False)
             d["field_confidence_json"] = json.dumps(d.pop("field_confidence") or {})
             out.append(d)
-        yield pd.DataFrame(out)
+        yield pa.RecordBatch.from_pylist(out, schema=schema)
 
     return fn
 
@@ -137,7 +140,9 @@ def _log_dead_letters(dead: list[dict], newly: list[str], limit: int, prompt_ver
 
 
 def run(ctx: RunContext) -> JobResult:
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import to_arrow_schema
 
     from feature_store import delta
     from llm_agents import PROMPT_VERSION, model_name
@@ -165,6 +170,8 @@ def run(ctx: RunContext) -> JobResult:
         for r in dead
     ]
     total_items = current_items(ctx).count()
+    # Computed once, counted, then fanned out from the cache (not planned and read a second time).
+    todo = todo.repartition(partitions, "item_id").persist(StorageLevel.MEMORY_AND_DISK)
     n = todo.count()
     log.info("reason_items: %d of %d items need knowledge, %d skipped as dead-lettered (prompt %s, model %s, "
              "%d partitions x %d in flight)", n, total_items, len(dead), PROMPT_VERSION, model, partitions,
@@ -173,15 +180,16 @@ def run(ctx: RunContext) -> JobResult:
                "partitions": partitions, "per_partition_concurrency": config.max_concurrency,
                "dead_letter_after": limit, "dead_lettered_skipped": len(dead)}
     if n == 0:
+        todo.unpersist()
         write_quarantine(ctx, dead_records)
         _log_dead_letters(dead, [], limit, PROMPT_VERSION, model)
         return JobResult(rows_in=len(dead), rows_out=0, rows_quarantined=len(dead),
                          metrics={**metrics, "llm_calls": 0, "failed": 0, "newly_dead_lettered": 0})
+    result_schema = to_arrow_schema(spark.createDataFrame([], RESULT_DDL).schema)
     t0 = time.monotonic()
     try:
         results = (
-            todo.repartition(partitions, "item_id")
-            .mapInPandas(_partition_fn(config.model_dump_json()), RESULT_DDL)
+            todo.mapInArrow(_partition_fn(config.model_dump_json(), result_schema), RESULT_DDL)
             .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
         )
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
@@ -189,6 +197,8 @@ def run(ctx: RunContext) -> JobResult:
         if lines:
             raise StageFailed(lines[-1].split("BackendUnavailable: ", 1)[-1].strip()) from None
         raise
+    finally:
+        todo.unpersist()
     seconds = time.monotonic() - t0
     ok = results.filter(F.col("status") == "ok")
     knowledge = (

@@ -48,8 +48,9 @@ class ItemInput:
     def from_record(cls, row: Mapping[str, Any]) -> ItemInput:
         """Build from a bronze.catalog_items row as pandas/Arrow hand it over.
 
-        Inside `mapInPandas` an Arrow map arrives as a list of (key, value) tuples, a list as a
-        numpy array and a null price as NaN; this normalises all of them so callers do not have to.
+        An Arrow map arrives as a list of (key, value) tuples (`mapInArrow`, `to_pylist`), and under
+        pandas a list as a numpy array and a null price as NaN; this normalises all of them so callers
+        do not have to.
         """
         return cls(
             item_id=str(row["item_id"]),

@@ -9,7 +9,14 @@ the client's process to themselves, run it as a separate process:
 
 Capacity model: at most `capacity` requests are in service at once, each taking `latency_s`; the
 rest wait in a queue of up to `queue_limit`, beyond which the server answers 429 at once (as vLLM
-front-ends behind a gateway do). Faults are injected per request by rate (`faults`) or in arrival
+front-ends behind a gateway do). Service is scheduled on `capacity` slots in the loop's clock: a
+request starts when it arrives or when the earliest slot frees, whichever is later, and ends exactly
+`latency_s` after it starts, so the slots are the GPU and the event loop the API front-end: a loop
+slowed by the machine's load delays answers but does not stretch the GPU's service time (with an
+asyncio.Semaphore, a slot would stay held until the loop got round to releasing it, and a
+benchmark would bill the client for the fake server's own lag). `GET /stats` (not part of the
+OpenAI API) returns the counters and the service window, first slot taken to last one freed, from
+which a benchmark reads how busy its client kept the slots; `DELETE /stats` resets them. Faults are injected per request by rate (`faults`) or in arrival
 order (`script`): "429", "500", "stall" (hold the request past any sane client timeout, then drop
 the connection), "disconnect" (drop the connection without answering), "truncated" (JSON cut in
 half, finish_reason "length"), "schema" (valid JSON that violates the requested schema).
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import json
 import random
 import re
@@ -89,12 +97,16 @@ class FakeOpenAIServer:
         self.requests: list[dict[str, Any]] = []  # request bodies, when record=True
         self.max_in_service = 0
         self.max_queued = 0
-        self._in_service = 0
+        # Service accounting for benchmarks (GET /stats): slot-seconds actually held, and the window
+        # from the first slot taken to the last one given back.
+        self.busy_s = 0.0
+        self.first_service: float | None = None
+        self.last_service: float | None = None
         self._queued = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._slots: list[float] = []  # heap: when each service slot is next free (loop clock)
         self._conns: set[asyncio.Task[Any]] = set()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -122,7 +134,7 @@ class FakeOpenAIServer:
         assert loop is not None
         asyncio.set_event_loop(loop)
         try:
-            self._sem = asyncio.Semaphore(self.capacity)
+            self._slots = [0.0] * self.capacity
             self._server = loop.run_until_complete(
                 asyncio.start_server(self._connection, self.host, self.port, backlog=4096, reuse_address=True)
             )
@@ -228,6 +240,10 @@ class FakeOpenAIServer:
     async def _dispatch(
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, Any, dict[str, str]]:
+        if path.rstrip("/") == "/stats" and method in ("GET", "DELETE"):  # not OpenAI: for benchmarks
+            if method == "DELETE":
+                self.reset_service_stats()
+            return 200, self.service_stats(), {}
         self.stats["requests"] += 1
         if method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
             self.stats["status_404"] += 1
@@ -262,22 +278,52 @@ class FakeOpenAIServer:
         if self._queued >= self.queue_limit:
             self.stats["status_429_queue_full"] += 1
             return 429, {"error": {"message": "queue full"}}, {}
-        assert self._sem is not None
-        self._queued += 1
-        self.max_queued = max(self.max_queued, self._queued)
-        try:
-            await self._sem.acquire()
-        finally:
-            self._queued -= 1
-        self._in_service += 1
-        self.max_in_service = max(self.max_in_service, self._in_service)
-        try:
-            if self.latency_s > 0:
-                await asyncio.sleep(self.latency_s)
-        finally:
-            self._in_service -= 1
-            self._sem.release()
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        start = max(arrived, heapq.heappop(self._slots))
+        finish = start + self.latency_s
+        heapq.heappush(self._slots, finish)
+        # In service at `start` on the model's clock (the loop may wake coroutines a little out of order).
+        self.max_in_service = max(self.max_in_service, sum(1 for f in self._slots if f > start))
+        if self.first_service is None or start < self.first_service:
+            self.first_service = start
+        self.last_service = finish if self.last_service is None else max(self.last_service, finish)
+        self.busy_s += self.latency_s
+        if start > arrived:
+            self._queued += 1
+            self.max_queued = max(self.max_queued, self._queued)
+            try:
+                await asyncio.sleep(start - arrived)
+            finally:
+                self._queued -= 1
+        if finish > loop.time():
+            await asyncio.sleep(finish - loop.time())
         return 200, self._completion(request, messages, n, fault), {}
+
+    def service_stats(self) -> dict[str, Any]:
+        """Counters plus the service window: served requests over (last release - first slot taken)."""
+        window = (self.last_service - self.first_service) if self.first_service is not None and \
+            self.last_service is not None else 0.0
+        return {
+            **self.stats,
+            "capacity": self.capacity,
+            "latency_s": self.latency_s,
+            "max_in_service": self.max_in_service,
+            "max_queued": self.max_queued,
+            "busy_slot_s": round(self.busy_s, 4),
+            "service_window_s": round(window, 4),
+            # time.monotonic() is one clock for every process of this machine: lets a benchmark place
+            # the service window inside its own timings
+            "first_service_monotonic": self.first_service,
+            "last_service_monotonic": self.last_service,
+            # slot-seconds held / slot-seconds available in the window: 1.0 = every slot always busy
+            "slot_utilisation": round(self.busy_s / (self.capacity * window), 4) if window else None,
+        }
+
+    def reset_service_stats(self) -> None:
+        self.stats.clear()
+        self.busy_s, self.first_service, self.last_service = 0.0, None, None
+        self.max_in_service = self.max_queued = 0
 
     # -- answers ---------------------------------------------------------------------------------
     def _completion(

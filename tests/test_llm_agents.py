@@ -647,3 +647,44 @@ def test_progress_and_sync_wrapper_inside_a_running_loop():
     assert [r.item_id for r in results] == [i.item_id for i in items]
     assert calls == [(i, 30) for i in range(1, 31)]
     assert reason_items([], LLMConfig()) == []
+
+
+def test_fake_server_capacity_model_and_stats():
+    """The benchmark's yardstick: C slots of exactly `latency_s`, FIFO queue, accounting over HTTP."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    item = make_items(1)[0]
+    block = json.dumps({"item_id": item.item_id, "title": item.title})
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": f"<item>{block}</item>"}]})
+    body = body.encode()
+
+    def post(url: str) -> int:
+        req = urllib.request.Request(f"{url}/chat/completions", data=body, method="POST",
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    with FakeOpenAIServer(capacity=2, latency_s=0.2) as srv:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: post(srv.base_url), range(6)))
+        root = srv.base_url.rsplit("/v1", 1)[0]
+        with urllib.request.urlopen(f"{root}/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        assert statuses == [200] * 6
+        # 6 requests on 2 slots of 0.2 s: three rounds back to back, each slot busy the whole window
+        assert stats["ok"] == 6 and stats["max_in_service"] <= 2 and stats["max_queued"] >= 3
+        assert stats["busy_slot_s"] == pytest.approx(1.2)
+        assert 0.6 <= stats["service_window_s"] < 0.75
+        assert stats["slot_utilisation"] > 0.8
+        req = urllib.request.Request(f"{root}/stats", method="DELETE")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.loads(r.read())["service_window_s"] == 0.0
+
+    with FakeOpenAIServer(capacity=1, latency_s=0.3, queue_limit=1) as srv:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = sorted(pool.map(lambda _: post(srv.base_url), range(4)))
+    assert statuses.count(200) >= 2 and 429 in statuses  # one in service, one queued, the rest refused
