@@ -66,6 +66,7 @@ class RankerConfig:
     max_epochs: int = 60
     patience: int = 5
     select_metric: str = "recall@10"
+    knowledge_mlp: bool = False  # project the knowledge vector through a hidden layer, not one linear map
     beyond_log_k: int = 10
     beyond_log_pool: bool = False  # one mean-pooled context token instead of one token per inferred item
     # The published inference is not point-in-time correct for training: it was made from every event but
@@ -165,7 +166,8 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: tuple[int, ...] = K
 class ItemEncoder(nn.Module):
     """The composite item table [N+1, d]: ID + summed semantic tokens + projected knowledge."""
 
-    def __init__(self, feats: ItemFeatures, d: int, use_sid: bool, use_knowledge: bool, dropout: float):
+    def __init__(self, feats: ItemFeatures, d: int, use_sid: bool, use_knowledge: bool, dropout: float,
+                 knowledge_mlp: bool = False):
         super().__init__()
         n = feats.n_items + 1
         self.id = nn.Embedding(n, d, padding_idx=0)
@@ -183,7 +185,9 @@ class ItemEncoder(nn.Module):
             know = F.normalize(know, dim=1) * ok[:, None]
             self.register_buffer("knowledge", know, persistent=False)
             self.register_buffer("knowledge_ok", ok, persistent=False)
-            self.proj = nn.Linear(know.shape[1], d)
+            # A hidden layer lets the frozen text space be bent to the interaction space, not only rotated.
+            self.proj = (nn.Sequential(nn.Linear(know.shape[1], 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+                         if knowledge_mlp else nn.Linear(know.shape[1], d))
             self.missing = nn.Parameter(torch.zeros(d))
         self.norm = nn.LayerNorm(d)
 
@@ -225,7 +229,8 @@ class SASRec(nn.Module):
         super().__init__()
         d = config.d_model
         self.config = config
-        self.items = ItemEncoder(feats, d, config.use_semantic_ids, config.use_knowledge, config.dropout)
+        self.items = ItemEncoder(feats, d, config.use_semantic_ids, config.use_knowledge, config.dropout,
+                                 config.knowledge_mlp)
         self.pos = nn.Embedding(config.max_len, d)  # position 0 = the most recent item
         nn.init.normal_(self.pos.weight, std=0.02)
         self.use_context = config.use_beyond_log
