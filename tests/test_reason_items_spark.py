@@ -52,6 +52,9 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
             assert q["reason"].split(":")[0] in ERROR_CODES, q["reason"]
             json.loads(q["payload"])
         assert srv.stats["ok"] > 0
+        codes = sorted(q["reason"].split(":")[0] for q in quarantine)
+        print(f"reliability: {len(ok_ids)} knowledge + {len(bad_ids)} quarantined = {len(items)} items; "
+              f"reasons {dict((c, codes.count(c)) for c in set(codes))}; server {dict(srv.stats)}")
 
         srv.set_faults()
         # Faults off; a generous timeout so a loaded CI machine cannot turn slowness into failures.
