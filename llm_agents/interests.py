@@ -42,9 +42,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .backend import Backend
-from .config import BackendUnavailable, LLMConfig
+from .config import LLMConfig
 from .prompts import _REPAIR_TEMPLATE, _USER_TEMPLATE, SYSTEM_PROMPT, Agent, _safe_json, build_messages
-from .runner import _Fatal, _ItemFailed, _new_loop, _Run, _Tally, make_backend
+from .runner import _ItemFailed, _new_loop, _Run, _Tally, make_backend
 from .schemas import MAX_PHRASE, InterestsAnswer, voted_fields, wire_schema
 from .types import HistoryItem, InterestsResult, ItemInput, UserHistory
 
@@ -346,59 +346,9 @@ class _InterestsRun(_Run):
         )
 
     async def run_users(self, users: list[UserHistory], progress: Progress | None) -> list[InterestsResult]:
-        """The pool of runner._Run.run, for users: workers pull users; the circuit stops everything."""
+        """Every user through runner._Run._pool: the same workers, circuit and error handling as items."""
+        completed = await self._pool(users, self.user, "user_id", progress)
         total = len(users)
-        results: list[InterestsResult | None] = [None] * total
-        queue = iter(range(total))
-        done = 0
-
-        async def worker() -> None:
-            nonlocal done
-            for i in queue:
-                results[i] = await self.user(users[i])
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-
-        workers = [asyncio.create_task(worker()) for _ in range(min(total, 2 * self.cfg.max_concurrency))]
-        opened = asyncio.create_task(self.circuit.event.wait())
-        waiting: set[asyncio.Task[Any]] = {*workers, opened}
-        try:
-            while waiting != {opened}:
-                finished, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if opened in finished or any(t.exception() for t in finished if not t.cancelled()):
-                    break
-        finally:
-            for task in (*workers, opened):
-                task.cancel()
-            outcomes = await asyncio.gather(*workers, return_exceptions=True)
-            await asyncio.gather(opened, return_exceptions=True)
-        completed = [r for r in results if r is not None]
-        url = getattr(self.backend, "url", self.cfg.base_url)
-        if self.circuit.open or (self.circuit.connection_failures and not self.circuit.successes):
-            failures = self.circuit.opened_after or self.circuit.streak
-            raise BackendUnavailable(
-                f"LLM backend at {url} unreachable after {failures} consecutive failures: "
-                "check the server (make serve-llm) or set REASEQ_LLM_BACKEND=offline "
-                f"(last error: {self.circuit.last_error})",
-                completed=completed,
-            )
-        errors = [
-            o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
-        ]
-        for error in errors:
-            if isinstance(error, _Fatal):
-                raise BackendUnavailable(
-                    f"LLM backend at {url} refused the configuration ({error}): check REASEQ_LLM_MODEL "
-                    f"(the served model name), REASEQ_LLM_BASE_URL (usually ends in /v1) and the API key in "
-                    f"${self.cfg.api_key_env}",
-                    completed=completed,
-                )
-        if errors:
-            raise errors[0]
-        for user, result in zip(users, results, strict=True):
-            if result is None or result.user_id != user.user_id:  # a bug, never a data issue
-                raise RuntimeError(f"result for user {user.user_id!r} missing or misplaced")
         counts: dict[str, int] = {}
         for r in completed:
             counts[r.status] = counts.get(r.status, 0) + 1

@@ -334,21 +334,33 @@ class _Run:
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
-    async def run(self, items: list[ItemInput], progress: Progress | None) -> list[KnowledgeResult]:
-        total = len(items)
-        results: list[KnowledgeResult | None] = [None] * total
+    async def _pool(
+        self,
+        inputs: list[Any],
+        handle: Callable[[Any], Coroutine[Any, Any, Any]],
+        key: str,
+        progress: Progress | None,
+    ) -> list[Any]:
+        """Run `handle` over `inputs` with a pool of workers; results in input order.
+
+        Workers pull from one shared iterator, so a million-row partition never materialises a million
+        coroutines; the circuit or a dead worker stops every worker at once. `key` names the attribute
+        that must match between each input and its result (a mismatch is a bug, never a data issue).
+        """
+        total = len(inputs)
+        results: list[Any] = [None] * total
         queue = iter(range(total))
         done = 0
 
         async def worker() -> None:
             nonlocal done
             for i in queue:  # one shared iterator: each index is handed out exactly once
-                results[i] = await self.item(items[i])
+                results[i] = await handle(inputs[i])
                 done += 1
                 if progress is not None:
                     progress(done, total)
 
-        # Enough items in flight that the request semaphore, not the item supply, is the limit.
+        # Enough inputs in flight that the request semaphore, not the supply, is the limit.
         workers = [asyncio.create_task(worker()) for _ in range(min(total, 2 * self.cfg.max_concurrency))]
         opened = asyncio.create_task(self.circuit.event.wait())
         waiting: set[asyncio.Task[Any]] = {*workers, opened}
@@ -385,9 +397,14 @@ class _Run:
                 )
         if errors:
             raise errors[0]
-        for item, result in zip(items, results, strict=True):
-            if result is None or result.item_id != item.item_id:  # would be a bug, never a data issue
-                raise RuntimeError(f"result for item {item.item_id!r} missing or misplaced")
+        for given, result in zip(inputs, results, strict=True):
+            if result is None or getattr(result, key) != getattr(given, key):
+                raise RuntimeError(f"result for {key} {getattr(given, key)!r} missing or misplaced")
+        return completed
+
+    async def run(self, items: list[ItemInput], progress: Progress | None) -> list[KnowledgeResult]:
+        completed = await self._pool(items, self.item, "item_id", progress)
+        total = len(items)
         ok = sum(1 for r in completed if r.status == "ok")
         log.info(
             "reasoned %d items with %s (%s): ok=%d failed=%d calls=%d tokens_in=%d tokens_out=%d retries=%s",
