@@ -16,10 +16,12 @@ slowed by the machine's load delays answers but does not stretch the GPU's servi
 asyncio.Semaphore, a slot would stay held until the loop got round to releasing it, and a
 benchmark would bill the client for the fake server's own lag). `GET /stats` (not part of the
 OpenAI API) returns the counters and the service window, first slot taken to last one freed, from
-which a benchmark reads how busy its client kept the slots; `DELETE /stats` resets them. Faults are injected per request by rate (`faults`) or in arrival
-order (`script`): "429", "500", "stall" (hold the request past any sane client timeout, then drop
-the connection), "disconnect" (drop the connection without answering), "truncated" (JSON cut in
-half, finish_reason "length"), "schema" (valid JSON that violates the requested schema).
+which a benchmark reads how busy its client kept the slots; `DELETE /stats` resets them.
+
+Faults are injected per request by rate (`faults`) or in arrival order (`script`): "429", "500",
+"stall" (hold the request past any sane client timeout, then drop the connection), "disconnect"
+(drop the connection without answering), "truncated" (JSON cut in half, finish_reason "length"),
+"schema" (valid JSON that violates the requested schema).
 
 Answers are schema-valid JSON built from the request: the item JSON is read back from between
 <item> and </item>, and each property of the requested json_schema is filled plausibly from it
@@ -97,8 +99,8 @@ class FakeOpenAIServer:
         self.requests: list[dict[str, Any]] = []  # request bodies, when record=True
         self.max_in_service = 0
         self.max_queued = 0
-        # Service accounting for benchmarks (GET /stats): slot-seconds actually held, and the window
-        # from the first slot taken to the last one given back.
+        # Service accounting for benchmarks (GET /stats): slot-seconds scheduled, and the window from
+        # the first service start to the last service end.
         self.busy_s = 0.0
         self.first_service: float | None = None
         self.last_service: float | None = None
@@ -302,8 +304,7 @@ class FakeOpenAIServer:
 
     def service_stats(self) -> dict[str, Any]:
         """Counters plus the service window: served requests over (last release - first slot taken)."""
-        window = (self.last_service - self.first_service) if self.first_service is not None and \
-            self.last_service is not None else 0.0
+        window = 0.0 if self.first_service is None else self.last_service - self.first_service
         return {
             **self.stats,
             "capacity": self.capacity,
@@ -312,11 +313,7 @@ class FakeOpenAIServer:
             "max_queued": self.max_queued,
             "busy_slot_s": round(self.busy_s, 4),
             "service_window_s": round(window, 4),
-            # time.monotonic() is one clock for every process of this machine: lets a benchmark place
-            # the service window inside its own timings
-            "first_service_monotonic": self.first_service,
-            "last_service_monotonic": self.last_service,
-            # slot-seconds held / slot-seconds available in the window: 1.0 = every slot always busy
+            # slot-seconds served / slot-seconds available in the window: 1.0 = every slot always busy
             "slot_utilisation": round(self.busy_s / (self.capacity * window), 4) if window else None,
         }
 
