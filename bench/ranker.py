@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -108,7 +109,7 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
         settings["patience"] = args.patience
     base = RankerConfig(**settings)
     t0 = time.perf_counter()
-    pinned, feats, beyond, stats = load_data(root, base)
+    pinned, feats, beyond, stats = load_data(root, base, artifacts=str(Path(root).parent / "artifacts"))
     log(f"{name}: {feats.n_items} items, {stats['users']} users ({stats['users_too_short']} too short), "
         f"knowledge for {stats['items_with_knowledge']}, beyond-log for {stats['beyond_log_users']} users "
         f"({stats['beyond_log_model_version']}); read in {time.perf_counter() - t0:.1f}s")
@@ -118,7 +119,9 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
             cfg = RankerConfig(**{**settings, "variant": variant, "seed": seed})
             torch.set_num_threads(args.threads)
             start = time.perf_counter()
-            _, res = fit(feats, make_streams(pinned, feats, cfg, beyond), cfg)
+            model, res = fit(feats, make_streams(pinned, feats, cfg, beyond), cfg)
+            res.counts["copy_bonus"] = ([round(float(v), 4) for v in model.copy.detach().cpu()]
+                                        if model.copy is not None else None)
             log(f"{name} {variant:>14} seed {seed}: test recall@10 {res.test['recall@10']:.4f} "
                 f"ndcg@10 {res.test['ndcg@10']:.4f} | valid recall@10 {res.valid['recall@10']:.4f} "
                 f"best epoch {res.best_epoch}/{res.epochs} | {res.train_seconds:.0f}s train, "
@@ -132,6 +135,9 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
         rec["valid_recall@10"] = summarize([r.valid["recall@10"] for r in results])
         rec["best_epoch"] = [r.best_epoch for r in results]
         rec["epochs"] = [r.epochs for r in results]
+        if results[0].counts.get("copy_bonus") is not None:
+            # the learned score bonus per beyond-log context rank, one list per seed: how far the ranker trusts it
+            rec["beyond_log_copy_bonus"] = [r.counts["copy_bonus"] for r in results]
         out[variant] = rec
     info = {"table_versions": pinned.versions, "root": root, "lakehouse_build": build, "items": feats.n_items, "users": stats["users"],
             "eval_users": runs[args.variants[0]][0].eval_users,
@@ -181,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.lakehouse import available
 
     args = parse_args(argv)
+    # The jobs' own progress lines (the as-of diffusion model's epochs, context inference) on stderr.
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("reaseq").setLevel(logging.INFO)
     overrides = {}
     for s in args.set:
         k, _, v = s.partition("=")

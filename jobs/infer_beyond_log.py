@@ -63,12 +63,16 @@ def load_sequences(root: str, version: int | None = None) -> list[tuple[str, lis
     return out
 
 
-def training_prefixes(vocab, sequences) -> tuple[list[list[int]], int]:
-    """Item-index sequences without the validation and test targets; (sequences, events skipped)."""
+def training_prefixes(vocab, sequences, drop: int = 2) -> tuple[list[list[int]], int]:
+    """Item-index sequences without each user's last `drop` events; (sequences, events skipped).
+
+    drop=2 leaves out the validation and test targets (the published model); drop=3 also the last
+    training target (the as-of model behind the ranker's point-in-time contexts).
+    """
     train, skipped = [], 0
     for _, items in sequences:
         items = items or []
-        prefix = items[:-2] if len(items) >= 3 else []
+        prefix = items[:-drop] if len(items) > drop else []
         idx, miss = vocab.encode(prefix)
         skipped += miss
         if len(idx) >= 2:
@@ -85,11 +89,15 @@ def fingerprint(seqs: list[list[int]], vocab) -> str:
 
 def train_or_load(ctx: RunContext, vocab, train_seqs, codebook_version: str):
     """(model, version, reused, train stats dict) for these training sequences."""
+    return train_or_load_at(ctx.artifacts, diffusion_config(ctx), vocab, train_seqs, codebook_version)
+
+
+def train_or_load_at(artifacts: str, cfg, vocab, train_seqs, codebook_version: str, latest: bool = True):
+    """train_or_load under an artifacts folder and a given config; `latest` records it in diffusion/LATEST."""
     from models import diffusion as D
 
-    cfg = diffusion_config(ctx)
     version = D.model_version(cfg, codebook_version, fingerprint(train_seqs, vocab))
-    path = Path(ctx.artifacts) / "diffusion" / version
+    path = Path(artifacts) / "diffusion" / version
     if (path / "model.pt").exists():
         log.info("infer_beyond_log: %s already trained; reusing it", version)
         meta = json.loads((path / "meta.json").read_text())
@@ -101,7 +109,8 @@ def train_or_load(ctx: RunContext, vocab, train_seqs, codebook_version: str):
                   "last_loss": round(stats.last_loss, 4)}
     D.save(model, vocab, path, {"model_version": version, "codebook_version": codebook_version,
                                 "items": len(vocab.item_ids), "config": cfg.__dict__, "train": train_meta})
-    (path.parent / "LATEST").write_text(version)
+    if latest:
+        (path.parent / "LATEST").write_text(version)
     return model, version, False, train_meta
 
 
@@ -145,6 +154,72 @@ def infer_diffusion(ctx: RunContext, sequences, codebook_version: str, top_n: in
         "users_per_second": round(len(todo) / infer_seconds, 1) if infer_seconds > 0 else None,
     }
     return rows, metrics
+
+
+class PointInTimeUnavailable(RuntimeError):
+    """The published inference cannot be reproduced as of earlier cuts; the message says what to do."""
+
+
+def point_in_time_contexts(root: str, artifacts: str, published_model_version: str, *, top_n: int = 10,
+                           sequences_version: int | None = None,
+                           semantic_ids_version: int | None = None) -> tuple[dict[str, dict[str, list[str]]], dict]:
+    """Beyond-log inferences as a training job may use them without seeing the future.
+
+    gold.user_augmented_behaviors holds one inference per user, made from every event but the test
+    target by a model trained on every event but the validation and test targets: right for scoring the
+    test target, wrong for training or selecting a consumer, whose earlier targets that inference has
+    already seen (or, for the validation target, was made after). This rebuilds the same method one cut
+    earlier, the way the nightly table looked before those events happened: an *as-of* model with the
+    published model's configuration, trained on every user's events but the last three, infers
+
+    * "train": from every event but the last three, for the last training target (events[-3]);
+    * "valid": from every event but the last two, for the validation target (events[-2]);
+
+    so each context is made by a model that never saw its target, from history before it, one step ahead
+    as the published one is for the test target. Returns ({"train": {user: item_ids}, "valid": ...}, stats).
+    The as-of model is cached under artifacts/diffusion/ (its version hashes its exact training sequences).
+    """
+    from models import diffusion as D
+
+    meta_path = Path(artifacts) / "diffusion" / published_model_version / "meta.json"
+    if not published_model_version.startswith(D.MODEL_FAMILY) or not meta_path.exists():
+        raise PointInTimeUnavailable(
+            f"point-in-time beyond-log contexts need the diffusion checkpoint of {published_model_version!r} "
+            f"({meta_path} not found): run infer_beyond_log with beyond_log.method=diffusion on this lakehouse "
+            "and artifacts folder, or train with the published table as context "
+            "(ranker setting beyond_log_point_in_time=false)")
+    meta = json.loads(meta_path.read_text())
+    cfg = D.DiffusionConfig.from_dict(meta["config"])
+    codebook_version = meta["codebook_version"]
+    vocab = load_vocab(root, codebook_version, semantic_ids_version)
+    sequences = load_sequences(root, sequences_version)
+    train_seqs, _ = training_prefixes(vocab, sequences, drop=3)
+    if not train_seqs:
+        raise PointInTimeUnavailable("point-in-time beyond-log contexts: no user has the 5 events an as-of model "
+                                     "needs (2 to train on, then the training, validation and test targets)")
+    model, version, reused, train_meta = train_or_load_at(artifacts, cfg, vocab, train_seqs, codebook_version,
+                                                          latest=False)
+    out: dict[str, dict[str, list[str]]] = {}
+    stats = {"asof_model_version": version, "asof_reused_checkpoint": reused, "asof_train": train_meta,
+             "asof_training_sequences": len(train_seqs), "published_model_version": published_model_version}
+    start = time.perf_counter()
+    for split, drop in (("train", 3), ("valid", 2)):
+        users, histories = [], []
+        for user_id, items in sequences:
+            items = items or []
+            if len(items) < drop + 1:
+                continue
+            idx, _ = vocab.encode(items[:-drop])
+            if idx:
+                users.append(user_id)
+                histories.append(idx)
+        bar = Progress(f"point-in-time contexts ({split})", len(histories))
+        results = D.infer(model, vocab, histories, top_n, progress=bar)
+        out[split] = {u: [vocab.item_ids[i] for i in r.item_idx] for u, r in zip(users, results, strict=True)
+                      if r.item_idx}
+        stats[f"{split}_users_with_context"] = len(out[split])
+    stats["infer_seconds"] = round(time.perf_counter() - start, 2)
+    return out, stats
 
 
 def run(ctx: RunContext) -> JobResult:

@@ -67,15 +67,50 @@ def write_training_run(root: str, row: dict) -> None:
     )
 
 
-def load_data(root: str, config, versions: dict[str, int] | None = None):
-    """(pinned tables, item features, beyond-log map or None, data statistics) for one lakehouse."""
-    from models.ranker_data import check_user_features, load_beyond_log, load_item_features, pin
+def load_data(root: str, config, versions: dict[str, int] | None = None, artifacts: str | None = None):
+    """(pinned tables, item features, beyond-log contexts, data statistics) for one lakehouse.
+
+    Beyond-log: the published map (gold.user_augmented_behaviors) and, when the variant uses it in
+    point-in-time mode, the as-of inferences for the validation and training targets
+    (jobs.infer_beyond_log.point_in_time_contexts, which needs the published model's checkpoint under
+    `artifacts`).
+    """
+    from models.ranker_data import (
+        AUGMENTED,
+        SEMANTIC_IDS,
+        SEQUENCES,
+        BeyondLogContexts,
+        check_user_features,
+        item_lists_to_index,
+        load_beyond_log,
+        load_item_features,
+        pin,
+    )
 
     t0 = time.perf_counter()
     pinned = pin(root, versions=versions)
     feats = load_item_features(pinned, embedder=config.embedder, batch_size=config.read_batch_rows)
-    beyond, bl_stats = load_beyond_log(pinned, feats, config.beyond_log_model, config.beyond_log_k,
-                                       config.read_batch_rows)
+    published, bl_stats = load_beyond_log(pinned, feats, config.beyond_log_model, config.beyond_log_k,
+                                          config.read_batch_rows)
+    beyond = published
+    if config.use_beyond_log and config.beyond_log_point_in_time:
+        from jobs.infer_beyond_log import PointInTimeUnavailable, point_in_time_contexts
+
+        if artifacts is None:
+            raise PointInTimeUnavailable("point-in-time beyond-log contexts need the artifacts folder that holds "
+                                         "the diffusion checkpoints (the configuration's `artifacts`)")
+        t1 = time.perf_counter()
+        by_split, pit_stats = point_in_time_contexts(
+            root, artifacts, bl_stats["beyond_log_model_version"], top_n=config.beyond_log_k,
+            sequences_version=pinned.versions[SEQUENCES], semantic_ids_version=pinned.versions[SEMANTIC_IDS])
+        train_ctx, unknown_train = item_lists_to_index(by_split["train"], feats, config.beyond_log_k)
+        valid_ctx, unknown_valid = item_lists_to_index(by_split["valid"], feats, config.beyond_log_k)
+        beyond = BeyondLogContexts(train=train_ctx, valid=valid_ctx, test=published)
+        bl_stats["beyond_log_point_in_time"] = {
+            **pit_stats, "items_outside_vocabulary": unknown_train + unknown_valid,
+            "seconds": round(time.perf_counter() - t1, 2), "augmented_table_version": pinned.versions[AUGMENTED]}
+        log.info("point-in-time beyond-log contexts from %s: %d training and %d validation users (%.0fs)",
+                 pit_stats["asof_model_version"], len(train_ctx), len(valid_ctx), time.perf_counter() - t1)
     stats = {**feats.stats, **bl_stats, **check_user_features(pinned, config.read_batch_rows),
              "load_seconds": round(time.perf_counter() - t0, 2)}
     return pinned, feats, beyond, stats
@@ -118,7 +153,7 @@ class _ProgressLog:
 
 
 def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: bool = True,
-          data: tuple | None = None, progress: bool = True) -> dict[str, Any]:
+          data: tuple | None = None, progress: bool = True, artifacts: str | None = None) -> dict[str, Any]:
     """Train one ranker; returns the ops.training_runs row as a dict (metrics and config decoded)."""
     import torch
 
@@ -127,12 +162,12 @@ def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: 
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     run_id = run_id or default_run_id(ds, config.variant, config.seed)
-    pinned, feats, beyond, stats = data or load_data(root, config)
+    pinned, feats, beyond, stats = data or load_data(root, config, artifacts=artifacts)
     prefix = f"train_ranker[{config.variant} s{config.seed}]"
     log.info("%s: %d items, %d users (%d too short to evaluate), tables %s", prefix, feats.n_items,
              stats["users"], stats["users_too_short"], pinned.to_json())
     prog = _ProgressLog(prefix, config) if progress else None
-    _, res = fit(feats, make_streams(pinned, feats, config, beyond), config,
+    model, res = fit(feats, make_streams(pinned, feats, config, beyond), config,
                  on_epoch=prog.epoch_done if prog else None, on_step=prog.step if prog else None)
     seconds = time.perf_counter() - t0
     metrics = {
@@ -143,9 +178,13 @@ def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: 
         "eval_users": res.eval_users, "data": stats, "stream_counts": res.counts,
         "loss": [round(h["loss"], 5) for h in res.history],
         "valid_curve": [round(h["valid"][config.select_metric], 5) for h in res.history],
+        # the learned score bonus per beyond-log context rank: how far the ranker trusts the inferred items
+        "beyond_log_copy_bonus": ([round(float(v), 4) for v in model.copy.detach().cpu()]
+                                  if model.copy is not None else None),
     }
     conf = {**config.to_dict(), "model_version": MODEL_VERSION, "codebook_version": feats.codebook_version,
             "embedder": feats.embedder, "beyond_log_model_version": stats.get("beyond_log_model_version"),
+            "beyond_log_asof_model_version": (stats.get("beyond_log_point_in_time") or {}).get("asof_model_version"),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     row = {
         "run_id": run_id, "model": f"{MODEL_NAME}:{config.variant}", "started_at": started,
@@ -165,7 +204,8 @@ def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: 
 def run(ctx: RunContext) -> JobResult:
     """Entry for jobs.runtime.execute (spark-submit path): settings from the `ranker` config section."""
     config = ranker_config(ctx.config)
-    out = train(ctx.root, config, ds=ctx.ds, run_id=f"{ctx.run_id}__{config.variant}__s{config.seed}")
+    out = train(ctx.root, config, ds=ctx.ds, run_id=f"{ctx.run_id}__{config.variant}__s{config.seed}",
+                artifacts=ctx.artifacts)
     m = out["metrics"]
     return JobResult(rows_in=m["data"]["users"], rows_out=1, metrics={
         "training_run_id": out["run_id"], "test": m["test"], "best_epoch": m["best_epoch"],
@@ -181,7 +221,7 @@ def run_task(ds: str, run_id: str | None = None, conf: dict | None = None) -> di
     lakehouse = conf.pop("lakehouse", None)
     ctx = RunContext.create(ds=ds, overrides={"lakehouse": lakehouse} if lakehouse else None, dag_id="train_ranker")
     config = ranker_config(ctx.config, conf)
-    out = train(ctx.root, config, ds=ctx.ds, run_id=run_id)
+    out = train(ctx.root, config, ds=ctx.ds, run_id=run_id, artifacts=ctx.artifacts)
     return {"run_id": out["run_id"], "test": out["metrics"]["test"], "best_epoch": out["metrics"]["best_epoch"]}
 
 
@@ -242,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = RunContext.create(ds=args.ds, overrides={"lakehouse": args.lakehouse} if args.lakehouse else None,
                                 dag_id="train_ranker")
         config = ranker_config(ctx.config, overrides)
-        train(ctx.root, config, ds=ctx.ds, run_id=args.run_id, record=not args.no_record)
+        train(ctx.root, config, ds=ctx.ds, run_id=args.run_id, record=not args.no_record, artifacts=ctx.artifacts)
     except (TableMissing, DataError, ValueError, RuntimeError) as exc:
         print(f"train_ranker failed: {exc}", file=sys.stderr)
         return 1

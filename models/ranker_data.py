@@ -353,6 +353,33 @@ def load_beyond_log(pinned: Pinned, feats: ItemFeatures, model_version: str | No
                  "beyond_log_ok_rows_without_items": empty, "beyond_log_models": sorted(by_version)}
 
 
+@dataclass
+class BeyondLogContexts:
+    """Beyond-log context per split (user_id -> item indices), each made without seeing its split's target.
+
+    test: the published table (every event but the test target); valid and train: the point-in-time
+    inferences of jobs.infer_beyond_log.point_in_time_contexts (as of the validation cut and of the last
+    training target). A train context belongs to the last training position only.
+    """
+
+    train: dict[str, np.ndarray]
+    valid: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+
+
+def item_lists_to_index(by_user: dict[str, list[str]], feats: ItemFeatures, top_k: int) -> tuple[dict, int]:
+    """user_id -> item indices (first top_k known items); and how many items were outside the vocabulary."""
+    index = feats.index()
+    out, unknown = {}, 0
+    for user, items in by_user.items():
+        rows = [index.get(i) for i in items]
+        unknown += sum(r is None for r in rows)
+        rows = [r for r in rows if r is not None][:top_k]
+        if rows:
+            out[user] = np.asarray(rows, dtype=np.int64)
+    return out, unknown
+
+
 def check_user_features(pinned: Pinned, batch_size: int = 4096) -> dict:
     """Coverage and NaN counts of gold.user_features (read for lineage and checks, not a model input)."""
     rows = 0

@@ -118,6 +118,8 @@ def test_training_prefixes_leave_out_validation_and_test_targets():
     held_out = {"i3", "i4", "i6", "i7", "i8", "i9"}
     assert not {vocab.item_ids[i] for s in train for i in s} & held_out
     assert skipped == 0
+    # drop=3: the as-of model behind the ranker's point-in-time contexts never sees the last training target
+    assert training_prefixes(vocab, seqs, drop=3)[0] == [[0, 1]]
 
 
 def test_a_short_training_run_learns_a_deterministic_successor_and_maps_back_to_items():

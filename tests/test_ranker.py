@@ -22,9 +22,10 @@ from deltalake import write_deltalake
 
 from feature_store import delta
 from feature_store.catalog import get
-from models.ranker import RankerConfig, fit, make_streams, metrics_from_ranks, rank_of_target
+from models.ranker import RankerConfig, SASRec, fit, make_streams, metrics_from_ranks, rank_of_target
 from models.ranker_data import (
     DataError,
+    ItemFeatures,
     SequenceStream,
     check_user_features,
     load_beyond_log,
@@ -276,13 +277,40 @@ def test_recall_and_ndcg_by_hand():
 
 SMALL = dict(d_model=16, n_layers=1, n_heads=2, batch_size=16, lr=5e-3, dropout=0.1, max_epochs=4, patience=4,
              eval_batch_size=64)
+# The fixture's augmented table is written by hand (no diffusion checkpoint behind it): the published map
+# is the context of every split, as it was before point-in-time contexts.
+PUBLISHED = dict(beyond_log_point_in_time=False)
+TINY_DIFFUSION = dict(d_model=16, n_layers=1, n_heads=2, epochs=3, batch_size=16, slots=2, max_len=12, threads=1)
+
+
+@pytest.fixture
+def pit_lake(tmp_path) -> tuple[str, str]:
+    """A lakehouse whose augmented table comes from a real (tiny) diffusion checkpoint under artifacts/."""
+    from jobs.infer_beyond_log import load_sequences, load_vocab, train_or_load_at, training_prefixes
+    from models import diffusion as D
+
+    root = str(build_lakehouse(tmp_path / "pit", n_users=80))
+    artifacts = str(tmp_path / "artifacts")
+    torch.set_num_threads(1)
+    vocab = load_vocab(root, CB)
+    sequences = load_sequences(root)
+    cfg = D.DiffusionConfig(**TINY_DIFFUSION)
+    model, version, _, _ = train_or_load_at(artifacts, cfg, vocab, training_prefixes(vocab, sequences)[0], CB)
+    users = [(u, vocab.encode(items[:-1])[0]) for u, items in sequences]
+    results = D.infer(model, vocab, [h for _, h in users], 5)
+    write(Path(root), "gold.user_augmented_behaviors", [{
+        "user_id": u, "model_version": version, "item_ids": [vocab.item_ids[i] for i in r.item_idx],
+        "scores": r.scores, "semantic_ids": [vocab.codes[i].tolist() for i in r.item_idx], "status": "ok",
+        "n_history": len(h), "ds": DS, "run_id": "test"} for (u, h), r in zip(users, results, strict=True)],
+        mode="overwrite")
+    return root, artifacts
 
 
 def test_short_training_run_learns_and_records_the_run(lake):
     from jobs.train_ranker import train
 
     torch.set_num_threads(1)
-    config = RankerConfig(variant="all", seed=3, **SMALL)
+    config = RankerConfig(variant="all", seed=3, **SMALL, **PUBLISHED)
     out = train(lake, config, ds=DS, progress=False)
     m = out["metrics"]
     assert m["loss"][-1] < m["loss"][0]
@@ -299,7 +327,7 @@ def test_short_training_run_learns_and_records_the_run(lake):
     assert json.loads(row["config"])["codebook_version"] == CB
     assert json.loads(row["metrics"])["test"] == pytest.approx(m["test"])
     # A rerun of the same day rewrites its row (MERGE on run_id).
-    train(lake, RankerConfig(variant="all", seed=3, **{**SMALL, "max_epochs": 1}), ds=DS, progress=False)
+    train(lake, RankerConfig(variant="all", seed=3, **{**SMALL, **PUBLISHED, "max_epochs": 1}), ds=DS, progress=False)
     assert delta.read_arrow("ops.training_runs", lake).num_rows == 1
 
 
@@ -310,7 +338,7 @@ def test_training_is_seeded(lake):
     beyond, _ = load_beyond_log(pinned, feats)
     results = []
     for _ in range(2):
-        config = RankerConfig(variant="+beyond_log", seed=1, **{**SMALL, "max_epochs": 2})
+        config = RankerConfig(variant="+beyond_log", seed=1, **{**SMALL, **PUBLISHED, "max_epochs": 2})
         _, res = fit(feats, make_streams(pinned, feats, config, beyond), config)
         results.append(([h["loss"] for h in res.history], res.test))
     assert results[0] == results[1]
@@ -321,10 +349,107 @@ def test_beyond_log_context_scores_the_test_target_only(lake):
     pinned = pin(lake)
     feats = load_item_features(pinned)
     beyond, _ = load_beyond_log(pinned, feats)
-    streams = make_streams(pinned, feats, RankerConfig(variant="+beyond_log", **SMALL), beyond)
+    streams = make_streams(pinned, feats, RankerConfig(variant="+beyond_log", **SMALL, **PUBLISHED), beyond)
     assert "context" in next(iter(streams["train"])) and "context" in next(iter(streams["test"]))
     assert "context" not in next(iter(streams["valid"]))
     assert "context" not in next(iter(make_streams(pinned, feats, RankerConfig(variant="+knowledge"), beyond)["test"]))
+    # Point in time is the default and needs per-split contexts, not the published map alone.
+    with pytest.raises(ValueError, match="per-split contexts"):
+        make_streams(pinned, feats, RankerConfig(variant="+beyond_log", **SMALL), beyond)
+
+
+def test_point_in_time_context_reaches_the_last_position_only():
+    """A context made for the last target must not inform earlier positions (their targets are older)."""
+    feats = ItemFeatures(item_ids=[f"i{k}" for k in range(20)], codebook_version=CB, embedder=None,
+                         sid_codes=np.zeros((21, 0), np.int64), sid_sizes=[], sid_columns=[],
+                         knowledge=np.zeros((21, 1), np.float32), knowledge_ok=np.zeros(21, bool))
+    inp = torch.tensor([[0, 3, 4, 5, 6], [1, 2, 3, 4, 5]])
+    ctx_a, ctx_b = torch.tensor([[7, 8], [9, 0]]), torch.tensor([[10, 11], [12, 13]])
+    for pit, changed_before_last in ((True, False), (False, True)):
+        torch.manual_seed(0)
+        model = SASRec(feats, RankerConfig(variant="+beyond_log", beyond_log_point_in_time=pit,
+                                          beyond_log_attend=True, **SMALL)).eval()
+        table = model.items()
+        ha, hb = model.encode(inp, table, ctx_a), model.encode(inp, table, ctx_b)
+        assert not torch.allclose(ha[:, -1], hb[:, -1])
+        assert (not torch.allclose(ha[:, :-1], hb[:, :-1])) is changed_before_last
+        # Training rows h[mask]: the context's copy bonus reaches the last position's rows only (point in time).
+        mask = inp != 0
+        rows = model.context_rows(ctx_a, mask)
+        is_last = torch.zeros_like(mask)
+        is_last[:, -1] = True
+        with_context = (rows != 0).any(1)
+        assert rows.shape == (int(mask.sum()), 2)
+        assert with_context.tolist() == (is_last[mask] if pit else torch.ones_like(with_context)).tolist()
+        assert rows[with_context][-1].tolist() == ctx_a[1].tolist()
+
+
+def test_copy_bonus_raises_exactly_the_context_items_by_rank():
+    feats = ItemFeatures(item_ids=[f"i{k}" for k in range(6)], codebook_version=CB, embedder=None,
+                         sid_codes=np.zeros((7, 0), np.int64), sid_sizes=[], sid_columns=[],
+                         knowledge=np.zeros((7, 1), np.float32), knowledge_ok=np.zeros(7, bool))
+    model = SASRec(feats, RankerConfig(variant="+beyond_log", beyond_log_k=3, **SMALL)).eval()
+    with torch.no_grad():
+        model.copy.copy_(torch.tensor([2.0, 1.0, 0.5]))
+        h, table = torch.randn(2, 16), model.items()
+        plain = model.scores(h, table)
+        boosted = model.scores(h, table, torch.tensor([[4, 2, 0], [6, 0, 0]]))
+    diff = (boosted - plain).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    expect = torch.zeros(2, 7)
+    expect[0, 4], expect[0, 2], expect[1, 6] = 2.0, 1.0, 2.0
+    assert torch.allclose(diff, expect) and torch.isinf(boosted[:, 0]).all()
+
+
+def test_point_in_time_contexts_come_from_a_model_that_never_saw_their_targets(pit_lake):
+    from jobs.infer_beyond_log import (
+        fingerprint,
+        load_sequences,
+        load_vocab,
+        point_in_time_contexts,
+        training_prefixes,
+    )
+    from models import diffusion as D
+
+    root, artifacts = pit_lake
+    published = delta.read_arrow("gold.user_augmented_behaviors", root)["model_version"][0].as_py()
+    latest = (Path(artifacts) / "diffusion" / "LATEST").read_text()
+    by_split, stats = point_in_time_contexts(root, artifacts, published, top_n=5)
+    vocab, sequences = load_vocab(root, CB), load_sequences(root)
+    # The as-of model trained on every user's events but the last three: never on a context's target.
+    asof = stats["asof_model_version"]
+    meta = json.loads((Path(artifacts) / "diffusion" / asof / "meta.json").read_text())
+    expected = training_prefixes(vocab, sequences, drop=3)[0]
+    assert asof != published and meta["train"]["sequences"] == len(expected) == stats["asof_training_sequences"]
+    assert asof == D.model_version(D.DiffusionConfig(**TINY_DIFFUSION), CB, fingerprint(expected, vocab))
+    assert (Path(artifacts) / "diffusion" / "LATEST").read_text() == latest  # the published model stays current
+    items = dict(sequences)
+    for split, drop in (("train", 3), ("valid", 2)):
+        ctx = by_split[split]
+        assert ctx and set(ctx) <= {u for u, s in sequences if len(s) > drop}
+        for user, inferred in ctx.items():
+            assert not set(inferred) & set(items[user][:-drop])  # made from the history before the cut
+    assert stats["train_users_with_context"] == len(by_split["train"])
+    # A rerun reuses the as-of checkpoint.
+    assert point_in_time_contexts(root, artifacts, published, top_n=5)[1]["asof_reused_checkpoint"] is True
+
+
+def test_point_in_time_training_run_and_its_clear_errors(pit_lake, lake):
+    from jobs.infer_beyond_log import PointInTimeUnavailable
+    from jobs.train_ranker import train
+
+    root, artifacts = pit_lake
+    torch.set_num_threads(1)
+    out = train(root, RankerConfig(variant="+beyond_log", **{**SMALL, "max_epochs": 2}), ds=DS, progress=False,
+                artifacts=artifacts, record=False)
+    pit = out["metrics"]["data"]["beyond_log_point_in_time"]
+    assert out["config"]["beyond_log_asof_model_version"] == pit["asof_model_version"]
+    assert pit["train_users_with_context"] > 0 and pit["valid_users_with_context"] > 0
+    assert len(out["metrics"]["beyond_log_copy_bonus"]) == RankerConfig().beyond_log_k
+    # The hand-written table of `lake` has no checkpoint behind it: say so, and what to do instead.
+    with pytest.raises(PointInTimeUnavailable, match="beyond_log_point_in_time=false"):
+        train(lake, RankerConfig(variant="all", **SMALL), ds=DS, progress=False, artifacts=artifacts, record=False)
+    with pytest.raises(PointInTimeUnavailable, match="artifacts folder"):
+        train(lake, RankerConfig(variant="all", **SMALL), ds=DS, progress=False, record=False)
 
 
 # ---------------------------------------------------------------- entry points
