@@ -9,6 +9,9 @@ trained with torch (models.ranker), and the one ops.training_runs row is MERGEd 
 so rerunning a day rewrites its row. Settings: models.ranker.RankerConfig's defaults, then the `ranker`
 section of the configuration (REASEQ__RANKER__<KEY>, e.g. REASEQ__RANKER__MAX_EPOCHS=20), then the flags.
 Progress lines (epoch, loss, validation Recall@10, sequences/s, ETA) go to the `reaseq` logger.
+Variants with the beyond-log context (`+beyond_log`, `all`) first rebuild it as of the validation cut and
+the last training target (jobs.infer_beyond_log.point_in_time_contexts): the first run on a lakehouse
+trains that as-of diffusion model (cached under artifacts/diffusion/), later runs reuse it.
 """
 
 from __future__ import annotations
