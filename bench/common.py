@@ -105,3 +105,32 @@ def machine_info() -> dict:
 
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def recall_bars(results: dict, path: Path, baseline: str | None = None) -> None:
+    """One panel per dataset: test Recall@10 per variant (mean, error bar = std over seeds), and its ratio
+    to `baseline` above each bar when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+    for ax, (ds, res) in zip(axes[0], results.items(), strict=True):
+        names = list(res)
+        means = [res[v]["recall@10"]["mean"] for v in names]
+        stds = [res[v]["recall@10"]["std"] for v in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4878a8")
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+        ax.set_ylabel("test Recall@10")
+        ax.set_title(ds)
+        lo = min(m - s for m, s in zip(means, stds, strict=True))
+        top = max(m + s for m, s in zip(means, stds, strict=True))
+        ax.set_ylim(max(0.0, lo * 0.9), top * 1.08)
+        if baseline in res:
+            base = res[baseline]["recall@10"]["mean"]
+            for k, (m, s) in enumerate(zip(means, stds, strict=True)):
+                ax.text(k, m + s + top * 0.005, f"{m / base:.2f}×", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep, not spin
 
-from bench.common import REPO_ROOT, log, machine_info, utc_now  # noqa: E402
+from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now  # noqa: E402
 
 DATASETS = ("scientific", "movielens_100k")
 VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "generative.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
     md = markdown(results, meta)
     (args.out / "generative.md").write_text(md)
-    plot(results, args.out / "generative.png")
+    recall_bars(results, args.out / "generative.png")
     print(md)
     log(f"wrote {args.out / 'generative.json'}, generative.md and generative.png in {_fmt(meta['seconds'])}")
     return 0
@@ -196,28 +196,6 @@ def markdown(results: dict, meta: dict) -> str:
         lines.append(f"Target `{t['full_variant']}` > `fixed_order` Recall@10 on scientific: "
                      f"{t['ratio_recall@10']:.3f}× ({'met' if t['met'] else 'not met'}).")
     return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
-    for ax, (ds, res) in zip(axes[0], results.items(), strict=True):
-        names = list(res)
-        means = [res[v]["recall@10"]["mean"] for v in names]
-        stds = [res[v]["recall@10"]["std"] for v in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4878a8")
-        ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
-        ax.set_ylabel("test Recall@10")
-        ax.set_title(ds)
-        lo = min(m - s for m, s in zip(means, stds, strict=True))
-        ax.set_ylim(max(0.0, lo * 0.9), max(m + s for m, s in zip(means, stds, strict=True)) * 1.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

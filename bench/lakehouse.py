@@ -118,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lakehouse",
                                 description="Build the real datasets' feature lakehouses the consumer "
                                 "benchmarks read (the nightly pipeline's stages, in one Spark session).")
-    p.add_argument("datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS),
-                   help="benchmark datasets (default: all)")
+    # Checked by hand: Python 3.11's argparse rejects an empty nargs="*" positional that has `choices`.
+    p.add_argument("datasets", nargs="*", metavar="DATASET",
+                   help=f"benchmark datasets, of {', '.join(DATASETS)} (default: all)")
     p.add_argument("--force", action="store_true", help="run the stages even if the last build is current")
     args = p.parse_args(argv)
-    for name in args.datasets:
+    unknown = [d for d in args.datasets if d not in DATASETS]
+    if unknown:
+        p.error(f"unknown dataset {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    for name in args.datasets or list(DATASETS):
         print(ensure(name, force=args.force, refresh=True) / "lakehouse")
     return 0
 

@@ -23,7 +23,8 @@ load of the moment. Writes, under --out:
   (training epochs, the validation pass after each, the test pass), sequences_per_second the training
   loop's throughput (training sequences per second, validation excluded); meta holds the machine, table versions, date,
   settings, the ratios of each variant to id_only and whether `all` reached 1.15 x id_only on Recall@10.
-* ranker.md: the tables printed at the end.
+* ranker.md: the tables printed at the end;
+* ranker.png: test Recall@10 per variant and dataset (error bars: std over seeds), with the ratio to id_only.
 
 A dataset whose shared data is absent is skipped with a message (and listed in meta.skipped).
 """
@@ -40,7 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep, not spin
 
-from bench.common import REPO_ROOT, log, machine_info, utc_now  # noqa: E402
+from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now  # noqa: E402
 
 DATASETS = ("scientific", "movielens_100k")
 VARIANTS = ("id_only", "+semantic_ids", "+knowledge", "+beyond_log", "all")
@@ -109,7 +110,12 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
         settings["patience"] = args.patience
     base = RankerConfig(**settings)
     t0 = time.perf_counter()
-    pinned, feats, beyond, stats = load_data(root, base, artifacts=str(Path(root).parent / "artifacts"))
+    # The point-in-time beyond-log contexts (an as-of diffusion model) only when a variant uses them.
+    from models.ranker import VARIANTS as USES
+
+    needs_context = any(USES[v][2] for v in args.variants)
+    load_cfg = RankerConfig(**{**settings, "variant": "all" if needs_context else "id_only"})
+    pinned, feats, beyond, stats = load_data(root, load_cfg, artifacts=str(root_for(name) / "artifacts"))
     log(f"{name}: {feats.n_items} items, {stats['users']} users ({stats['users_too_short']} too short), "
         f"knowledge for {stats['items_with_knowledge']}, beyond-log for {stats['beyond_log_users']} users "
         f"({stats['beyond_log_model_version']}); read in {time.perf_counter() - t0:.1f}s")
@@ -221,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "ranker.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
     md = markdown(results, meta)
     (args.out / "ranker.md").write_text(md)
+    recall_bars(results, args.out / "ranker.png", baseline="id_only")
     print(md)
-    log(f"wrote {args.out / 'ranker.json'} and ranker.md in {meta['seconds']:.0f}s")
+    log(f"wrote {args.out / 'ranker.json'}, ranker.md and ranker.png in {meta['seconds']:.0f}s")
     return 0
 
 

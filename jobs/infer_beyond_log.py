@@ -175,13 +175,20 @@ def point_in_time_contexts(root: str, artifacts: str, published_model_version: s
     * "train": from every event but the last three, for the last training target (events[-3]);
     * "valid": from every event but the last two, for the validation target (events[-2]);
 
-    so each context is made by a model that never saw its target, from history before it, one step ahead
-    as the published one is for the test target. Returns ({"train": {user: item_ids}, "valid": ...}, stats).
+    so each context is made by a model that never saw its target, from history before it. One difference
+    remains, said plainly: the train context is inferred from exactly the sequence the as-of model
+    trained on, while the validation (and the published test) history holds one event its model never
+    saw; matching that would take a second as-of model (trained on all but the last four). Returns ({"train": {user: item_ids}, "valid": ...}, stats).
     The as-of model is cached under artifacts/diffusion/ (its version hashes its exact training sequences).
     """
     from models import diffusion as D
 
     meta_path = Path(artifacts) / "diffusion" / published_model_version / "meta.json"
+    if not published_model_version.startswith(D.MODEL_FAMILY.rsplit("-", 1)[0]):
+        raise PointInTimeUnavailable(
+            f"point-in-time beyond-log contexts: {published_model_version!r} is not a diffusion model (the llm "
+            "method's inferences cannot be rebuilt as of earlier cuts); train with the published table as context "
+            "(ranker setting beyond_log_point_in_time=false)")
     if not published_model_version.startswith(D.MODEL_FAMILY) or not meta_path.exists():
         raise PointInTimeUnavailable(
             f"point-in-time beyond-log contexts need the diffusion checkpoint of {published_model_version!r} "
@@ -189,9 +196,16 @@ def point_in_time_contexts(root: str, artifacts: str, published_model_version: s
             "and artifacts folder, or train with the published table as context "
             "(ranker setting beyond_log_point_in_time=false)")
     meta = json.loads(meta_path.read_text())
-    cfg = D.DiffusionConfig.from_dict(meta["config"])
+    # Where it runs is this host's choice (device and threads are not part of the model version).
+    cfg = D.DiffusionConfig.from_dict({**meta["config"], "device": "auto"})
     codebook_version = meta["codebook_version"]
-    vocab = load_vocab(root, codebook_version, semantic_ids_version)
+    try:
+        vocab = load_vocab(root, codebook_version, semantic_ids_version)
+    except ValueError as exc:
+        raise PointInTimeUnavailable(
+            f"point-in-time beyond-log contexts: {published_model_version} was trained on codebook "
+            f"{codebook_version}, which the pinned gold.item_semantic_ids does not hold ({exc}); rerun "
+            "infer_beyond_log after assign_semantic_ids") from exc
     sequences = load_sequences(root, sequences_version)
     train_seqs, _ = training_prefixes(vocab, sequences, drop=3)
     if not train_seqs:

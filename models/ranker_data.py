@@ -9,9 +9,10 @@ record batches (`feature_store.delta.arrow_batches`), and turned into small inte
 * `load_item_features` builds the one item-index vocabulary (index 0 is padding, items 1..N in item-id
   order: the catalogue of the sequences' codebook version plus every item the sequences mention) and
   aligns every item feature matrix to it by an item_id join: semantic tokens (gold.item_semantic_ids:
-  RQ codes without the collision digit, MPQ tokens) and the frozen knowledge vector
-  (silver.item_embeddings, the embedder the codebook was trained on). Row order in the source tables
-  never matters. The inline semantic IDs of gold.user_sequences are checked against the aligned codes,
+  RQ codes without the collision digit, MPQ tokens), the frozen knowledge vector
+  (silver.item_embeddings, the embedder the codebook was trained on) and the explicit knowledge's typed
+  fields (silver.item_knowledge: category-path levels, product type, brand). Row order in the source
+  tables never matters. The inline semantic IDs of gold.user_sequences are checked against the aligned codes,
   so tables from different runs fail loudly instead of training on misaligned features.
 * `load_beyond_log` maps gold.user_augmented_behaviors (status ok, one model_version) to item indices.
 * `check_user_features` streams gold.user_features for coverage and NaN counts. Its columns are not model
@@ -46,8 +47,11 @@ SEMANTIC_IDS = "gold.item_semantic_ids"
 EMBEDDINGS = "silver.item_embeddings"
 AUGMENTED = "gold.user_augmented_behaviors"
 USER_FEATURES = "gold.user_features"
-READ_TABLES = (SEQUENCES, SEMANTIC_IDS, EMBEDDINGS, AUGMENTED, USER_FEATURES)
+KNOWLEDGE = "silver.item_knowledge"
+READ_TABLES = (SEQUENCES, SEMANTIC_IDS, EMBEDDINGS, AUGMENTED, USER_FEATURES, KNOWLEDGE)
 MIN_EVENTS = 3  # a user needs a validation and a test target and at least one input item
+CATEGORY_DEPTH = 5  # category-path levels kept as columns (Amazon's paths are 3-6 deep)
+MIN_FIELD_ITEMS = 2  # a value held by one item only says nothing beyond its ID: it counts as missing
 
 
 class DataError(ValueError):
@@ -102,6 +106,11 @@ class ItemFeatures:
     knowledge: np.ndarray  # float32 [N+1, dim]; zero where missing
     knowledge_ok: np.ndarray  # bool [N+1]
     stats: dict = field(default_factory=dict)
+    # The explicit knowledge's typed fields (silver.item_knowledge) as categorical columns, e.g. cat_2,
+    # product_type, brand: int64 [N+1, n_fields], 0 = missing or rare; field_sizes[c] values per column.
+    fields: np.ndarray | None = None
+    field_sizes: list[int] = field(default_factory=list)
+    field_columns: list[str] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -109,6 +118,30 @@ class ItemFeatures:
 
     def index(self) -> dict[str, int]:
         return {item: i + 1 for i, item in enumerate(self.item_ids)}
+
+    def sid_prefix_codes(self, min_items: int = MIN_FIELD_ITEMS) -> tuple[np.ndarray, list[int]]:
+        """The token columns with each RQ level replaced by the prefix up to it: (c1), (c1, c2), ...
+
+        A residual code means something only under its parents, so level l's token names the path to it.
+        A prefix fewer than `min_items` items share says nothing beyond the item's ID and gets the column's
+        "missing" code, as items without semantic IDs do. MPQ columns (unordered experts) are unchanged.
+        """
+        codes = self.sid_codes.copy()
+        sizes = list(self.sid_sizes)
+        rq = [c for c, name in enumerate(self.sid_columns) if name.startswith("rq_")]
+        missing = np.zeros(len(codes), dtype=bool)
+        missing[0] = True
+        for depth, c in enumerate(rq):
+            missing |= self.sid_codes[:, c] == self.sid_sizes[c] - 1
+            keys = self.sid_codes[:, rq[: depth + 1]]
+            _, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+            inverse = inverse.reshape(-1)
+            shared = (counts[inverse] >= min_items) & ~missing
+            ids = np.full(len(codes), -1, dtype=np.int64)
+            _, ids[shared] = np.unique(inverse[shared], return_inverse=True)
+            sizes[c] = int(ids.max()) + 2
+            codes[:, c] = np.where(shared, ids, sizes[c] - 1)
+        return codes, sizes
 
     def vocab_array(self) -> pa.Array:
         return pa.array(self.item_ids, pa.string())
@@ -203,13 +236,19 @@ def load_item_features(pinned: Pinned, *, embedder: str | None = None, batch_siz
         embedder = next(iter(embedders), None)
     know, know_ok, know_stats = _knowledge(pinned, index, n, embedder, batch_size)
 
+    if KNOWLEDGE in pinned.versions:
+        fields, field_sizes, field_cols, field_stats = _knowledge_fields(pinned, index, n, batch_size)
+    else:  # a caller that pinned without the knowledge table asked for no typed fields
+        fields, field_sizes, field_cols, field_stats = None, [], [], {"knowledge_fields": "not read"}
+
     stats = {
         "codebook_version": version, "items": n, "catalog_items": len(sid_rows),
         "sequence_items_without_semantic_id": without_sid,
-        "sid_columns": cols, "sid_sizes": sizes, **user_counts, **know_stats,
+        "sid_columns": cols, "sid_sizes": sizes, **user_counts, **know_stats, **field_stats,
     }
     feats = ItemFeatures(item_ids=item_ids, codebook_version=version, embedder=embedder, sid_codes=codes,
-                         sid_sizes=sizes, sid_columns=cols, knowledge=know, knowledge_ok=know_ok, stats=stats)
+                         sid_sizes=sizes, sid_columns=cols, knowledge=know, knowledge_ok=know_ok, stats=stats,
+                         fields=fields, field_sizes=field_sizes, field_columns=field_cols)
     check_sequence_alignment(pinned, feats, batch_size)
     return feats
 
@@ -268,6 +307,58 @@ def _knowledge(pinned: Pinned, index: dict[str, int], n: int, embedder: str | No
         "embedding_rows_outside_vocabulary": outside,
     }
     return mat, ok, stats
+
+
+
+
+def _knowledge_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size: int):
+    """The explicit knowledge's typed fields as categorical columns aligned to the vocabulary.
+
+    Per item the `ok` silver.item_knowledge row of the newest ds (then prompt_version) is used, as
+    models.generative.load_category_paths does. Columns: one per category-path level (the prefix up to
+    that level, so two leaves of the same name under different parents stay apart), product_type and
+    the brand attribute. Value ids are 1.. per column; 0 means no knowledge, no value, or a value fewer
+    than MIN_FIELD_ITEMS items share. Columns where no value is shared are dropped.
+    """
+    best: dict[int, tuple] = {}
+    rows = 0
+    cols = ["item_id", "category_path", "product_type", "attributes", "status", "ds", "prompt_version"]
+    for b in pinned.batches(KNOWLEDGE, cols, batch_size):
+        for item, path, ptype, attrs, status, ds, pv in zip(*(b.column(c).to_pylist() for c in cols), strict=True):
+            rows += 1
+            i = index.get(item)
+            if i is None or status != "ok":
+                continue
+            key = (ds.toordinal() if ds else 0, pv or "")
+            if i in best and key <= best[i][0]:
+                continue
+            path = [str(x).strip() for x in (path or []) if x is not None and str(x).strip()]
+            brand = next((v for k, v in (attrs or []) if k == "brand" and v), None)
+            values = [" > ".join(path[: d + 1]) if d < len(path) else None for d in range(CATEGORY_DEPTH)]
+            values += [ptype.strip().lower() if ptype and ptype.strip() else None,
+                       brand.strip().lower() if brand and brand.strip() else None]
+            best[i] = (key, values)
+    names = [f"category_{d + 1}" for d in range(CATEGORY_DEPTH)] + ["product_type", "brand"]
+    kept_cols, kept_names, sizes, per_col = [], [], [], {}
+    for c, name in enumerate(names):
+        counts: dict[str, int] = {}
+        for _, values in best.values():
+            if values[c] is not None:
+                counts[values[c]] = counts.get(values[c], 0) + 1
+        shared = sorted(v for v, k in counts.items() if k >= MIN_FIELD_ITEMS)
+        if len(shared) < 2:  # nothing shared, or one value for all: no information
+            continue
+        ids = {v: j + 1 for j, v in enumerate(shared)}
+        col = np.zeros(n + 1, dtype=np.int64)
+        for i, (_, values) in best.items():
+            col[i] = ids.get(values[c], 0)
+        kept_cols.append(col)
+        kept_names.append(name)
+        sizes.append(len(shared) + 1)
+        per_col[name] = {"values": len(shared), "items_with_value": int((col > 0).sum())}
+    fields = np.stack(kept_cols, axis=1) if kept_cols else np.zeros((n + 1, 0), dtype=np.int64)
+    stats = {"knowledge_field_rows": rows, "items_with_knowledge_fields": len(best), "knowledge_fields": per_col}
+    return fields, sizes, kept_names, stats
 
 
 def check_sequence_alignment(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> None:
@@ -341,10 +432,11 @@ def load_beyond_log(pinned: Pinned, feats: ItemFeatures, model_version: str | No
             status[st] = status.get(st, 0) + 1
             if st != "ok":
                 continue
-            rows = [index.get(i) for i in (items or [])]
+            # An unknown item keeps its rank slot as padding (0), so the items after it keep their rank.
+            rows = [index.get(i) for i in (items or [])][:top_k]
             unknown += sum(r is None for r in rows)
-            rows = [r for r in rows if r is not None][:top_k]
-            if not rows:
+            rows = [r or 0 for r in rows]
+            if not any(rows):
                 empty += 1
                 continue
             out[user] = np.asarray(rows, dtype=np.int64)
@@ -372,10 +464,10 @@ def item_lists_to_index(by_user: dict[str, list[str]], feats: ItemFeatures, top_
     index = feats.index()
     out, unknown = {}, 0
     for user, items in by_user.items():
-        rows = [index.get(i) for i in items]
+        rows = [index.get(i) for i in items][:top_k]  # unknown items keep their rank slot as padding
         unknown += sum(r is None for r in rows)
-        rows = [r for r in rows if r is not None][:top_k]
-        if rows:
+        rows = [r or 0 for r in rows]
+        if any(rows):
             out[user] = np.asarray(rows, dtype=np.int64)
     return out, unknown
 

@@ -207,17 +207,9 @@ def test_alignment_examples_and_msra_rewards_never_use_validation_or_test_target
     assert alignment_examples(np.array([1, 2, 3]), rng, 4, 50, 3) == []
 
 
-def knowledge_rows(n: int = N_ITEMS) -> list[dict]:
-    return [{"item_id": item_id(i), "content_hash": "h", "prompt_version": "p", "model": "m",
-             "category_path": ["Root", f"dept{i % 3}", f"leaf{i % 6}"], "status": "ok", "ds": DS, "run_id": "test"}
-            for i in range(n)]
-
-
 @pytest.fixture
 def glake(tmp_path) -> str:
-    root = build_lakehouse(tmp_path / "lh", n_users=60)
-    write(root, "silver.item_knowledge", knowledge_rows())
-    return str(root)
+    return str(build_lakehouse(tmp_path / "lh", n_users=60))  # with silver.item_knowledge
 
 
 def test_examples_from_the_lakehouse_hold_no_held_out_target(glake):

@@ -28,6 +28,7 @@ from models.ranker_data import (
     ItemFeatures,
     SequenceStream,
     check_user_features,
+    item_lists_to_index,
     load_beyond_log,
     load_item_features,
     pin,
@@ -77,9 +78,17 @@ def sequence_rows(n_users: int, seed: int = 0, version: str = CB, min_len: int =
     return rows
 
 
+def knowledge_rows(n: int = N_ITEMS) -> list[dict]:
+    """silver.item_knowledge: category paths, product types and brands shared by several items each."""
+    return [{"item_id": item_id(i), "content_hash": "h", "prompt_version": "p", "model": "m",
+             "category_path": ["Root", f"dept{i % 3}", f"leaf{i % 6}"], "product_type": f"type{i % 5}",
+             "attributes": [("brand", f"Brand{i % 4}")], "status": "ok", "ds": DS, "run_id": "test"}
+            for i in range(n)]
+
+
 def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None, nan_item: int | None = None,
                     short_users: int = 0) -> Path:
-    """The five tables the ranker reads; order_seed shuffles the row order of every item table."""
+    """The six tables the ranker reads; order_seed shuffles the row order of every item table."""
     rng = np.random.default_rng(order_seed)
     perm = rng.permutation(N_ITEMS) if order_seed is not None else np.arange(N_ITEMS)
     sid_rows, emb_rows = [], []
@@ -99,6 +108,8 @@ def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None
                      "text_hash": "h", "prompt_version": "p", "model": "m", "ds": DS, "run_id": "old"})
     write(root, "gold.item_semantic_ids", sid_rows)
     write(root, "silver.item_embeddings", emb_rows)
+    know = knowledge_rows()
+    write(root, "silver.item_knowledge", [know[int(i)] for i in perm])
     seqs = sequence_rows(n_users) + sequence_rows(short_users, seed=99, min_len=1, max_len=2)
     for k, r in enumerate(seqs[n_users:]):
         r["user_id"] = f"short{k}"
@@ -204,6 +215,64 @@ def test_features_align_to_one_vocabulary_whatever_the_source_row_order(tmp_path
     assert "other-1" not in index
     # Padding row: the "missing" code of every column, no knowledge.
     assert b.sid_codes[0].tolist() == [s - 1 for s in b.sid_sizes] and not b.knowledge_ok[0]
+
+
+def test_knowledge_fields_align_to_their_items_and_leave_rare_values_out(tmp_path):
+    root = build_lakehouse(tmp_path / "lh", order_seed=3)
+    # A newer ok row changes item 0's brand to one no other item has (rare: "missing"); a newer failed
+    # row for item 1 is ignored; an item outside the vocabulary is ignored.
+    newer = DS + dt.timedelta(days=1)
+    write(root, "silver.item_knowledge", [
+        {**knowledge_rows()[0], "attributes": [("brand", "OnlyMine")], "ds": newer, "content_hash": "h2"},
+        {**knowledge_rows()[1], "category_path": ["Other"], "status": "failed", "ds": newer, "content_hash": "h2"},
+        {**knowledge_rows()[2], "item_id": "not-in-vocab"},
+    ])
+    feats = load_item_features(pin(str(root)))
+    # The root level is the same for every item (no information): left out.
+    assert feats.field_columns == ["category_2", "category_3", "product_type", "brand"]
+    assert feats.field_sizes == [4, 7, 6, 5] and feats.fields.shape == (N_ITEMS + 1, 4)
+    index = feats.index()
+    expect = [lambda i: i % 3, lambda i: i % 6, lambda i: i % 5, lambda i: i % 4]
+    for c, key in enumerate(expect):
+        for i in range(N_ITEMS):
+            for j in range(N_ITEMS):
+                if c == 3 and 0 in (i, j):
+                    continue
+                same = feats.fields[index[item_id(i)], c] == feats.fields[index[item_id(j)], c]
+                assert same == (key(i) == key(j)), (feats.field_columns[c], i, j)
+    assert feats.fields[index[item_id(0)], 3] == 0  # its newest brand is held by no other item
+    assert (feats.fields[index[item_id(0)], :3] > 0).all() and (feats.fields[0] == 0).all()
+    assert feats.stats["knowledge_fields"]["brand"] == {"values": 4, "items_with_value": N_ITEMS - 1}
+    # The fields reach the item table of the knowledge variants only, and can be switched off.
+    base = dict(d_model=8, n_heads=2, n_layers=1)
+    feats.fields[index[item_id(5)], 1] = feats.fields[index[item_id(6)], 1]
+    torch.manual_seed(0)
+    with_fields = SASRec(feats, RankerConfig(variant="+knowledge", **base)).items
+    assert with_fields.use_fields and len(with_fields.fields) == 4
+    assert not SASRec(feats, RankerConfig(variant="+knowledge", knowledge_fields=False, **base)).items.use_fields
+    assert not SASRec(feats, RankerConfig(variant="+semantic_ids", **base)).items.use_fields
+    with torch.no_grad():
+        before = with_fields()
+        with_fields.fields[1].weight[feats.fields[index[item_id(6)], 1]] += 1.0
+        changed = (with_fields() - before).abs().sum(1) > 0
+    rows = {index[item_id(i)] for i in range(N_ITEMS) if i % 6 == 0} | {index[item_id(5)]}
+    assert set(torch.nonzero(changed).flatten().tolist()) == rows
+
+
+def test_semantic_id_prefixes_by_hand():
+    # rq columns: (c1, c2, c3); the last row and the padding row have no semantic IDs (code 9 = missing).
+    codes = np.array([[9, 9, 9, 5], [0, 1, 2, 0], [0, 1, 3, 1], [0, 2, 2, 0], [1, 1, 2, 4], [9, 9, 9, 5]])
+    feats = ItemFeatures(item_ids=list("abcde"), codebook_version=CB, embedder=None, sid_codes=codes,
+                         sid_sizes=[10, 10, 10, 6], sid_columns=["rq_0", "rq_1", "rq_2", "mpq_0"],
+                         knowledge=np.zeros((6, 1), np.float32), knowledge_ok=np.zeros(6, bool))
+    prefix, sizes = feats.sid_prefix_codes()
+    # (0) is shared by a, b, c; (1) by d alone -> missing. (0, 1) is shared by a, b; (0, 2) only by c.
+    # No (c1, c2, c3) is shared: the whole column is "missing". MPQ stays as it was.
+    assert sizes == [2, 2, 1, 6]
+    assert prefix.tolist() == [[1, 1, 0, 5], [0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0], [1, 1, 0, 4], [1, 1, 0, 5]]
+    # Level 2's code 1 under different parents (a, d) is one unigram but two different prefixes.
+    assert codes[1, 1] == codes[4, 1] and prefix[4, 1] != prefix[1, 1]
+    assert np.array_equal(feats.sid_codes, codes)  # the features themselves are left as read
 
 
 # ---------------------------------------------------------------- bad input
@@ -398,6 +467,15 @@ def test_copy_bonus_raises_exactly_the_context_items_by_rank():
     expect = torch.zeros(2, 7)
     expect[0, 4], expect[0, 2], expect[1, 6] = 2.0, 1.0, 2.0
     assert torch.allclose(diff, expect) and torch.isinf(boosted[:, 0]).all()
+    # An inferred item outside the vocabulary keeps its rank slot (as padding): the next item keeps rank 3.
+    ctx, unknown = item_lists_to_index({"u": ["i3", "gone", "i1"]}, feats, top_k=3)
+    assert ctx["u"].tolist() == [4, 0, 2] and unknown == 1
+    with torch.no_grad():
+        diff = (model.scores(h[:1], table, torch.as_tensor(ctx["u"])[None]) - plain[:1]).nan_to_num(
+            0.0, posinf=0.0, neginf=0.0)
+    expect = torch.zeros(1, 7)
+    expect[0, 4], expect[0, 2] = 2.0, 0.5
+    assert torch.allclose(diff, expect, atol=1e-6)  # h[:1] @ table may round unlike h @ table
 
 
 def test_point_in_time_contexts_come_from_a_model_that_never_saw_their_targets(pit_lake):
@@ -423,11 +501,16 @@ def test_point_in_time_contexts_come_from_a_model_that_never_saw_their_targets(p
     assert asof == D.model_version(D.DiffusionConfig(**TINY_DIFFUSION), CB, fingerprint(expected, vocab))
     assert (Path(artifacts) / "diffusion" / "LATEST").read_text() == latest  # the published model stays current
     items = dict(sequences)
+    model = D.load(Path(artifacts) / "diffusion" / asof, "cpu")
     for split, drop in (("train", 3), ("valid", 2)):
         ctx = by_split[split]
         assert ctx and set(ctx) <= {u for u, s in sequences if len(s) > drop}
         for user, inferred in ctx.items():
             assert not set(inferred) & set(items[user][:-drop])  # made from the history before the cut
+        # Each split's context is the as-of model's inference from exactly the events before its cut.
+        users = sorted(ctx)[:8]
+        again = D.infer(model, vocab, [vocab.encode(items[u][:-drop])[0] for u in users], 5)
+        assert [[vocab.item_ids[i] for i in r.item_idx] for r in again] == [ctx[u] for u in users]
     assert stats["train_users_with_context"] == len(by_split["train"])
     # A rerun reuses the as-of checkpoint.
     assert point_in_time_contexts(root, artifacts, published, top_n=5)[1]["asof_reused_checkpoint"] is True
@@ -435,10 +518,19 @@ def test_point_in_time_contexts_come_from_a_model_that_never_saw_their_targets(p
 
 def test_point_in_time_training_run_and_its_clear_errors(pit_lake, lake):
     from jobs.infer_beyond_log import PointInTimeUnavailable
-    from jobs.train_ranker import train
+    from jobs.train_ranker import load_data, train
 
     root, artifacts = pit_lake
     torch.set_num_threads(1)
+    # Each split reads its own contexts: train and valid the as-of inferences, test the published table.
+    config = RankerConfig(variant="+beyond_log", **SMALL)
+    pinned, feats, beyond, _ = load_data(root, config, artifacts=artifacts)
+    published, _ = load_beyond_log(pinned, feats)
+    streams = make_streams(pinned, feats, config, beyond)
+    assert streams["train"].beyond_log is beyond.train and streams["valid"].beyond_log is beyond.valid
+    assert streams["test"].beyond_log is beyond.test
+    assert {u: v.tolist() for u, v in beyond.test.items()} == {u: v.tolist() for u, v in published.items()}
+    assert any(not np.array_equal(beyond.train[u], beyond.test.get(u, [])) for u in beyond.train)
     out = train(root, RankerConfig(variant="+beyond_log", **{**SMALL, "max_epochs": 2}), ds=DS, progress=False,
                 artifacts=artifacts, record=False)
     pit = out["metrics"]["data"]["beyond_log_point_in_time"]
@@ -446,7 +538,7 @@ def test_point_in_time_training_run_and_its_clear_errors(pit_lake, lake):
     assert pit["train_users_with_context"] > 0 and pit["valid_users_with_context"] > 0
     assert len(out["metrics"]["beyond_log_copy_bonus"]) == RankerConfig().beyond_log_k
     # The hand-written table of `lake` has no checkpoint behind it: say so, and what to do instead.
-    with pytest.raises(PointInTimeUnavailable, match="beyond_log_point_in_time=false"):
+    with pytest.raises(PointInTimeUnavailable, match="not a diffusion model.*beyond_log_point_in_time=false"):
         train(lake, RankerConfig(variant="all", **SMALL), ds=DS, progress=False, artifacts=artifacts, record=False)
     with pytest.raises(PointInTimeUnavailable, match="artifacts folder"):
         train(lake, RankerConfig(variant="all", **SMALL), ds=DS, progress=False, record=False)
