@@ -127,7 +127,7 @@ def recall_bars(results: dict, path: Path, baseline: str | None = None) -> None:
         lo = min(m - s for m, s in zip(means, stds, strict=True))
         top = max(m + s for m, s in zip(means, stds, strict=True))
         ax.set_ylim(max(0.0, lo * 0.9), top * 1.08)
-        if baseline in res:
+        if baseline in res and res[baseline]["recall@10"]["mean"] > 0:
             base = res[baseline]["recall@10"]["mean"]
             for k, (m, s) in enumerate(zip(means, stds, strict=True)):
                 ax.text(k, m + s + top * 0.005, f"{m / base:.2f}×", ha="center", va="bottom", fontsize=8)

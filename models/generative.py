@@ -638,19 +638,19 @@ def alignment_examples(seq: np.ndarray, rng: np.random.Generator, per_user: int,
 
 
 def load_category_paths(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> tuple[list, dict]:
-    """Per item index, its category path from silver.item_knowledge (status ok; newest ds, then prompt_version)."""
+    """Per item index, its category path from silver.item_knowledge (status ok, non-empty path; newest by ds,
+    then prompt_version, model and content_hash, so the choice never depends on row order)."""
     index = feats.index()
     best: dict[int, tuple] = {}
     rows = 0
-    for b in pinned.batches(ITEM_KNOWLEDGE, ["item_id", "category_path", "status", "ds", "prompt_version"], batch_size):
-        for item, path, status, ds, pv in zip(*(b.column(c).to_pylist() for c in
-                                                ("item_id", "category_path", "status", "ds", "prompt_version")),
-                                              strict=True):
+    cols = ["item_id", "category_path", "status", "ds", "prompt_version", "model", "content_hash"]
+    for b in pinned.batches(ITEM_KNOWLEDGE, cols, batch_size):
+        for item, path, status, ds, pv, model, chash in zip(*(b.column(c).to_pylist() for c in cols), strict=True):
             rows += 1
             i = index.get(item)
             if i is None or status != "ok" or not path:
                 continue
-            key = (ds.toordinal() if ds else 0, pv or "")
+            key = (ds.toordinal() if ds else 0, pv or "", model or "", chash or "")
             if i not in best or key > best[i][0]:
                 best[i] = (key, [str(x) for x in path])
     paths: list = [None] * (feats.n_items + 1)

@@ -197,7 +197,7 @@ class ItemEncoder(nn.Module):
     """The composite item table [N+1, d]: ID + summed semantic tokens + projected knowledge + knowledge fields."""
 
     def __init__(self, feats: ItemFeatures, d: int, use_sid: bool, use_knowledge: bool, dropout: float,
-                 knowledge_mlp: bool = False, knowledge_fields: bool = True, sid_prefix: bool = False):
+                 knowledge_mlp: bool = False, knowledge_fields: bool = True, sid_prefix: bool = True):
         super().__init__()
         n = feats.n_items + 1
         self.id = nn.Embedding(n, d, padding_idx=0)

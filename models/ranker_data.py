@@ -50,7 +50,7 @@ USER_FEATURES = "gold.user_features"
 KNOWLEDGE = "silver.item_knowledge"
 READ_TABLES = (SEQUENCES, SEMANTIC_IDS, EMBEDDINGS, AUGMENTED, USER_FEATURES, KNOWLEDGE)
 MIN_EVENTS = 3  # a user needs a validation and a test target and at least one input item
-CATEGORY_DEPTH = 5  # category-path levels kept as columns (Amazon's paths are 3-6 deep)
+CATEGORY_DEPTH = 5  # category-path levels read, the root included (the root is then dropped: all alike)
 MIN_FIELD_ITEMS = 2  # a value held by one item only says nothing beyond its ID: it counts as missing
 
 
@@ -314,22 +314,26 @@ def _knowledge(pinned: Pinned, index: dict[str, int], n: int, embedder: str | No
 def _knowledge_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size: int):
     """The explicit knowledge's typed fields as categorical columns aligned to the vocabulary.
 
-    Per item the `ok` silver.item_knowledge row of the newest ds (then prompt_version) is used, as
-    models.generative.load_category_paths does. Columns: one per category-path level (the prefix up to
-    that level, so two leaves of the same name under different parents stay apart), product_type and
-    the brand attribute. Value ids are 1.. per column; 0 means no knowledge, no value, or a value fewer
-    than MIN_FIELD_ITEMS items share. Columns where no value is shared are dropped.
+    Per item the newest `ok` silver.item_knowledge row is used (by ds, then prompt_version, model and
+    content_hash, so the choice never depends on row order), even where its category path is empty.
+    Columns: one per category-path level (the prefix up to that level, so two leaves of the same name
+    under different parents stay apart), product_type and the brand attribute. Value ids are 1.. per
+    column; 0 means no knowledge, no value, or a value fewer than MIN_FIELD_ITEMS items share. A column
+    with fewer than two shared values is dropped (one value shared by all, such as the root, tells
+    nothing).
     """
     best: dict[int, tuple] = {}
     rows = 0
-    cols = ["item_id", "category_path", "product_type", "attributes", "status", "ds", "prompt_version"]
+    cols = ["item_id", "category_path", "product_type", "attributes", "status", "ds", "prompt_version", "model",
+            "content_hash"]
     for b in pinned.batches(KNOWLEDGE, cols, batch_size):
-        for item, path, ptype, attrs, status, ds, pv in zip(*(b.column(c).to_pylist() for c in cols), strict=True):
+        for item, path, ptype, attrs, status, ds, pv, model, chash in zip(*(b.column(c).to_pylist() for c in cols),
+                                                                          strict=True):
             rows += 1
             i = index.get(item)
             if i is None or status != "ok":
                 continue
-            key = (ds.toordinal() if ds else 0, pv or "")
+            key = (ds.toordinal() if ds else 0, pv or "", model or "", chash or "")
             if i in best and key <= best[i][0]:
                 continue
             path = [str(x).strip() for x in (path or []) if x is not None and str(x).strip()]
@@ -406,7 +410,8 @@ def check_sequence_alignment(pinned: Pinned, feats: ItemFeatures, batch_size: in
 
 def load_beyond_log(pinned: Pinned, feats: ItemFeatures, model_version: str | None = None, top_k: int = 10,
                     batch_size: int = 4096) -> tuple[dict[str, np.ndarray], dict]:
-    """user_id -> inferred item indices (status ok, best first, at most top_k), and counts."""
+    """user_id -> inferred item indices (status ok, best first, at most top_k; an item outside the vocabulary
+    keeps its rank slot as 0), and counts."""
     by_version: dict[str, list[int]] = {}
     for b in pinned.batches(AUGMENTED, ["model_version", "ds", "status"], batch_size):
         for mv, ds, st in zip(*(b.column(c).to_pylist() for c in ("model_version", "ds", "status")), strict=True):
@@ -432,14 +437,12 @@ def load_beyond_log(pinned: Pinned, feats: ItemFeatures, model_version: str | No
             status[st] = status.get(st, 0) + 1
             if st != "ok":
                 continue
-            # An unknown item keeps its rank slot as padding (0), so the items after it keep their rank.
-            rows = [index.get(i) for i in (items or [])][:top_k]
-            unknown += sum(r is None for r in rows)
-            rows = [r or 0 for r in rows]
-            if not any(rows):
+            slots, n_unknown = _rank_slots(items, index, top_k)
+            unknown += n_unknown
+            if slots is None:
                 empty += 1
                 continue
-            out[user] = np.asarray(rows, dtype=np.int64)
+            out[user] = slots
     return out, {"beyond_log_model_version": model_version, "beyond_log_status": status,
                  "beyond_log_users": len(out), "beyond_log_items_outside_vocabulary": unknown,
                  "beyond_log_ok_rows_without_items": empty, "beyond_log_models": sorted(by_version)}
@@ -460,16 +463,25 @@ class BeyondLogContexts:
 
 
 def item_lists_to_index(by_user: dict[str, list[str]], feats: ItemFeatures, top_k: int) -> tuple[dict, int]:
-    """user_id -> item indices (first top_k known items); and how many items were outside the vocabulary."""
+    """user_id -> item indices of the first top_k items (one outside the vocabulary keeps its rank slot as 0);
+    and how many items were outside the vocabulary."""
     index = feats.index()
     out, unknown = {}, 0
     for user, items in by_user.items():
-        rows = [index.get(i) for i in items][:top_k]  # unknown items keep their rank slot as padding
-        unknown += sum(r is None for r in rows)
-        rows = [r or 0 for r in rows]
-        if any(rows):
-            out[user] = np.asarray(rows, dtype=np.int64)
+        slots, n_unknown = _rank_slots(items, index, top_k)
+        unknown += n_unknown
+        if slots is not None:
+            out[user] = slots
     return out, unknown
+
+
+def _rank_slots(items: list[str] | None, index: dict[str, int], top_k: int) -> tuple[np.ndarray | None, int]:
+    """The first top_k items as indices, an unknown item keeping its rank slot as padding (0) so the items
+    after it keep their rank; None when no item is known. Also how many of them were unknown."""
+    rows = [index.get(i) for i in (items or [])][:top_k]
+    unknown = sum(r is None for r in rows)
+    rows = [r or 0 for r in rows]
+    return (np.asarray(rows, dtype=np.int64) if any(rows) else None), unknown
 
 
 def check_user_features(pinned: Pinned, batch_size: int = 4096) -> dict:

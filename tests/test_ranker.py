@@ -243,6 +243,8 @@ def test_knowledge_fields_align_to_their_items_and_leave_rare_values_out(tmp_pat
     assert feats.fields[index[item_id(0)], 3] == 0  # its newest brand is held by no other item
     assert (feats.fields[index[item_id(0)], :3] > 0).all() and (feats.fields[0] == 0).all()
     assert feats.stats["knowledge_fields"]["brand"] == {"values": 4, "items_with_value": N_ITEMS - 1}
+    # Every row was read; the item outside the vocabulary was not used.
+    assert feats.stats["knowledge_field_rows"] == N_ITEMS + 3 and feats.stats["items_with_knowledge_fields"] == N_ITEMS
     # The fields reach the item table of the knowledge variants only, and can be switched off.
     base = dict(d_model=8, n_heads=2, n_layers=1)
     feats.fields[index[item_id(5)], 1] = feats.fields[index[item_id(6)], 1]
@@ -273,6 +275,10 @@ def test_semantic_id_prefixes_by_hand():
     # Level 2's code 1 under different parents (a, d) is one unigram but two different prefixes.
     assert codes[1, 1] == codes[4, 1] and prefix[4, 1] != prefix[1, 1]
     assert np.array_equal(feats.sid_codes, codes)  # the features themselves are left as read
+    # The model embeds the prefixes by default, the per-level codes when sid_prefix is off.
+    base = dict(variant="+semantic_ids", d_model=8, n_heads=2, n_layers=1)
+    assert SASRec(feats, RankerConfig(**base)).items.codes.tolist() == prefix.tolist()
+    assert SASRec(feats, RankerConfig(sid_prefix=False, **base)).items.codes.tolist() == codes.tolist()
 
 
 # ---------------------------------------------------------------- bad input
@@ -318,6 +324,16 @@ def test_short_histories_and_nan_vectors_are_skipped_and_counted(tmp_path):
     assert stats["beyond_log_status"] == {"ok": 60, "history_too_short": 4} and len(beyond) == 60
     stream = SequenceStream(pinned, feats, "valid", batch_size=1000)
     assert len(next(iter(stream))["target"]) == 60
+    # An inferred item outside the vocabulary keeps its rank slot empty; a row of unknown items only is left out.
+    aug = delta.read_arrow("gold.user_augmented_behaviors", root).to_pylist()
+    first, second = [r for r in aug if r["status"] == "ok"][:2]
+    first["item_ids"] = ["gone", item_id(7), item_id(8)]
+    second["item_ids"] = ["gone", "gone-too"]
+    write(Path(root), "gold.user_augmented_behaviors", aug, mode="overwrite")
+    beyond, stats = load_beyond_log(pin(root), feats, top_k=2)
+    index = feats.index()
+    assert beyond[first["user_id"]].tolist() == [0, index[item_id(7)]] and second["user_id"] not in beyond
+    assert stats["beyond_log_items_outside_vocabulary"] == 3 and stats["beyond_log_ok_rows_without_items"] == 1
     assert stream.last_counts["users_too_short"] == 4
 
 
