@@ -65,12 +65,11 @@ from models.ranker import (
     resolve_device,
     seed_everything,
 )
-from models.ranker_data import DataError, ItemFeatures, Pinned, SequenceStream
+from models.ranker_data import DataError, ItemFeatures, Pinned, SequenceStream, newest_knowledge
 
 MODEL_VERSION = "reg4rec-generative-v1"
 VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
 INFERENCE_MODES = ("fixed_order", "+dynamic_paths", "+corp")
-ITEM_KNOWLEDGE = "silver.item_knowledge"
 
 
 @dataclass
@@ -640,22 +639,11 @@ def alignment_examples(seq: np.ndarray, rng: np.random.Generator, per_user: int,
 def load_category_paths(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> tuple[list, dict]:
     """Per item index, its category path from silver.item_knowledge (status ok, non-empty path; newest by ds,
     then prompt_version, model and content_hash, so the choice never depends on row order)."""
-    index = feats.index()
-    best: dict[int, tuple] = {}
-    rows = 0
-    cols = ["item_id", "category_path", "status", "ds", "prompt_version", "model", "content_hash"]
-    for b in pinned.batches(ITEM_KNOWLEDGE, cols, batch_size):
-        for item, path, status, ds, pv, model, chash in zip(*(b.column(c).to_pylist() for c in cols), strict=True):
-            rows += 1
-            i = index.get(item)
-            if i is None or status != "ok" or not path:
-                continue
-            key = (ds.toordinal() if ds else 0, pv or "", model or "", chash or "")
-            if i not in best or key > best[i][0]:
-                best[i] = (key, [str(x) for x in path])
+    best, rows = newest_knowledge(pinned, feats.index(), ["category_path"], batch_size,
+                                  usable=lambda row: bool(row["category_path"]))
     paths: list = [None] * (feats.n_items + 1)
-    for i, (_, path) in best.items():
-        paths[i] = path
+    for i, row in best.items():
+        paths[i] = [str(x) for x in row["category_path"]]
     return paths, {"knowledge_rows": rows, "items_with_category_path": len(best),
                    "items_without_category_path": feats.n_items - len(best)}
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,7 +106,7 @@ class ItemFeatures:
     knowledge: np.ndarray  # float32 [N+1, dim]; zero where missing
     knowledge_ok: np.ndarray  # bool [N+1]
     stats: dict = field(default_factory=dict)
-    # The explicit knowledge's typed fields (silver.item_knowledge) as categorical columns, e.g. cat_2,
+    # The explicit knowledge's typed fields (silver.item_knowledge) as categorical columns, e.g. category_2,
     # product_type, brand: int64 [N+1, n_fields], 0 = missing or rare; field_sizes[c] values per column.
     fields: np.ndarray | None = None
     field_sizes: list[int] = field(default_factory=list)
@@ -309,44 +309,54 @@ def _knowledge(pinned: Pinned, index: dict[str, int], n: int, embedder: str | No
     return mat, ok, stats
 
 
+def newest_knowledge(pinned: Pinned, index: dict[str, int], columns: list[str], batch_size: int = 4096,
+                     usable: Callable[[dict], bool] | None = None) -> tuple[dict[int, dict], int]:
+    """Per item index, its newest `ok` silver.item_knowledge row (the given columns) that `usable` accepts;
+    newest by ds, then prompt_version, model and content_hash, so the choice never depends on row order.
+    Also how many rows were read."""
+    order = ["ds", "prompt_version", "model", "content_hash"]
+    cols = list(dict.fromkeys(["item_id", "status", *order, *columns]))
+    best: dict[int, tuple] = {}
+    rows = 0
+    for b in pinned.batches(KNOWLEDGE, cols, batch_size):
+        for values in zip(*(b.column(c).to_pylist() for c in cols), strict=True):
+            rows += 1
+            row = dict(zip(cols, values, strict=True))
+            i = index.get(row["item_id"])
+            if i is None or row["status"] != "ok" or (usable is not None and not usable(row)):
+                continue
+            key = (row["ds"].toordinal() if row["ds"] else 0, *(row[c] or "" for c in order[1:]))
+            if i not in best or key > best[i][0]:
+                best[i] = (key, row)
+    return {i: row for i, (_, row) in best.items()}, rows
 
 
 def _knowledge_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size: int):
     """The explicit knowledge's typed fields as categorical columns aligned to the vocabulary.
 
-    Per item the newest `ok` silver.item_knowledge row is used (by ds, then prompt_version, model and
-    content_hash, so the choice never depends on row order), even where its category path is empty.
+    Per item the newest `ok` silver.item_knowledge row is used (`newest_knowledge`), even where its
+    category path is empty.
     Columns: one per category-path level (the prefix up to that level, so two leaves of the same name
     under different parents stay apart), product_type and the brand attribute. Value ids are 1.. per
     column; 0 means no knowledge, no value, or a value fewer than MIN_FIELD_ITEMS items share. A column
     with fewer than two shared values is dropped (one value shared by all, such as the root, tells
     nothing).
     """
-    best: dict[int, tuple] = {}
-    rows = 0
-    cols = ["item_id", "category_path", "product_type", "attributes", "status", "ds", "prompt_version", "model",
-            "content_hash"]
-    for b in pinned.batches(KNOWLEDGE, cols, batch_size):
-        for item, path, ptype, attrs, status, ds, pv, model, chash in zip(*(b.column(c).to_pylist() for c in cols),
-                                                                          strict=True):
-            rows += 1
-            i = index.get(item)
-            if i is None or status != "ok":
-                continue
-            key = (ds.toordinal() if ds else 0, pv or "", model or "", chash or "")
-            if i in best and key <= best[i][0]:
-                continue
-            path = [str(x).strip() for x in (path or []) if x is not None and str(x).strip()]
-            brand = next((v for k, v in (attrs or []) if k == "brand" and v), None)
-            values = [" > ".join(path[: d + 1]) if d < len(path) else None for d in range(CATEGORY_DEPTH)]
-            values += [ptype.strip().lower() if ptype and ptype.strip() else None,
-                       brand.strip().lower() if brand and brand.strip() else None]
-            best[i] = (key, values)
+    newest, rows = newest_knowledge(pinned, index, ["category_path", "product_type", "attributes"], batch_size)
+    best: dict[int, list] = {}
+    for i, row in newest.items():
+        path = [str(x).strip() for x in (row["category_path"] or []) if x is not None and str(x).strip()]
+        ptype = row["product_type"]
+        brand = next((v for k, v in (row["attributes"] or []) if k == "brand" and v), None)
+        values = [" > ".join(path[: d + 1]) if d < len(path) else None for d in range(CATEGORY_DEPTH)]
+        values += [ptype.strip().lower() if ptype and ptype.strip() else None,
+                   brand.strip().lower() if brand and brand.strip() else None]
+        best[i] = values
     names = [f"category_{d + 1}" for d in range(CATEGORY_DEPTH)] + ["product_type", "brand"]
     kept_cols, kept_names, sizes, per_col = [], [], [], {}
     for c, name in enumerate(names):
         counts: dict[str, int] = {}
-        for _, values in best.values():
+        for values in best.values():
             if values[c] is not None:
                 counts[values[c]] = counts.get(values[c], 0) + 1
         shared = sorted(v for v, k in counts.items() if k >= MIN_FIELD_ITEMS)
@@ -354,7 +364,7 @@ def _knowledge_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size:
             continue
         ids = {v: j + 1 for j, v in enumerate(shared)}
         col = np.zeros(n + 1, dtype=np.int64)
-        for i, (_, values) in best.items():
+        for i, values in best.items():
             col[i] = ids.get(values[c], 0)
         kept_cols.append(col)
         kept_names.append(name)
