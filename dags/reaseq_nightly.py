@@ -61,6 +61,7 @@ def _run_stage(name: str, **context) -> dict:
 )
 def reaseq_nightly():
     previous = None
+    steps = {}
     for name in STAGES:
         kwargs = {"task_id": name}
         if name == "reason_items":
@@ -73,7 +74,28 @@ def reaseq_nightly():
             step = task(**kwargs)(_stage_callable(name))()
         if previous is not None:
             previous >> step
-        previous = step
+        previous = steps[name] = step
+    # The local LLM engine is held from just before the first stage that asks it to just after the
+    # last (the beyond-log stage asks it when beyond_log.method is llm); the teardown runs on success
+    # and failure alike and stops only an engine this run started.
+    up, down = llm_engine_up(), llm_engine_down()
+    steps["validate_bronze"] >> up >> steps["reason_items"]
+    [steps["reason_items"], steps["infer_beyond_log"]] >> down
+    down.as_teardown(setups=up)
+
+
+@task(task_id="llm_engine_up")
+def llm_engine_up(**context) -> dict:
+    from jobs.llm_engine_tasks import engine_up
+
+    return engine_up(f"{context['dag'].dag_id}__{context['ds']}", dict(context["params"]))
+
+
+@task(task_id="llm_engine_down")
+def llm_engine_down(**context) -> dict:
+    from jobs.llm_engine_tasks import engine_down
+
+    return engine_down(f"{context['dag'].dag_id}__{context['ds']}")
 
 
 def _stage_callable(name: str):

@@ -135,6 +135,7 @@ ITEM_KNOWLEDGE = _register(
             ("substitutes", STR_LIST),
             ("summary", pa.string()),
             ("field_confidence", FLOAT_MAP),
+            ("field_source", STR_MAP),
             ("traces", pa.string()),
             ("tokens_in", pa.int64()),
             ("tokens_out", pa.int64()),
@@ -148,6 +149,8 @@ ITEM_KNOWLEDGE = _register(
             "model": "the backend's model name; offline rows say offline-… so nobody mistakes them for LLM output",
             "traces": "JSON: every agent's reasoning and raw fields, per sampled path",
             "field_confidence": "share of sampled reasoning paths that agreed on each kept field",
+            "field_source": "per field, where the value came from: 'catalog' (a catalog fact, e.g. the listed "
+            "categories) or the model that inferred it; rows written before this column existed have null",
         },
     )
 )

@@ -57,7 +57,19 @@ def ensure_table(spark: SparkSession, spec: TableSpec, root: str | None = None) 
         builder = builder.partitionedBy(*spec.partition_by)
     builder = builder.comment(spec.description)
     builder.execute()
+    _add_new_columns(spark, spec, path)
     return path
+
+
+def _add_new_columns(spark: SparkSession, spec: TableSpec, path: str) -> None:
+    """Additive schema evolution: a nullable column the catalog gained is added to an existing table
+    (older rows read null), so a lakehouse written by an earlier release keeps working. Renames and
+    type changes are not done here: they need a migration someone decides on."""
+    existing = {f.name for f in spark.read.format("delta").load(path).schema.fields}
+    new = [f for f in spark_schema(spec).fields if f.name not in existing]
+    if new:
+        cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in new)
+        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({cols})")
 
 
 def conform(df: DataFrame, spec: TableSpec) -> DataFrame:

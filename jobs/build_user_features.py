@@ -33,14 +33,25 @@ def run(ctx: RunContext) -> JobResult:
         .withColumn("age_days", (F.unix_timestamp(asof) - F.unix_timestamp("event_ts")) / 86400.0)
         .withColumn("w", F.exp(-F.greatest(F.col("age_days"), F.lit(0.0)) * math.log(2) / HALF_LIFE_DAYS))
     )
-    items = delta.read_spark(spark, "bronze.catalog_items", ctx.root).select("item_id", "content_hash")
+    # The category is a catalog fact (the listed categories' last level), so every item has one; the
+    # model's inferred path stands in only for items the catalog lists without categories. Audiences
+    # and scenarios are the model's knowledge, present for the items it has answered so far (the rest
+    # wait in its backlog).
+    items = delta.read_spark(spark, "bronze.catalog_items", ctx.root).select("item_id", "content_hash", "categories")
     know = (
         delta.read_spark(spark, "silver.item_knowledge", ctx.root)
         .filter((F.col("prompt_version") == PROMPT_VERSION) & (F.col("model") == model_name(llm_config(ctx, 1))))
-        .join(items, ["item_id", "content_hash"])
-        .select("item_id", F.when(F.size("category_path") > 0, F.element_at("category_path", -1)).alias("category"), "audiences", "scenarios")
+        .select("item_id", "content_hash", "category_path", "audiences", "scenarios")
     )
-    ev = events.join(know, "item_id", "left")
+    leaf = lambda c: F.when(F.size(c) > 0, F.element_at(c, -1))  # noqa: E731
+    per_item = (
+        items.join(know, ["item_id", "content_hash"], "left")
+        .select("item_id", F.coalesce(leaf("categories"), leaf("category_path")).alias("category"),
+                "audiences", "scenarios", F.col("category_path").isNotNull().alias("has_knowledge"))
+        .localCheckpoint(eager=True)
+    )
+    n_items, items_with_knowledge = per_item.agg(F.count("*"), F.sum(F.col("has_knowledge").cast("int"))).first()
+    ev = events.join(per_item.drop("has_knowledge"), "item_id", "left")
 
     def affinity(col_expr, name: str):
         exploded = ev.select("user_id", "w", col_expr.alias("v")).filter(F.col("v").isNotNull() & (F.col("v") != ""))
@@ -75,7 +86,7 @@ def run(ctx: RunContext) -> JobResult:
     aug = delta.read_spark(spark, "gold.user_augmented_behaviors", ctx.root)
     aug_ex = (
         aug.select("user_id", F.explode("item_ids").alias("item_id"))
-        .join(know.select("item_id", "category"), "item_id", "left")
+        .join(per_item.select("item_id", "category"), "item_id", "left")
         .groupBy("user_id", "category").count()
         .withColumn("r", F.row_number().over(Window.partitionBy("user_id").orderBy(F.col("count").desc(), "category")))
         .filter(F.col("r") == 1)
@@ -93,9 +104,12 @@ def run(ctx: RunContext) -> JobResult:
     )
     n = out.count()
     coverage = out.filter(F.col("category_affinity").isNotNull()).count()
+    knowledge_coverage = out.filter(F.col("audience_affinity").isNotNull()).count()
     delta.merge(spark, out, "gold.user_features", ctx.root, delete_unmatched=True)
     return JobResult(rows_in=n, rows_out=n, metrics={
-        "users": n, "users_with_knowledge_affinity": coverage, "half_life_days": HALF_LIFE_DAYS,
+        "users": n, "users_with_category_affinity": coverage,
+        "users_with_knowledge_affinity": knowledge_coverage, "half_life_days": HALF_LIFE_DAYS,
+        "items": int(n_items or 0), "items_with_knowledge": int(items_with_knowledge or 0),
     })
 
 

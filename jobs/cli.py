@@ -192,17 +192,22 @@ def _dags_test(env: dict[str, str], dataset: str, data: str | None, ds: str,
     env = {**env, "REASEQ_RUN_LOG": str(log_path)}
     print(f"running {DAG_ID} for ds={ds} on dataset={dataset} through Airflow (log: {log_path})", flush=True)
     t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=PROJECT_ROOT)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            shown = None if quiet else _console_line(line)
-            if shown:
-                # The failure callback's line is the one to read in full; other lines are capped.
-                print("  " + (shown if " FAILED " in f" {shown} " else shown[:300]), flush=True)
-        rc = proc.wait()
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=PROJECT_ROOT)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                shown = None if quiet else _console_line(line)
+                if shown:
+                    # The failure callback's line is the one to read in full; other lines are capped.
+                    print("  " + (shown if " FAILED " in f" {shown} " else shown[:300]), flush=True)
+            rc = proc.wait()
+    finally:
+        # The DAG's teardown task stops the engine it started; when `airflow dags test` itself dies
+        # (Ctrl-C, a kill) the teardown never runs, so the launcher stops that run's engine too.
+        _stop_run_engine(f"{DAG_ID}__{ds}")
     seconds = time.monotonic() - t0
     print(f"airflow dags test exited {rc} after {seconds:.0f}s", flush=True)
     return rc, task_states(env, ds), log_path, seconds
@@ -268,6 +273,14 @@ def run_backfill(start: str | None, end: str | None, dataset: str, data: str | N
               file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_run_engine(run_id: str) -> None:
+    from jobs.llm_engine_tasks import owner_of
+    from llm_agents import local_engine
+
+    if local_engine.down(owner=owner_of(run_id)):
+        print("stopped the local LLM engine the interrupted run had started", file=sys.stderr, flush=True)
 
 
 def _ordered(tasks) -> list[str]:
@@ -340,6 +353,11 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
             r = {}  # never ran in this run: an older run's record would mislead
         print(f"{t:24} {state:10} {r.get('seconds') or 0:8.1f} {r.get('rows_in') or 0:9d} "
               f"{r.get('rows_out') or 0:9d} {r.get('rows_quarantined') or 0:8d}")
+    reasoned = by_task.get("reason_items", {})
+    line = reason_items_line(json.loads(reasoned.get("metrics") or "{}")) \
+        if reasoned.get("status") == "success" and (not states or states.get("reason_items") == "success") else None
+    if line:
+        print(f"\n{line}")
     skipped = json.loads(by_task.get("reason_items", {}).get("metrics") or "{}").get("dead_lettered_skipped")
     if skipped:
         print(f"\nreason_items skipped {skipped} dead-lettered item(s) (quarantined as dead_letter): "
@@ -365,6 +383,36 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
         print(f"\nRun summary: {report / 'summary.json'}")
         print(f"Feature report: {index if index.exists() else '(not written: publish did not run)'}")
         print(f"Validation results: {report / 'validation'}/")
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count:,} {what}{'' if count == 1 else 's'}"
+
+
+def reason_items_line(m: dict) -> str | None:
+    """One line on what reason_items did with the LLM's time: answered, failed, the backlog and the budget.
+
+    E.g. "reason_items: 24 items answered by Qwen/Qwen3-8B, 2,976 wait in the backlog (budget 24 items)".
+    None for a record without the counts (a failed stage, or one written before they existed).
+    """
+    if "work_set" not in m or "model" not in m:
+        return None
+    model = str(m["model"])
+    heuristic = model.startswith("offline-")
+    answered = int(m.get("answered", m.get("ok", 0)) or 0)
+    failed = int(m.get("failed") or 0)
+    backlog = int(m.get("backlog") or 0)
+    who = f"the offline heuristic ({model}, no LLM: the budget does not apply)" if heuristic else model
+    parts = [f"reason_items: {_n(answered, 'item')} answered by {who}"]
+    if failed:
+        parts.append(f"{failed:,} failed (quarantined; the next run retries them)")
+    parts.append(f"{backlog:,} wait in the backlog" if backlog else "the backlog is empty")
+    caps = [c for c in (m.get("budget_items") and _n(int(m["budget_items"]), "item"),
+                        m.get("budget_minutes") and f"{float(m['budget_minutes']):g} minutes") if c]
+    tail = ""
+    if caps:
+        tail = f" (budget {' and '.join(caps)}" + ("; time ran out" if m.get("budget_stop") == "minutes" else "") + ")"
+    return ", ".join(parts) + tail
 
 
 def print_tables(root: str | None = None) -> None:

@@ -99,7 +99,8 @@ def run(ctx: RunContext) -> JobResult:
     usable = F.length(F.regexp_replace("text", r"[^\p{L}\p{N}]", "")) >= MIN_TEXT_CHARS
     bad = texts.filter(~usable).select("item_id", "text").collect()
     texts = texts.filter(usable)
-    total = texts.count()
+    texts = texts.localCheckpoint(eager=True)
+    total, with_knowledge = texts.agg(F.count("*"), F.count("summary")).first()
     if delta.exists("silver.item_embeddings", ctx.root):
         have = (delta.read_spark(spark, "silver.item_embeddings", ctx.root)
                 .filter(F.col("embedder") == config.name).select("item_id", "text_hash"))
@@ -135,6 +136,9 @@ def run(ctx: RunContext) -> JobResult:
     ])
     return JobResult(rows_in=total + len(bad), rows_out=written, rows_quarantined=q, metrics={
         "embedder": config.name, "embedded": written, "unchanged": total - n,
+        # Items whose text includes the model's summary; the rest are embedded from the title alone
+        # until the model answers them (they wait in its backlog), then re-embedded.
+        "items_with_knowledge": int(with_knowledge or 0), "items": int(total or 0),
         "texts_per_second": round(n / seconds, 1) if n and seconds else None,
     })
 

@@ -9,12 +9,41 @@ picked up again by the next run, until `llm.dead_letter_after` failed attempts o
 prompt version and model (counted in ops.llm_attempts): from then on the item is skipped and written
 to the quarantine as `dead_letter` in every run, until its content, the prompt or the model changes or
 an operator requeues it (`python -m jobs.cli requeue-llm`; see jobs/dead_letter.py).
+
+A nightly budget and a backlog. A model is the scarce resource of a nightly run, so a run with a
+model-backed backend reasons over the work set in priority order up to `llm.budget_items` items and/or
+`llm.budget_minutes` minutes of fan-out wall clock (null: no cap). The offline heuristic backend is not
+an LLM (it answers thousands of items per second) and ignores both. The order is deterministic:
+
+1. items with interactions (bronze.interactions up to ds) before items without (new items);
+2. within each of these two classes, items the catalog had before ds (`first_seen_ds < ds`) before
+   items first seen on ds. An item that lacks knowledge although the catalog had it before ds was left
+   by an earlier run (its budget or deadline stopped first, or it failed and is retried) or its text
+   changed since: that carried-over work is taken before brand-new items. The recency order alone would
+   not guarantee it (a new item with an event today would outrank yesterday's backlog, and among items
+   without events the newest come first), and a backlog that drains in the order it formed cannot be
+   starved by a steady stream of new items;
+3. items with interactions: the latest `event_ts` first, then the most interactions in the 30 days up to
+   ds, then item_id; items without: the newest `first_seen_ds` first, then item_id.
+
+`budget_items` takes the first N of that order (a top-N in Spark; the work set is never collected to the
+driver). `budget_minutes` becomes an absolute wall-clock deadline (epoch seconds, because the partitions
+run in other processes) handed to every partition, whose workers stop starting items once it has passed
+(items in flight finish; nothing is cancelled mid-item); each partition holds its items in the same
+priority order, so the deadline cuts the least important. The backlog is the work set's items not
+attempted: they still have no knowledge row, so the next run finds them in its work set again and takes
+them first (rule 2); nothing is written for them (no quarantine row, no failed attempt), and an unchanged
+catalog with an empty backlog makes no call. Accounting: rows_in = items attempted + dead letters =
+rows_out + rows_quarantined, as before; the backlog is counted beside it in the metrics (`answered`,
+`attempted`, `backlog`, `budget_items`, `budget_minutes`, `budget_stop`), in ops.pipeline_runs, the run
+summary and the feature report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 
@@ -28,30 +57,139 @@ RESULT_DDL = (
     "item_id string, content_hash string, prompt_version string, model string, category_path array<string>, "
     "product_type string, attributes_json string, price_tier string, audiences array<string>, "
     "scenarios array<string>, occasions array<string>, complements array<string>, substitutes array<string>, "
-    "summary string, field_confidence_json string, traces string, tokens_in long, tokens_out long, "
-    "llm_calls int, latency_ms double, status string, error string, raw string"
+    "summary string, field_confidence_json string, field_source_json string, traces string, tokens_in long, tokens_out long, "
+    "llm_calls int, latency_ms double, answers_valid int, answers_rejected_json string, status string, "
+    "error string, raw string"
 )
 
 
-def llm_config(ctx: RunContext, partitions: int):
+# Keys of the `llm:` section read by the jobs, not by llm_agents.LLMConfig.
+JOB_KEYS = {"partitions", "budget_items", "budget_minutes", "local"}
+# What the local engine needs from the client: Gemma 3 270M is a base model (few-shot completion
+# prompts), and llama-server bills only the first of n choices (one request per sampled path).
+LOCAL_ENGINE_SETTINGS = {"backend": "openai", "prompt_profile": "completion", "samples_via": "requests"}
+
+
+def llm_config(ctx: RunContext, partitions: int, *, need_server: bool = False):
+    """The LLMConfig of this run, with `max_concurrency` split over the partitions.
+
+    `backend: local` is the embedded llama.cpp engine: the model name (the GGUF's file name and hash,
+    the lineage every row carries) comes from the model file, so stages after the engine has stopped
+    still know it; the URL comes from the running engine's state file, needed only by the stages
+    that send requests (`need_server`).
+    """
     from llm_agents import LLMConfig
 
     cfg = dict(ctx.config.get("llm") or {})
     total = int(cfg.pop("max_concurrency", 64))
-    cfg.pop("partitions", None)
     allowed = set(LLMConfig.model_fields)
+    unknown = sorted(k for k in cfg if k not in allowed and k not in JOB_KEYS)
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(k, [*allowed, *JOB_KEYS], n=1) for k in unknown]
+        near = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in zip(unknown, hints, strict=True))
+        raise StageFailed(f"unknown llm setting {near}: fix the config file or the REASEQ__LLM__… variable")
+    local = dict(cfg.get("local") or {})
     cfg = {k: v for k, v in cfg.items() if k in allowed and v is not None}
+    if cfg.get("backend", "offline") == "local":
+        cfg.update(local_engine_settings(need_server))
+        # Twice the engine's slots in flight keeps every slot busy while answers travel back; more
+        # would only queue inside llama-server, where a request's timeout keeps running.
+        total = min(total, 2 * int(local.get("slots", 8)))
+        cfg["timeout_s"] = max(float(cfg.get("timeout_s", 0) or 0), 180.0)
     if cfg.get("backend", "offline") == "offline":
         cfg.pop("model", None)
     return LLMConfig(**cfg, max_concurrency=max(1, total // max(1, partitions)))
 
 
-def _partition_fn(config_json: str, schema):
+def local_engine_settings(need_server: bool) -> dict:
+    from llm_agents import local_engine
+
+    path = local_engine.model_path()
+    if not path.exists():
+        raise StageFailed(f"the local LLM engine's model is not installed ({path}): run `make llm-engine` "
+                          "(or `make run`, which sets it up), or choose another backend: REASEQ__LLM__BACKEND=offline")
+    settings = {**LOCAL_ENGINE_SETTINGS, "model": local_engine.served_model_name(path)}
+    state = local_engine.running()
+    if state is not None:
+        settings["base_url"] = state.base_url
+    elif need_server:
+        raise StageFailed("the local LLM engine is not running: the DAG's llm_engine_up task starts it (or run "
+                          "`make llm-up`), or choose another backend: REASEQ__LLM__BACKEND=offline")
+    return settings
+
+
+# Helper columns of the priority order; dropped before the fan-out.
+PRIORITY_COLUMNS = ("_prio_no_events", "_prio_new", "_prio_last_event", "_prio_recent", "_prio_first_seen")
+RECENT_DAYS = 30
+
+
+def llm_budget(ctx: RunContext) -> tuple[int | None, float | None]:
+    """`llm.budget_items` and `llm.budget_minutes` from the configuration, validated; None = no cap.
+
+    Read here, not through `llm_config()`: LLMConfig is the client's settings and does not know them.
+    """
+    cfg = ctx.config.get("llm") or {}
+    items, minutes = cfg.get("budget_items"), cfg.get("budget_minutes")
+    if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
+        raise ValueError(f"llm.budget_items={items!r}: give a positive whole number of items per run, or null "
+                         "for no cap (conf/default.yaml or REASEQ__LLM__BUDGET_ITEMS)")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float)
+                                or not math.isfinite(minutes) or minutes <= 0):
+        raise ValueError(f"llm.budget_minutes={minutes!r}: give a positive number of minutes per run, or null "
+                         "for no cap (conf/default.yaml or REASEQ__LLM__BUDGET_MINUTES)")
+    return items, None if minutes is None else float(minutes)
+
+
+def prioritized(ctx: RunContext, items):
+    """`items` with the helper columns of the priority order (module docstring), and that order.
+
+    Interactions count as of ds (events of later days, present when an earlier day is replayed, are
+    left out), so a day's order does not depend on what ran after it.
+    """
+    from pyspark.sql import functions as F
+
+    from feature_store import delta
+
+    ds = F.lit(ctx.ds)
+    if delta.exists("bronze.interactions", ctx.root):
+        events = delta.read_spark(ctx.spark, "bronze.interactions", ctx.root).filter(F.col("ds") <= ds)
+        stats = events.groupBy("item_id").agg(
+            F.max("event_ts").alias("_prio_last_event"),
+            F.count(F.when(F.col("ds") > F.date_sub(ds, RECENT_DAYS), True)).alias("_prio_recent"),
+        )
+        items = items.join(stats, "item_id", "left")
+    else:
+        items = (items.withColumn("_prio_last_event", F.lit(None).cast("timestamp"))
+                 .withColumn("_prio_recent", F.lit(None).cast("long")))
+    no_events = F.col("_prio_last_event").isNull()
+    items = (
+        items.withColumn("_prio_no_events", no_events.cast("int"))
+        .withColumn("_prio_new", (F.col("first_seen_ds") >= ds).cast("int"))
+        .withColumn("_prio_first_seen", F.when(no_events, F.col("first_seen_ds")))
+    )
+    order = [F.col("_prio_no_events").asc(), F.col("_prio_new").asc(), F.col("_prio_last_event").desc_nulls_last(),
+             F.col("_prio_recent").desc_nulls_last(), F.col("_prio_first_seen").desc_nulls_last(),
+             F.col("item_id").asc()]
+    return items, order
+
+
+def select_for_run(ranked, order, partitions: int, budget_items: int | None):
+    """The items a run sends: the first `budget_items` of `ranked` in priority order (all of them without
+    a cap; a top-N in Spark, never collected to the driver), repartitioned by item_id, each partition
+    sorted in priority order so that a deadline cuts its least important items; helper columns dropped."""
+    chosen = ranked if budget_items is None else ranked.orderBy(*order).limit(budget_items)
+    return chosen.repartition(partitions, "item_id").sortWithinPartitions(*order).drop(*PRIORITY_COLUMNS)
+
+
+def _partition_fn(config_json: str, schema, deadline: float | None = None):
     """One Spark task: the partition's items through the async multi-agent client, as Arrow.
 
     mapInArrow rather than mapInPandas: the rows become plain dicts either way, and a fresh Python
     worker then never imports pandas (about 1.2 s of a 2-core machine's time per worker, paid before
-    the first request could leave).
+    the first request could leave). `deadline` (epoch seconds): no item is started after it; the items
+    not started return no row (they stay in the work set: the backlog).
     """
 
     def fn(batches):
@@ -75,12 +213,17 @@ def _partition_fn(config_json: str, schema):
                 print(f"reason_items partition: {done}/{total} items, {rate:.1f}/s, ETA {eta:.0f}s",
                       file=sys.stderr, flush=True)
 
-        results = reason_items(items, config, progress=progress)
+        results = reason_items(items, config, progress=progress, deadline=deadline)
+        if len(results) < len(items):
+            print(f"reason_items partition: time budget reached, {len(results)} of {len(items)} items started; "
+                  f"{len(items) - len(results)} left in the backlog for the next run", file=sys.stderr, flush=True)
         out = []
         for r in results:
             d = r.__dict__.copy()
             d["attributes_json"] = json.dumps(d.pop("attributes") or {}, ensure_ascii=False)
             d["field_confidence_json"] = json.dumps(d.pop("field_confidence") or {})
+            d["field_source_json"] = json.dumps(d.pop("field_source") or {})
+            d["answers_rejected_json"] = json.dumps(d.pop("answers_rejected") or {})
             out.append(d)
         yield pa.RecordBatch.from_pylist(out, schema=schema)
 
@@ -148,9 +291,16 @@ def run(ctx: RunContext) -> JobResult:
     from llm_agents import PROMPT_VERSION, model_name
 
     spark = ctx.spark
+    budget_items, budget_minutes = llm_budget(ctx)
     partitions = int((ctx.config.get("llm") or {}).get("partitions", 4))
-    config = llm_config(ctx, partitions)
+    config = llm_config(ctx, partitions, need_server=True)
     model = model_name(config)
+    if config.backend == "offline":
+        if budget_items is not None or budget_minutes is not None:
+            log.info("reason_items: llm.budget_items=%s and llm.budget_minutes=%s do not apply: the offline heuristic "
+                     "backend is not an LLM (it answers thousands of items per second); the budget caps model-backed "
+                     "backends only", budget_items, budget_minutes)
+        budget_items = budget_minutes = None
     limit = config.dead_letter_after
     pending = work_set(ctx, PROMPT_VERSION, model)
     counters = attempts(ctx, PROMPT_VERSION, model)
@@ -170,26 +320,42 @@ def run(ctx: RunContext) -> JobResult:
         for r in dead
     ]
     total_items = current_items(ctx).count()
+    storage = StorageLevel.MEMORY_AND_DISK
+    ranked, order = prioritized(ctx, todo)
+    if budget_items is not None:
+        # The whole work set is counted (what the cap leaves is the backlog) before its top-N is taken.
+        ranked = ranked.persist(storage)
+        n_work = ranked.count()
     # Computed once, counted, then fanned out from the cache (not planned and read a second time).
-    todo = todo.repartition(partitions, "item_id").persist(StorageLevel.MEMORY_AND_DISK)
+    todo = select_for_run(ranked, order, partitions, budget_items).persist(storage)
     n = todo.count()
-    log.info("reason_items: %d of %d items need knowledge, %d skipped as dead-lettered (prompt %s, model %s, "
-             "%d partitions x %d in flight)", n, total_items, len(dead), PROMPT_VERSION, model, partitions,
-             config.max_concurrency)
-    metrics = {"prompt_version": PROMPT_VERSION, "model": model, "work_set": n, "catalog": total_items,
-               "partitions": partitions, "per_partition_concurrency": config.max_concurrency,
-               "dead_letter_after": limit, "dead_lettered_skipped": len(dead)}
+    if budget_items is None:
+        n_work = n
+    else:
+        ranked.unpersist()
+    budget = ", ".join(x for x in (budget_items and f"{budget_items} items",
+                                   budget_minutes and f"{budget_minutes:g} minutes") if x) or "none"
+    log.info("reason_items: %d of %d items need knowledge, %d sent to %s this run in priority order (budget: %s), "
+             "%d skipped as dead-lettered (prompt %s, %d partitions x %d in flight)", n_work, total_items, n, model,
+             budget, len(dead), PROMPT_VERSION, partitions, config.max_concurrency)
+    metrics = {"prompt_version": PROMPT_VERSION, "model": model, "work_set": n_work, "scheduled": n,
+               "catalog": total_items, "partitions": partitions, "per_partition_concurrency": config.max_concurrency,
+               "dead_letter_after": limit, "dead_lettered_skipped": len(dead),
+               "budget_items": budget_items, "budget_minutes": budget_minutes}
     if n == 0:
         todo.unpersist()
         write_quarantine(ctx, dead_records)
         _log_dead_letters(dead, [], limit, PROMPT_VERSION, model)
         return JobResult(rows_in=len(dead), rows_out=0, rows_quarantined=len(dead),
-                         metrics={**metrics, "llm_calls": 0, "failed": 0, "newly_dead_lettered": 0})
+                         metrics={**metrics, "llm_calls": 0, "failed": 0, "newly_dead_lettered": 0, "answered": 0,
+                                  "attempted": 0, "backlog": 0, "budget_stop": None})
     result_schema = to_arrow_schema(spark.createDataFrame([], RESULT_DDL).schema)
+    # Wall clock, not monotonic: the deadline is compared in the Spark workers' own processes.
+    deadline = None if budget_minutes is None else time.time() + 60.0 * budget_minutes
     t0 = time.monotonic()
     try:
         results = (
-            todo.mapInArrow(_partition_fn(config.model_dump_json(), result_schema), RESULT_DDL)
+            todo.mapInArrow(_partition_fn(config.model_dump_json(), result_schema, deadline), RESULT_DDL)
             .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
         )
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
@@ -204,6 +370,7 @@ def run(ctx: RunContext) -> JobResult:
     knowledge = (
         ok.withColumn("attributes", F.from_json("attributes_json", "map<string,string>"))
         .withColumn("field_confidence", F.from_json("field_confidence_json", "map<string,double>"))
+        .withColumn("field_source", F.from_json("field_source_json", "map<string,string>"))
         .withColumn("ds", F.lit(ctx.ds))
         .withColumn("run_id", F.lit(ctx.run_id))
     )
@@ -211,6 +378,10 @@ def run(ctx: RunContext) -> JobResult:
     if n_ok:
         delta.merge(spark, knowledge, "silver.item_knowledge", ctx.root)
     failed = results.filter(F.col("status") != "ok").select("item_id", "content_hash", "error", "raw").collect()
+    attempted = n_ok + len(failed)
+    if attempted > n or (deadline is None and attempted != n):
+        raise RuntimeError(f"reason_items accounting broken: {n} items sent, {attempted} results "
+                           f"({n_ok} ok, {len(failed)} failed)")
     write_quarantine(ctx, [
         {
             "source_table": "silver.item_knowledge",
@@ -222,7 +393,8 @@ def run(ctx: RunContext) -> JobResult:
         }
         for r in failed
     ] + dead_records)
-    # Count this run's failures (and close the counters of keys that succeeded now).
+    # Count this run's failures (and close the counters of keys that succeeded now). Items the deadline
+    # kept from starting have no result row, so their counters are untouched.
     seen = counters.join(results.select("item_id", "content_hash", F.col("status").alias("_now")),
                          ["item_id", "content_hash"], "inner").collect()
     previous = {tuple(r[k] for k in dead_letter.KEY): {k: v for k, v in r.asDict().items() if k != "_now"}
@@ -241,15 +413,32 @@ def run(ctx: RunContext) -> JobResult:
                     dead_letter.TABLE, ctx.root)
     newly = sorted(r["item_id"] for r in rows if r["status"] == "failing" and 0 < limit <= r["failures"])
     _log_dead_letters(dead, newly, limit, PROMPT_VERSION, model)
-    agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls")).collect()[0]
+    agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls"), F.sum("answers_valid")).collect()[0]
+    rejected = {r["reason"]: int(r["n"]) for r in (
+        results.select(F.explode(F.from_json("answers_rejected_json", "map<string,int>")).alias("reason", "count"))
+        .groupBy("reason").agg(F.sum("count").alias("n")).collect())}
+    answers = int(agg[3] or 0) + sum(rejected.values())
+    backlog = n_work - attempted
+    # What stopped the run short of the whole work set: the deadline (items sent but never started),
+    # else the item cap (items never sent); None when the work set was done.
+    stop = "minutes" if attempted < n else "items" if n < n_work else None
     metrics.update({
         "ok": n_ok, "failed": len(failed), "seconds": round(seconds, 2),
-        "items_per_second": round(n / seconds, 2) if seconds else None,
+        "items_per_second": round(attempted / seconds, 2) if seconds else None,
         "tokens_in": int(agg[0] or 0), "tokens_out": int(agg[1] or 0), "llm_calls": int(agg[2] or 0),
         "newly_dead_lettered": len(newly),
+        # Every answer the model gave, checked on receipt against the agent's schema: the share that
+        # was valid, and why the others were refused (they were repaired or sampled again).
+        "answers": answers, "answers_rejected": rejected,
+        "schema_valid_rate": round(int(agg[3] or 0) / answers, 4) if answers else None,
+        "answered": n_ok, "attempted": attempted, "backlog": backlog, "budget_stop": stop,
     })
-    # Every input item ends as a knowledge row or a quarantine row (a failure, or a dead letter).
-    return JobResult(rows_in=n + len(dead), rows_out=n_ok, rows_quarantined=len(failed) + len(dead),
+    if backlog:
+        log.info("reason_items: %d items answered by %s, %d failed, %d wait in the backlog for the next run "
+                 "(stopped by the %s budget: %s)", n_ok, model, len(failed), backlog, stop, budget)
+    # Every item attempted ends as a knowledge row or a quarantine row (a failure), every dead letter as a
+    # quarantine row; the backlog (not attempted) is counted in the metrics, not in rows_in.
+    return JobResult(rows_in=attempted + len(dead), rows_out=n_ok, rows_quarantined=len(failed) + len(dead),
                      metrics=metrics)
 
 

@@ -235,40 +235,71 @@ def plot_stage_timings(data: RunData, out_dir: Path) -> Section:
                    f"{_fmt_s(sum(secs))} of stage time{wall}.", _save(fig, out_dir, "stage_timings.png"))
 
 
+def _budget_text(m: dict) -> str:
+    """"24 answered, 2,976 wait in the backlog (budget 24 items)", or "" for a record without the counts."""
+    if "backlog" not in m:
+        return ""
+    caps = [c for c in (_num(m.get("budget_items")) and f"{int(m['budget_items']):,} items",
+                        _num(m.get("budget_minutes")) and f"{float(m['budget_minutes']):g} minutes") if c]
+    budget = f" (budget {' and '.join(caps)}" + ("; time ran out" if m.get("budget_stop") == "minutes" else "") + ")" \
+        if caps else ""
+    backlog = int(m.get("backlog") or 0)
+    wait = f"{backlog:,} wait in the backlog for the next run" if backlog else "the backlog is empty"
+    return f"{_fmt_int(m.get('answered'))} answered, {wait}{budget}"
+
+
+LLM_COLOURS = {"work_set": BAR, "answered": STATUS_COLOURS["success"], "backlog": OTHER_COLOUR, "llm_calls": BAR2,
+               "tokens_in": BAR, "tokens_out": BAR2}
+
+
 def plot_llm(data: RunData, out_dir: Path) -> Section:
     if data.task("reason_items") is None:
         raise NotAvailable("reason_items has no row for this run in ops.pipeline_runs")
     m = data.metrics("reason_items")
-    keys = {"work_set": "items in work set", "llm_calls": "LLM calls",
-            "tokens_in": "tokens in (prompt)", "tokens_out": "tokens out (completion)"}
+    # The offline heuristic answers through the same orchestration but is no LLM: its answers are not
+    # "LLM calls", and the budget does not apply to it.
+    heuristic = str(m.get("model", "")).startswith("offline-")
+    calls = "heuristic answers" if heuristic else "LLM calls"
+    title = "Heuristic answers and tokens" if heuristic else "LLM calls and tokens"
+    keys = {"work_set": "items in work set", "answered": "items answered", "backlog": "items in the backlog",
+            "llm_calls": calls, "tokens_in": "tokens in (prompt)", "tokens_out": "tokens out (completion)"}
     have = {k: _num(m.get(k)) for k in keys if _num(m.get(k)) is not None}
     if not have:
         raise NotAvailable("reason_items recorded no llm_calls, tokens or work_set in its metrics")
     who = f"{m.get('model', '?')} (prompt {m.get('prompt_version', '?')})"
     if not any(have.values()):
-        return Section("LLM calls and tokens", note=f"No LLM work in this run: 0 of {_fmt_int(m.get('catalog'))} "
-                       f"catalog items needed knowledge from {who}, 0 calls (an unchanged rerun makes none).")
+        return Section(title, note=f"No {'heuristic' if heuristic else 'LLM'} work in this run: 0 of "
+                       f"{_fmt_int(m.get('catalog'))} catalog items needed knowledge from {who}, 0 {calls} "
+                       f"(an unchanged rerun with an empty backlog makes none).")
     fig, axes = _figure(2.2, ncols=2)
-    for ax, group in zip(axes, (("work_set", "llm_calls"), ("tokens_in", "tokens_out")), strict=True):
+    groups = (("work_set", "answered", "backlog", "llm_calls"), ("tokens_in", "tokens_out"))
+    for ax, group in zip(axes, groups, strict=True):
         present = [k for k in group if k in have]
         if present:
-            _barh(ax, [keys[k] for k in present], [have[k] for k in present], colours=[BAR, BAR2][: len(present)])
+            _barh(ax, [keys[k] for k in present], [have[k] for k in present],
+                  colours=[LLM_COLOURS[k] for k in present])
         else:
             ax.set_axis_off()
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", color="#666")
-    work, calls = have.get("work_set"), have.get("llm_calls")
+    work, calls_n = have.get("work_set"), have.get("llm_calls")
+    # Tokens per item over the items that were sent (the backlog cost nothing); older records lack it.
+    sent = _num(m.get("attempted"))
+    sent = work if sent is None else sent
     parts = [f"reason_items with {who}"]
     if work is not None:
         parts.append(f"{int(work):,} of {_fmt_int(m.get('catalog'))} catalog items needed knowledge")
-    if calls is not None:
-        parts.append(f"{int(calls):,} LLM calls")
+    budget = _budget_text(m)
+    if budget:
+        parts.append(budget)
+    if calls_n is not None:
+        parts.append(f"{int(calls_n):,} {calls}")
     if "tokens_in" in have or "tokens_out" in have:
-        per = f" ({have.get('tokens_in', 0) / work:,.0f} in / {have.get('tokens_out', 0) / work:,.0f} out per item)" \
-            if work else ""
+        per = f" ({have.get('tokens_in', 0) / sent:,.0f} in / {have.get('tokens_out', 0) / sent:,.0f} out per item)" \
+            if sent else ""
         parts.append(f"{_fmt_int(have.get('tokens_in'))} tokens in, {_fmt_int(have.get('tokens_out'))} out{per}")
     elif work == 0:
         parts.append("no tokens (nothing to do)")
-    return Section("LLM calls and tokens", "; ".join(parts) + ".", _save(fig, out_dir, "llm.png"))
+    return Section(title, "; ".join(parts) + ".", _save(fig, out_dir, "llm.png"))
 
 
 def _knowledge_version(data: RunData, k: pa.Table) -> tuple[str, str]:

@@ -22,6 +22,11 @@ class CompletionRequest:
     context: dict[str, dict[str, Any]] | None = None
     # The interests agent's structured input (a user's recent items), for the same reason.
     history: list[HistoryItem] | None = None
+    # Completion profile (base models): the whole few-shot prompt as one text. When set, the HTTP
+    # backend posts it to /completions with the schema of `response_format` as a top-level
+    # `json_schema` field (what llama-server honours there) and reads `choices[i].text`.
+    prompt: str | None = None
+    stop: list[str] | None = None
 
 
 @dataclass

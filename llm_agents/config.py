@@ -38,6 +38,14 @@ class LLMConfig(BaseModel):
     # The served model name (vLLM: the `--served-model-name`, else the HF id). Required for openai.
     model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    # How prompts are sent: "chat" (system + user messages to /chat/completions, for instruct models
+    # such as those vLLM serves) or "completion" (a few-shot text prompt to /completions, for base
+    # models such as the local engine's Gemma 3 270M, which has no chat template).
+    prompt_profile: Literal["chat", "completion"] = "chat"
+    # How k self-consistency paths are sampled: "n" (one request with n=k choices, as vLLM bills
+    # them) or "requests" (k one-choice requests; llama-server's OpenAI answer counts only the first
+    # of n choices in usage.completion_tokens, so token accounting needs one request per path).
+    samples_via: Literal["n", "requests"] = "n"
     max_concurrency: int = Field(64, ge=1, le=4096)
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)

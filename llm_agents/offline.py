@@ -224,7 +224,7 @@ def reconcile(item: ItemInput, answers: dict[str, dict[str, Any]]) -> dict[str, 
         dropped.append("women")
     audiences = [a for a in audiences if _plain(a) not in dropped]
     attrs = prof.get("attributes", {})
-    path = prof.get("category_path", [])
+    path = prof.get("category_path") or [c.strip() for c in item.categories if c.strip()]
     tier = prof.get("price_tier") or "unknown"
     summary = f"{item.title} is a {ptype}"
     if item.brand:
@@ -278,7 +278,10 @@ class OfflineBackend:
             answer = reconcile(item, request.context or {})
         else:
             answer = _HANDLERS[request.agent](item)
-        content = _ENCODE(answer)
+        # Answer exactly the fields the agent's schema asks for: the profiler's category path only
+        # when the catalog lists none (then the heuristic, blind like any model, has none to give).
+        asked = request.response_format["json_schema"]["schema"]["properties"]
+        content = _ENCODE({k: v for k, v in answer.items() if k in asked})
         return Completion(choices=[content] * request.n, finish_reasons=["stop"] * request.n)
 
     async def aclose(self) -> None:

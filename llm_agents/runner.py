@@ -38,12 +38,13 @@ from .prompts import (
     FIELD_OWNER,
     PROMPT_VERSION,
     RECONCILER,
-    UPSTREAM,
     Agent,
+    build_completion_prompt,
     build_messages,
     render_answers,
     render_item,
     repair_messages,
+    upstream_for,
 )
 from .types import HistoryItem, ItemInput, KnowledgeResult
 
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
 MAX_RAW = 8192
-_AGENT_VERSIONS = [a.version for a in (*UPSTREAM, RECONCILER)]
+# Where each field of a knowledge row comes from when it is not the model: catalog facts.
+CATALOG = "catalog"
 _REPAIRABLE = frozenset({"invalid_json", "schema_violation", "truncated", "empty_content"})
 
 
@@ -76,6 +78,11 @@ class _Tally:
     tokens_in: int = 0
     tokens_out: int = 0
     llm_calls: int = 0
+    valid: int = 0  # answers (choices) accepted on receipt
+    rejected: Counter[str] = None  # type: ignore[assignment]  # answers refused on receipt, by reason
+
+    def __post_init__(self) -> None:
+        self.rejected = Counter()
 
 
 class _Circuit:
@@ -174,6 +181,7 @@ class _Run:
         context: Any,
         history: list[HistoryItem] | None = None,
         subject: str | None = None,
+        prompt: str | None = None,
     ) -> list[dict[str, Any]]:
         """k validated paths for one agent: n=k in one call, topped up when fewer come back.
 
@@ -199,10 +207,17 @@ class _Run:
                 item=item,
                 context=context,
                 history=history,
+                prompt=prompt,
             )
-            tally.llm_calls += 1
             try:
-                completion = await self._send(request)
+                if need > 1 and self.cfg.samples_via == "requests":
+                    # k one-choice requests at once: each answer's usage is then its own (llama-server
+                    # bills only the first of n choices), and the slots' prompt cache shares the prefix.
+                    tally.llm_calls += need
+                    completion = _merge(await _all([self._send(_one(request)) for _ in range(need)]))
+                else:
+                    tally.llm_calls += 1
+                    completion = await self._send(request)
             except BackendError as e:
                 if e.fatal:
                     raise _Fatal(e.detail) from e
@@ -231,8 +246,11 @@ class _Run:
                 answer, reject = _problem(agent, content, finish[i] if i < len(finish) else None)
                 if answer is not None:
                     paths.append(answer)
-                elif problem is None:
-                    problem = reject
+                    tally.valid += 1
+                else:
+                    tally.rejected[reject.code] += 1
+                    if problem is None:
+                        problem = reject
             if len(paths) == k:
                 break
             if problem is None:
@@ -245,7 +263,9 @@ class _Run:
                 if 2 * len(paths) > k:
                     return paths
                 raise _ItemFailed(problem.code, agent.name, problem.detail, problem.raw)
-            if not repaired and problem.code in _REPAIRABLE:
+            if not repaired and problem.code in _REPAIRABLE and prompt is None:
+                # A chat model is shown its rejected answer once; a base model (completion profile)
+                # cannot follow such a note, so it simply samples again.
                 repaired = True
                 outgoing = repair_messages(messages, problem.raw, problem.detail)
                 continue
@@ -263,16 +283,22 @@ class _Run:
     ) -> tuple[list[dict[str, Any]], Consensus]:
         answers_block = render_answers(context) if context is not None else None
         messages = build_messages(agent, item_block, answers_block)
-        paths = await self._sample(tally, agent, item, messages, context)
+        prompt = (
+            build_completion_prompt(agent, item_block, answers_block)
+            if self.cfg.prompt_profile == "completion"
+            else None
+        )
+        paths = await self._sample(tally, agent, item, messages, context, prompt=prompt)
         return paths, consolidate(paths, agent.fields, self.cfg.samples_k)
 
     async def item(self, item: ItemInput) -> KnowledgeResult:
         started = time.perf_counter()
         tally = _Tally()
         block = render_item(item)
+        agents = upstream_for(item)
         try:
-            upstream = await _all([self._agent(tally, a, item, block) for a in UPSTREAM])
-            context = {a.name: cons.values for a, (_, cons) in zip(UPSTREAM, upstream, strict=True)}
+            upstream = await _all([self._agent(tally, a, item, block) for a in agents])
+            context = {a.name: cons.values for a, (_, cons) in zip(agents, upstream, strict=True)}
             final_paths, final = await self._agent(tally, RECONCILER, item, block, context)
         except _ItemFailed as f:
             return KnowledgeResult(
@@ -286,10 +312,12 @@ class _Run:
                 tokens_out=tally.tokens_out,
                 llm_calls=tally.llm_calls,
                 latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                answers_valid=tally.valid,
+                answers_rejected=dict(tally.rejected),
                 error=f.reason,
                 raw=f.raw,
             )
-        by_agent = {a.name: cons for a, (_, cons) in zip(UPSTREAM, upstream, strict=True)}
+        by_agent = {a.name: cons for a, (_, cons) in zip(agents, upstream, strict=True)}
         confidence: dict[str, float] = {}
         for f, share in final.confidence.items():
             owner = FIELD_OWNER.get(f)
@@ -299,26 +327,41 @@ class _Run:
         traces = {
             "prompt_version": PROMPT_VERSION,
             "model": self.model,
-            "agent_versions": _AGENT_VERSIONS,
+            "agent_versions": [a.version for a in (*agents, RECONCILER)],
             "k": self.cfg.samples_k,
             "temperature": self.cfg.temperature,
             "agents": {
                 a.name: _trace(paths, cons)
                 for a, (paths, cons) in zip(
-                    (*UPSTREAM, RECONCILER), (*upstream, (final_paths, final)), strict=True
+                    (*agents, RECONCILER), (*upstream, (final_paths, final)), strict=True
                 )
             },
         }
         v = final.values
+        # Catalog facts stay catalog facts: the listed categories are the path (the path-inferring
+        # profiler runs only without them), and an attribute the catalog lists is never the model's.
+        source = {f: self.model for f in final.values}
+        if item.categories:
+            path, source["category_path"] = list(item.categories), CATALOG
+            confidence.pop("category_path", None)
+        else:
+            path = list(by_agent["profiler"].values.get("category_path") or [])
+            if path:
+                source["category_path"] = self.model
+                confidence["category_path"] = by_agent["profiler"].confidence.get("category_path", 1.0)
+        listed = {k.strip().lower() for k in item.attributes} | ({"brand"} if item.brand else set())
+        attributes = {k: val for k, val in dict(v["attributes"]).items() if k.strip().lower() not in listed}
+        for k in dict(v["attributes"]).keys() - attributes.keys():
+            confidence.pop(f"attributes.{k}", None)
         return KnowledgeResult(
             item_id=item.item_id,
             content_hash=item.content_hash,
             prompt_version=PROMPT_VERSION,
             model=self.model,
             status="ok",
-            category_path=list(v["category_path"]),
+            category_path=path,
             product_type=v["product_type"] or None,
-            attributes=dict(v["attributes"]),
+            attributes=attributes,
             price_tier=v["price_tier"],
             audiences=list(v["audiences"]),
             scenarios=list(v["scenarios"]),
@@ -327,11 +370,14 @@ class _Run:
             substitutes=list(v["substitutes"]),
             summary=v["summary"] or None,
             field_confidence=confidence,
+            field_source=source,
             traces=_ENCODE(traces),
             tokens_in=tally.tokens_in,
             tokens_out=tally.tokens_out,
             llm_calls=tally.llm_calls,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            answers_valid=tally.valid,
+            answers_rejected=dict(tally.rejected),
         )
 
     async def _pool(
@@ -340,21 +386,34 @@ class _Run:
         handle: Callable[[Any], Coroutine[Any, Any, Any]],
         key: str,
         progress: Progress | None,
+        deadline: float | None = None,
     ) -> list[Any]:
         """Run `handle` over `inputs` with a pool of workers; results in input order.
 
         Workers pull from one shared iterator, so a million-row partition never materialises a million
         coroutines; the circuit or a dead worker stops every worker at once. `key` names the attribute
         that must match between each input and its result (a mismatch is a bug, never a data issue).
+
+        `deadline` (epoch seconds, as `time.time()`; it crosses process boundaries, a monotonic clock
+        would not): once it has passed, no worker STARTS another input. Inputs in flight finish (nothing
+        is cancelled mid-item); inputs never started have no result, so the list returned is then the
+        results of the started inputs only, still in input order: they are left for a later run, not
+        failures.
         """
         total = len(inputs)
         results: list[Any] = [None] * total
+        started = [False] * total
         queue = iter(range(total))
         done = 0
 
         async def worker() -> None:
             nonlocal done
-            for i in queue:  # one shared iterator: each index is handed out exactly once
+            # The deadline is checked before an index is taken, so no index is taken and then dropped.
+            while deadline is None or time.time() < deadline:
+                i = next(queue, None)  # one shared iterator: each index is handed out exactly once
+                if i is None:
+                    return
+                started[i] = True
                 results[i] = await handle(inputs[i])
                 done += 1
                 if progress is not None:
@@ -397,17 +456,23 @@ class _Run:
                 )
         if errors:
             raise errors[0]
-        for given, result in zip(inputs, results, strict=True):
-            if result is None or getattr(result, key) != getattr(given, key):
+        # Every started input has its own result; without a deadline every input was started. An input
+        # the deadline kept from starting has none (and a result for an input never started is a bug).
+        for given, begun, result in zip(inputs, started, results, strict=True):
+            if not begun and deadline is not None and result is None:
+                continue
+            if not begun or result is None or getattr(result, key) != getattr(given, key):
                 raise RuntimeError(f"result for {key} {getattr(given, key)!r} missing or misplaced")
         return completed
 
-    async def run(self, items: list[ItemInput], progress: Progress | None) -> list[KnowledgeResult]:
-        completed = await self._pool(items, self.item, "item_id", progress)
-        total = len(items)
+    async def run(
+        self, items: list[ItemInput], progress: Progress | None, deadline: float | None = None
+    ) -> list[KnowledgeResult]:
+        completed = await self._pool(items, self.item, "item_id", progress, deadline)
+        total = len(completed)
         ok = sum(1 for r in completed if r.status == "ok")
         log.info(
-            "reasoned %d items with %s (%s): ok=%d failed=%d calls=%d tokens_in=%d tokens_out=%d retries=%s",
+            "reasoned %d items with %s (%s): ok=%d failed=%d calls=%d tokens_in=%d tokens_out=%d retries=%s%s",
             total,
             self.model,
             PROMPT_VERSION,
@@ -417,6 +482,9 @@ class _Run:
             sum(r.tokens_in for r in completed),
             sum(r.tokens_out for r in completed),
             dict(self.retries),
+            f"; deadline passed: {len(items) - total} of {len(items)} items not started (left for the next run)"
+            if total < len(items)
+            else "",
         )
         return completed
 
@@ -426,6 +494,20 @@ def _trace(paths: list[dict[str, Any]], cons: Consensus) -> dict[str, Any]:
     if cons.unanimous:
         return {"paths": paths, "unanimous": True}
     return {"paths": paths, "unanimous": False, "kept": cons.values, "confidence": cons.confidence}
+
+
+def _one(request: CompletionRequest) -> CompletionRequest:
+    return CompletionRequest(**{**request.__dict__, "n": 1})
+
+
+def _merge(completions: list[Completion]) -> Completion:
+    """k one-choice completions as one k-choice completion, usage summed."""
+    return Completion(
+        choices=[c for comp in completions for c in comp.choices],
+        finish_reasons=[f for comp in completions for f in comp.finish_reasons],
+        prompt_tokens=sum(c.prompt_tokens for c in completions),
+        completion_tokens=sum(c.completion_tokens for c in completions),
+    )
 
 
 async def _all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -447,18 +529,22 @@ async def reason_items_async(
     *,
     backend: Backend | None = None,
     rng: random.Random | None = None,
+    deadline: float | None = None,
 ) -> list[KnowledgeResult]:
-    """Reason over `items`; results come back in input order, one per item.
+    """Reason over `items`; results come back in input order, one per item started.
 
+    Without a `deadline` every item is started, so there is one result per item. With one (epoch
+    seconds, `time.time()`), no item is started once it has passed: items in flight finish, and
+    items never started have no result (not failures: the caller leaves them for a later run).
     `backend` and `rng` exist for tests (a scripted backend, seeded jitter); when a backend is
     passed in, the caller owns it and closes it.
     """
-    if not items:
+    if not items or (deadline is not None and time.time() >= deadline):
         return []
     own = backend is None
     backend = backend or make_backend(config)
     try:
-        return await _Run(config, backend, rng).run(list(items), progress)
+        return await _Run(config, backend, rng).run(list(items), progress, deadline)
     finally:
         if own:
             await backend.aclose()
@@ -474,13 +560,20 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def reason_items(
-    items: list[ItemInput], config: LLMConfig, progress: Progress | None = None
+    items: list[ItemInput],
+    config: LLMConfig,
+    progress: Progress | None = None,
+    *,
+    deadline: float | None = None,
 ) -> list[KnowledgeResult]:
-    """Synchronous entry for Spark tasks and scripts; same order as the input."""
+    """Synchronous entry for Spark tasks and scripts; same order as the input.
+
+    `deadline`: epoch seconds after which no further item is started (see `reason_items_async`).
+    """
 
     def go() -> list[KnowledgeResult]:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
-            return runner.run(reason_items_async(items, config, progress))
+            return runner.run(reason_items_async(items, config, progress, deadline=deadline))
 
     try:
         asyncio.get_running_loop()

@@ -73,13 +73,37 @@ _ATTR_WIRE = {
     },
 }
 
-Phrases = Annotated[list[str], AfterValidator(_clean_list)]
+# Bounds sent in the wire schema, so a constrained sampler ends every answer well before
+# max_tokens (the reconciler's worst case is about 700 tokens). On receipt the lists and strings are
+# truncated, not rejected: a server that ignores the schema's bounds costs a little text, not a retry.
+WIRE_LIST = 6  # elements per list field
+WIRE_PHRASE = 60  # characters per phrase
+WIRE_REASONING = 240  # a small model loops in free text; a short bound ends the loop early
+WIRE_SUMMARY = 500
+WIRE_ATTRS = 8
+_PHRASE_WIRE = {"type": "string", "maxLength": WIRE_PHRASE}
+_PHRASES_WIRE = {"type": "array", "items": _PHRASE_WIRE, "maxItems": WIRE_LIST}
+_ATTR_WIRE["maxItems"] = WIRE_ATTRS
+_ATTR_WIRE["items"]["properties"] = {
+    "name": {"type": "string", "maxLength": 30},
+    "value": {"type": "string", "maxLength": WIRE_PHRASE},
+}
+
+Phrases = Annotated[list[str], AfterValidator(_clean_list), WithJsonSchema(_PHRASES_WIRE)]
 Attributes = Annotated[
     dict[str, str], BeforeValidator(_pairs_to_dict), AfterValidator(_clean_attrs), WithJsonSchema(_ATTR_WIRE)
 ]
-Reasoning = Annotated[str, AfterValidator(lambda s: s.strip()[:MAX_REASONING])]
-Phrase = Annotated[str, AfterValidator(lambda s: _squash(s, MAX_PHRASE))]
-Summary = Annotated[str, AfterValidator(lambda s: _squash(s, MAX_SUMMARY))]
+Reasoning = Annotated[
+    str,
+    AfterValidator(lambda s: s.strip()[:MAX_REASONING]),
+    WithJsonSchema({"type": "string", "maxLength": WIRE_REASONING}),
+]
+Phrase = Annotated[str, AfterValidator(lambda s: _squash(s, MAX_PHRASE)), WithJsonSchema(_PHRASE_WIRE)]
+Summary = Annotated[
+    str,
+    AfterValidator(lambda s: _squash(s, MAX_SUMMARY)),
+    WithJsonSchema({"type": "string", "maxLength": WIRE_SUMMARY}),
+]
 PriceTier = Literal["budget", "mid", "premium", "unknown"]
 
 _REASONING = Field(description="brief step-by-step reasoning, written before the fields")
@@ -90,7 +114,16 @@ class _Answer(BaseModel):
     reasoning: Reasoning = _REASONING
 
 
+# Catalog facts are not asked for: the item's categories, brand, price and listed attributes are
+# given to the agents as facts, and the agents answer what the catalog does not say. The category
+# path is asked only of items whose catalog lists no categories (ProfilerPathAnswer).
 class ProfilerAnswer(_Answer):
+    product_type: Phrase = Field(description="what the product is, a short noun phrase")
+    attributes: Attributes
+    price_tier: PriceTier = Field(description="price tier within its category; unknown without a price")
+
+
+class ProfilerPathAnswer(_Answer):
     category_path: Phrases = Field(description="category path, root first")
     product_type: Phrase = Field(description="what the product is, a short noun phrase")
     attributes: Attributes
@@ -109,7 +142,6 @@ class RelationsAnswer(_Answer):
 
 
 class ReconcilerAnswer(_Answer):
-    category_path: Phrases = Field(description="category path, root first")
     product_type: Phrase = Field(description="what the product is, a short noun phrase")
     attributes: Attributes
     price_tier: PriceTier = Field(description="price tier within its category; unknown without a price")

@@ -24,6 +24,7 @@ KNOWLEDGE_COLUMNS = (
     "substitutes",
     "summary",
     "field_confidence",
+    "field_source",
     "traces",
     "tokens_in",
     "tokens_out",
@@ -82,11 +83,17 @@ class KnowledgeResult:
     substitutes: list[str] = field(default_factory=list)
     summary: str | None = None
     field_confidence: dict[str, float] = field(default_factory=dict)
+    # Per field, where its value came from: "catalog" (a catalog fact) or the model's name.
+    field_source: dict[str, str] = field(default_factory=dict)
     traces: str = "{}"
     tokens_in: int = 0
     tokens_out: int = 0
     llm_calls: int = 0
     latency_ms: float = 0.0
+    # Answers accepted on receipt, and those refused by reason (truncated, schema_violation, ...):
+    # the schema-valid rate of the model, which the job reports (not columns of the table).
+    answers_valid: int = 0
+    answers_rejected: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     raw: str | None = None
 

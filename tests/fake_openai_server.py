@@ -1,37 +1,50 @@
-"""A fake OpenAI-compatible chat-completions server for tests and client benchmarks.
+"""A fake OpenAI-compatible server (chat and text completions) for tests and client benchmarks.
 
-Real HTTP on 127.0.0.1 (HTTP/1.1, keep-alive), driven by a minimal asyncio parser in its own
-thread and event loop (uvloop when installed), so hundreds of concurrent connections cost little
-and the client under test, not the server, is what a benchmark measures. For benchmarks that need
-the client's process to themselves, run it as a separate process:
+Real HTTP on 127.0.0.1: a Starlette app served by uvicorn (what vLLM's API server runs), on httptools
+and uvloop when installed, access log off, in its own thread and event loop, so hundreds of
+concurrent keep-alive connections cost little and the client under test, not the server, is what a
+benchmark measures. For benchmarks that need the client's process to themselves, run it as a
+separate process:
 
     python tests/fake_openai_server.py --port 8011 --capacity 64 --latency 0.05
 
-Capacity model: at most `capacity` requests are in service at once, each taking `latency_s`; the
-rest wait in a queue of up to `queue_limit`, beyond which the server answers 429 at once (as vLLM
-front-ends behind a gateway do). Service is scheduled on `capacity` slots in the loop's clock: a
-request starts when it arrives or when the earliest slot frees, whichever is later, and ends exactly
-`latency_s` after it starts, so the slots are the GPU and the event loop the API front-end: a loop
-slowed by the machine's load delays answers but does not stretch the GPU's service time (with an
-asyncio.Semaphore, a slot would stay held until the loop got round to releasing it, and a
-benchmark would bill the client for the fake server's own lag). `GET /stats` (not part of the
-OpenAI API) returns the counters and the service window, first slot taken to last one freed, from
-which a benchmark reads how busy its client kept the slots; `DELETE /stats` resets them.
+Endpoints: `POST .../chat/completions` (messages, `response_format` json_schema: the vLLM profile),
+`POST .../completions` (a text `prompt` with the schema as a top-level `json_schema`: llama.cpp's
+llama-server profile; answers are `choices[i].text`), and, not part of the OpenAI API, `GET /stats`
+(counters and the service window) and `DELETE /stats` (reset them). Anything else is a 404. With
+`api_key` set, a request without `Authorization: Bearer <api_key>` gets a 401; a `model` other than
+the served one a 404, as vLLM answers. `stats` counts requests, connections accepted, keep-alive
+connections closed for idleness (`idle_timeout_s`, uvicorn's `timeout_keep_alive`: never by
+default), answers, faults and tokens; `record=True` keeps every request body in `requests`.
 
-Faults are injected per request by rate (`faults`) or in arrival order (`script`): "429", "500",
-"stall" (hold the request past any sane client timeout, then drop the connection), "disconnect"
-(drop the connection without answering), "truncated" (JSON cut in half, finish_reason "length"),
-"schema" (valid JSON that violates the requested schema).
+Capacity model (both completion endpoints): at most `capacity` requests are in service at once,
+each taking `latency_s`; the rest wait in a queue of up to `queue_limit`, beyond which the server
+answers 429 at once (as vLLM front-ends behind a gateway do). Service is scheduled on `capacity`
+slots in the loop's clock: a request starts when it arrives or when the earliest slot frees,
+whichever is later, and ends exactly `latency_s` after it starts, so the slots are the GPU and the
+event loop the API front-end: a loop slowed by the machine's load delays answers but does not
+stretch the GPU's service time (with an asyncio.Semaphore, a slot would stay held until the loop
+got round to releasing it, and a benchmark would bill the client for the fake server's own lag).
+`GET /stats` returns the counters and the service window, first slot taken to last one freed, from
+which a benchmark reads how busy its client kept the slots.
+
+Faults are injected per request by rate (`faults`) or in arrival order (`script`), on both
+completion endpoints: "429", "500", "stall" (hold the request past any sane client timeout, then
+drop the connection), "disconnect" (drop the connection without answering), "truncated" (JSON cut
+in half, finish_reason "length"), "schema" (valid JSON that violates the requested schema).
+`stop()` drops every connection at once, as a crashed server would.
 
 Answers are schema-valid JSON built from the request: the item JSON is read back from between
-<item> and </item>, and each property of the requested json_schema is filled plausibly from it
-(category_path from the categories, and so on; for the interests agent, whose block holds a user's
-"recent_items", `covered` lists their category leaves and `interests` "<leaf> accessories", most
-recent first). `disagreement` makes sampled choices differ, so
-self-consistency voting has something to prune. An item whose text carries a prompt injection
-("ignore previous instructions", ...) makes this fake model "obey" it, per `injection`:
-"schema" answers with an extra key (a schema violation), "fields" stuffs the injected text into
-every string field while keeping the schema.
+<item> and </item> (chat: the first user message's block; completions: the prompt's last block,
+after the few-shot example's), and each property of the requested json_schema is filled plausibly
+from it (category_path from the categories, and so on; for the interests agent, whose block holds a
+user's "recent_items", `covered` lists their category leaves and `interests` "<leaf> accessories",
+most recent first). The agent is the schema's name on chat requests and its property names on
+completions (whose top-level schema carries no name). `disagreement` makes sampled choices differ,
+so self-consistency voting has something to prune. An item whose text carries a prompt injection
+("ignore previous instructions", ...) makes this fake model "obey" it, per `injection`: "schema"
+answers with an extra key (a schema violation), "fields" stuffs the injected text into every string
+field while keeping the schema.
 """
 
 from __future__ import annotations
@@ -42,15 +55,38 @@ import heapq
 import json
 import random
 import re
+import socket
 import threading
 import time
 import zlib
 from collections import Counter, deque
 from typing import Any
 
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+try:  # uvicorn's fastest HTTP/1.1 parser, else its pure-Python h11 one
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpProtocol
+except ImportError:
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _HttpProtocol
+try:
+    import uvloop  # noqa: F401
+
+    LOOP = "uvloop"
+except ImportError:
+    LOOP = "asyncio"
+
 FAULT_KINDS = ("429", "500", "stall", "disconnect", "truncated", "schema")
 INJECTION = re.compile(r"ignore (all )?(previous|prior|above) instructions", re.IGNORECASE)
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+NEVER_S = 7 * 24 * 3600.0  # uvicorn's keep-alive timer when idle connections are never closed
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": {"message": message}}, status_code=status, headers=headers)
 
 
 class FakeOpenAIServer:
@@ -105,12 +141,14 @@ class FakeOpenAIServer:
         self.first_service: float | None = None
         self.last_service: float | None = None
         self._queued = 0
+        self._slots: list[float] = []  # heap: when each service slot is next free (loop clock)
+        # Open connections by the client address uvicorn puts in each request's scope, so a fault
+        # can drop the connection a request came on.
+        self._transports: dict[Any, asyncio.Transport] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.base_events.Server | None = None
-        self._slots: list[float] = []  # heap: when each service slot is next free (loop clock)
-        self._conns: set[asyncio.Task[Any]] = set()
-        self._ready = threading.Event()
+        self._uvicorn: uvicorn.Server | None = None
+        self._serve_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -119,51 +157,80 @@ class FakeOpenAIServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeOpenAIServer:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         try:
-            import uvloop
-
-            self._loop = uvloop.new_event_loop()
-        except ImportError:
-            self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, name="fake-openai", daemon=True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        self._slots = [0.0] * self.capacity
+        config = uvicorn.Config(
+            self._app(),
+            loop=LOOP,
+            http=self._protocol(),
+            interface="asgi3",
+            lifespan="off",
+            log_config=None,  # leave the host process's logging alone (uvicorn's own loggers: warnings only)
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            backlog=4096,
+            timeout_keep_alive=self.idle_timeout_s if self.idle_timeout_s is not None else NEVER_S,  # type: ignore[arg-type]
+        )
+        self._uvicorn = uvicorn.Server(config)
+        loop_factory = config.get_loop_factory()
+        self._loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, args=(sock,), name="fake-openai", daemon=True)
         self._thread.start()
-        if not self._ready.wait(10) or self._error is not None:
-            raise RuntimeError(f"fake server did not start: {self._error!r}")
+        deadline = time.monotonic() + 10
+        while not self._uvicorn.started:
+            if self._error is not None or not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"fake server did not start: {self._error!r}")
+            time.sleep(0.002)
         return self
 
-    def _serve(self) -> None:
+    def _serve(self, sock: socket.socket) -> None:
         loop = self._loop
-        assert loop is not None
+        assert loop is not None and self._uvicorn is not None
         asyncio.set_event_loop(loop)
         try:
-            self._slots = [0.0] * self.capacity
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._connection, self.host, self.port, backlog=4096, reuse_address=True)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as e:  # reported to start()
+            self._serve_task = loop.create_task(self._uvicorn.serve(sockets=[sock]))
+            loop.run_until_complete(self._serve_task)
+        except asyncio.CancelledError:  # stop()
+            pass
+        except BaseException as e:  # uvicorn exits on a failed start-up; reported to start()
             self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
         finally:
             loop.close()
+            sock.close()
 
     async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._conns):
+        assert self._uvicorn is not None
+        for server in getattr(self._uvicorn, "servers", []):
+            server.close()  # stop listening
+        for transport in list(self._transports.values()):
+            transport.abort()  # no goodbye: what a client sees of a crashed server
+        await asyncio.sleep(0)  # uvicorn sees them go (connection_lost), so it answers nothing
+        tasks = list(self._uvicorn.server_state.tasks)
+        for task in tasks:  # requests still queued or stalled
             task.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._serve_task is not None:
+            self._serve_task.cancel()
 
     def stop(self) -> None:
         """Stop listening and drop every open connection, as a crashed server would."""
         if self._loop is None or self._thread is None or not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._uvicorn is not None and self._uvicorn.started:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        else:  # failed start-up: end the serve task wherever it is
+            self._loop.call_soon_threadsafe(lambda: self._serve_task and self._serve_task.cancel())
         self._thread.join(10)
 
     def __enter__(self) -> FakeOpenAIServer:
@@ -180,54 +247,79 @@ class FakeOpenAIServer:
         self.script = deque(script or [])
 
     # -- HTTP ------------------------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        self.stats["connections"] += 1
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.idle_timeout_s):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except TimeoutError:
-                    self.stats["idle_closed"] += 1
-                    return
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                try:
-                    method, path, _ = lines[0].split(" ", 2)
-                except ValueError:
-                    return
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length") or 0)
-                body = await reader.readexactly(length) if length else b""
-                status, payload, extra = await self._dispatch(method, path, headers, body)
-                if status == 0:  # dropped on purpose
-                    return
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                head_out = (
-                    f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                    f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
-                    + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
-                    + "\r\n"
-                )
-                writer.write(head_out.encode("latin-1") + data)
-                await writer.drain()
-                if headers.get("connection", "").lower() == "close":
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        except asyncio.CancelledError:  # stop(): end quietly, asyncio would log a cancelled handler
-            return
-        finally:
-            self._conns.discard(task)
-            writer.close()
+    def _protocol(self) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol, counting connections and idle closes, and knowing each transport."""
+        fake = self
+
+        class Protocol(_HttpProtocol):  # type: ignore[misc, valid-type]
+            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+                super().connection_made(transport)
+                fake.stats["connections"] += 1
+                fake._transports[self.client] = transport
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if fake._transports.get(self.client) is self.transport:
+                    del fake._transports[self.client]
+                super().connection_lost(exc)
+
+            def timeout_keep_alive_handler(self) -> None:
+                if not self.transport.is_closing():
+                    fake.stats["idle_closed"] += 1
+                super().timeout_keep_alive_handler()
+
+        return Protocol
+
+    def _app(self) -> Any:
+        completions = self._endpoint(chat=False)
+        chat = self._endpoint(chat=True)
+        router = Starlette(
+            routes=[
+                Route("/stats", self._stats, methods=["GET", "DELETE"]),
+                Route("/chat/completions", chat, methods=["POST"]),
+                Route("/{prefix:path}/chat/completions", chat, methods=["POST"]),
+                Route("/completions", completions, methods=["POST"]),
+                Route("/{prefix:path}/completions", completions, methods=["POST"]),
+                Route("/{path:path}", self._not_found, methods=ALL_METHODS),
+            ]
+        )
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            path = scope.get("path", "")
+            if len(path) > 1 and path.endswith("/"):  # "/v1/completions/" is "/v1/completions"
+                scope = {**scope, "path": path.rstrip("/") or "/"}
+            await router(scope, receive, send)
+
+        return app
+
+    async def _stats(self, request: Request) -> Response:  # not OpenAI: for benchmarks
+        if request.method == "DELETE":
+            self.reset_service_stats()
+        return JSONResponse(self.service_stats())
+
+    async def _not_found(self, request: Request) -> Response:
+        self.stats["requests"] += 1
+        self.stats["status_404"] += 1
+        return _error(404, f"no route {request.method} {request.url.path}")
+
+    async def _drop(self, request: Request) -> Response:
+        """Close the request's connection without answering; the returned response is never sent."""
+        transport = self._transports.get(request.scope.get("client"))
+        if transport is not None:  # None: the client has gone already
+            transport.close()
+            # The body is read, so the next ASGI message is the disconnect: once uvicorn has seen it,
+            # it sends nothing for this request (instead of a 500 for an app that answered nothing).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        return Response(status_code=499)
+
+    def _endpoint(self, chat: bool) -> Any:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await self._complete(request, chat)
+            except asyncio.CancelledError:  # stop() while queued or stalled: the connection is gone
+                return Response(status_code=499)
+
+        return endpoint
 
     def _fault(self) -> str | None:
         if self.script:
@@ -239,47 +331,46 @@ class FakeOpenAIServer:
             u -= rate
         return None
 
-    async def _dispatch(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, Any, dict[str, str]]:
-        if path.rstrip("/") == "/stats" and method in ("GET", "DELETE"):  # not OpenAI: for benchmarks
-            if method == "DELETE":
-                self.reset_service_stats()
-            return 200, self.service_stats(), {}
+    async def _complete(self, request: Request, chat: bool) -> Response:
         self.stats["requests"] += 1
-        if method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
-            self.stats["status_404"] += 1
-            return 404, {"error": {"message": f"no route {method} {path}"}}, {}
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             self.stats["status_401"] += 1
-            return 401, {"error": {"message": "invalid API key"}}, {}
+            return _error(401, "invalid API key")
+        body = await request.body()
         try:
-            request = json.loads(body)
-            messages = request["messages"]
-            n = int(request.get("n") or 1)
+            payload = json.loads(body)
+            if chat:
+                messages = payload["messages"]
+                prompt = None
+            else:
+                prompt = payload["prompt"]
+                if not isinstance(prompt, str):
+                    raise TypeError("prompt must be a string")
+            n = int(payload.get("n") or 1)
         except (ValueError, KeyError, TypeError) as e:
             self.stats["status_400"] += 1
-            return 400, {"error": {"message": f"bad request: {e}"}}, {}
-        if request.get("model") != self.model:
+            return _error(400, f"bad request: {e}")
+        if payload.get("model") != self.model:
             self.stats["status_404"] += 1
-            return 404, {"error": {"message": f"The model `{request.get('model')}` does not exist."}}, {}
+            return _error(404, f"The model `{payload.get('model')}` does not exist.")
+        self.stats["chat_requests" if chat else "completion_requests"] += 1
         if self.record:
-            self.requests.append(request)
+            self.requests.append(payload)
         fault = self._fault()
         if fault is not None:
             self.stats[f"fault_{fault}"] += 1
         if fault == "429":
-            return 429, {"error": {"message": "rate limited"}}, {"retry-after": "0"}
+            return _error(429, "rate limited", {"retry-after": "0"})
         if fault == "500":
-            return 500, {"error": {"message": "internal error"}}, {}
+            return _error(500, "internal error")
         if fault == "disconnect":
-            return 0, b"", {}
+            return await self._drop(request)
         if fault == "stall":  # a hung connection, not a busy GPU: it holds no service slot
             await asyncio.sleep(self.stall_s)
-            return 0, b"", {}
+            return await self._drop(request)
         if self._queued >= self.queue_limit:
             self.stats["status_429_queue_full"] += 1
-            return 429, {"error": {"message": "queue full"}}, {}
+            return _error(429, "queue full")
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         start = max(arrived, heapq.heappop(self._slots))
@@ -300,7 +391,12 @@ class FakeOpenAIServer:
                 self._queued -= 1
         if finish > loop.time():
             await asyncio.sleep(finish - loop.time())
-        return 200, self._completion(request, messages, n, fault), {}
+        if chat:
+            answer = self._chat_completion(payload, messages, n, fault)
+        else:
+            assert prompt is not None
+            answer = self._text_completion(payload, prompt, n, fault)
+        return Response(answer, media_type="application/json")
 
     def service_stats(self) -> dict[str, Any]:
         """Counters plus the service window: served requests over (last release - first slot taken)."""
@@ -323,18 +419,13 @@ class FakeOpenAIServer:
         self.max_in_service = self.max_queued = 0
 
     # -- answers ---------------------------------------------------------------------------------
-    def _completion(
-        self, request: dict[str, Any], messages: list[dict[str, Any]], n: int, fault: str | None
-    ) -> bytes:
-        fmt = (request.get("response_format") or {}).get("json_schema") or {}
-        schema = fmt.get("schema") or {"type": "object", "properties": {}}
-        agent = str(fmt.get("name") or "answer")
-        user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-        first_user = next((m.get("content") or "" for m in messages if m.get("role") == "user"), user)
-        item = _item_from(first_user)
+    def _answers(
+        self, schema: dict[str, Any], agent: str, item: dict[str, Any], n: int, fault: str | None
+    ) -> tuple[list[tuple[str, str]], int]:
+        """`n` (at most max_n) answers as (text, finish_reason), and their completion tokens."""
         injected = bool(INJECTION.search(json.dumps(item)))
         n_out = min(n, self.max_n) if self.max_n else n
-        choices = []
+        answers = []
         completion_tokens = 0
         for i in range(n_out):
             rng = random.Random(zlib.crc32(f"{self._seed}|{agent}|{item.get('title')}|{i}".encode()))
@@ -348,14 +439,35 @@ class FakeOpenAIServer:
             elif fault == "schema":
                 content = json.dumps(_violate(answer))
             completion_tokens += max(1, len(content) // 4)
-            choices.append(
-                {"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
-            )
-        prompt_tokens = max(1, sum(len(m.get("content") or "") for m in messages) // 4)
+            answers.append((content, finish))
+        return answers, completion_tokens
+
+    def _account(self, choices: int, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         self.stats["ok"] += 1
-        self.stats["choices"] += len(choices)
+        self.stats["choices"] += choices
         self.stats["prompt_tokens"] += prompt_tokens
         self.stats["completion_tokens"] += completion_tokens
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def _chat_completion(
+        self, request: dict[str, Any], messages: list[dict[str, Any]], n: int, fault: str | None
+    ) -> bytes:
+        fmt = (request.get("response_format") or {}).get("json_schema") or {}
+        schema = fmt.get("schema") or {"type": "object", "properties": {}}
+        agent = str(fmt.get("name") or "answer")
+        user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+        first_user = next((m.get("content") or "" for m in messages if m.get("role") == "user"), user)
+        answers, completion_tokens = self._answers(schema, agent, _item_from(first_user), n, fault)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            for i, (text, finish) in enumerate(answers)
+        ]
+        prompt_tokens = max(1, sum(len(m.get("content") or "") for m in messages) // 4)
+        usage = self._account(len(choices), prompt_tokens, completion_tokens)
         return json.dumps(
             {
                 "id": f"chatcmpl-{self.stats['ok']}",
@@ -363,11 +475,31 @@ class FakeOpenAIServer:
                 "created": int(time.time()),
                 "model": self.model,
                 "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": usage,
+            }
+        ).encode()
+
+    def _text_completion(self, request: dict[str, Any], prompt: str, n: int, fault: str | None) -> bytes:
+        """llama-server's /v1/completions: the schema is the top-level `json_schema`, answers are `text`."""
+        schema = request.get("json_schema")
+        if not isinstance(schema, dict):
+            schema = {"type": "object", "properties": {}}
+        # The schema carries no name here: the agent is what it asks for.
+        agent = "fields:" + ",".join(sorted(schema.get("properties") or {}))
+        answers, completion_tokens = self._answers(schema, agent, _item_from(prompt, last=True), n, fault)
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            for i, (text, finish) in enumerate(answers)
+        ]
+        usage = self._account(len(choices), max(1, len(prompt) // 4), completion_tokens)
+        return json.dumps(
+            {
+                "id": f"cmpl-{self.stats['ok']}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.model,
+                "choices": choices,
+                "usage": usage,
             }
         ).encode()
 
@@ -388,12 +520,14 @@ class FakeOpenAIServer:
         return out
 
 
-def _item_from(user: str) -> dict[str, Any]:
-    start, end = user.find("<item>"), user.find("</item>")
+def _item_from(text: str, last: bool = False) -> dict[str, Any]:
+    """The JSON between <item> and </item>: the first such block, or the last with `last`."""
+    start = text.rfind("<item>") if last else text.find("<item>")
+    end = text.find("</item>", max(start, 0))
     if start < 0 or end < start:
         return {}
     try:
-        item = json.loads(user[start + len("<item>") : end])
+        item = json.loads(text[start + len("<item>") : end])
     except ValueError:
         return {}
     return item if isinstance(item, dict) else {}
@@ -484,8 +618,12 @@ def main() -> None:
     ap.add_argument("--queue-limit", type=int, default=100_000)
     ap.add_argument("--model", default="fake-model")
     ap.add_argument("--disagreement", type=float, default=0.0)
-    ap.add_argument("--injection", default="schema", choices=["schema", "fields"],
-                    help="how the fake model 'obeys' injected item text: break the schema or echo values")
+    ap.add_argument(
+        "--injection",
+        default="schema",
+        choices=["schema", "fields"],
+        help="how the fake model 'obeys' injected item text: break the schema or echo values",
+    )
     ap.add_argument("--faults", default="", help="e.g. 429=0.02,500=0.02,stall=0.01")
     args = ap.parse_args()
     faults = {k: float(v) for k, v in (kv.split("=") for kv in args.faults.split(",") if kv)}

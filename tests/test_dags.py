@@ -35,7 +35,15 @@ def test_dagbag_loads_without_errors_and_mirrors_the_pipeline(tmp_path, monkeypa
     assert bag.import_errors == {}
     dag = bag.dags.get("reaseq_nightly")
     assert dag is not None
-    assert [t.task_id for t in dag.topological_sort()] == PIPELINE
+    stages = [t.task_id for t in dag.topological_sort() if not t.task_id.startswith("llm_engine_")]
+    assert stages == PIPELINE
+    # The local engine is a setup/teardown pair around the stages that ask the LLM: the teardown runs
+    # whatever became of them, and waits for both LLM stages before stopping the engine.
+    up, down = dag.get_task("llm_engine_up"), dag.get_task("llm_engine_down")
+    assert up.is_setup and down.is_teardown
+    assert up.downstream_task_ids == {"reason_items", "llm_engine_down"}
+    assert up.upstream_task_ids == {"validate_bronze"}
+    assert down.upstream_task_ids == {"llm_engine_up", "reason_items", "infer_beyond_log"}
     assert dag.max_active_runs == 1
     assert dag.catchup is False
     assert dag.get_task("reason_items").pool == "llm"

@@ -40,7 +40,7 @@ from llm_agents.prompts import (
     prompt_fingerprint,
     render_item,
 )
-from llm_agents.schemas import ReconcilerAnswer
+from llm_agents.schemas import ProfilerPathAnswer, ReconcilerAnswer
 from llm_agents.types import KNOWLEDGE_COLUMNS
 
 try:
@@ -117,7 +117,7 @@ def stable(result: KnowledgeResult) -> dict:
 
 
 def test_public_api_and_versions():
-    assert PROMPT_VERSION.startswith("agents-v1-")
+    assert PROMPT_VERSION.startswith("agents-v2-")
     assert model_name(LLMConfig()) == "offline-heuristic-v1"
     assert (
         model_name(LLMConfig(backend="openai", model="Qwen/Qwen2.5-7B-Instruct"))
@@ -248,7 +248,9 @@ def _path(**kw):
     return base
 
 
-FIELDS = RECONCILER.fields
+# Every voted field of a final record: the path (voted by the path-inferring profiler) and the
+# reconciler's fields.
+FIELDS = ("category_path", *RECONCILER.fields)
 
 
 def test_majority_keeps_agreed_values_and_records_shares():
@@ -299,14 +301,15 @@ _LISTS = ("audiences", "scenarios", "occasions", "complements", "substitutes")
 def _validated(cat, pt, attrs, tier, lists, summary) -> dict:
     raw = {
         "reasoning": "r",
-        "category_path": cat,
         "product_type": pt,
         "attributes": [{"name": k, "value": v} for k, v in attrs.items()],
         "price_tier": tier,
         **dict(zip(_LISTS, lists, strict=True)),
         "summary": summary,
     }
-    return dict(ReconcilerAnswer.model_validate_json(json.dumps(raw)).__dict__)
+    path = ProfilerPathAnswer.model_validate_json(json.dumps({
+        "reasoning": "r", "category_path": cat, "product_type": pt, "attributes": [], "price_tier": tier}))
+    return {"category_path": path.category_path, **ReconcilerAnswer.model_validate_json(json.dumps(raw)).__dict__}
 
 
 _answer = st.builds(
@@ -399,14 +402,13 @@ def test_prompt_version_follows_the_templates():
 # -- HTTP backend against the fake server -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", ["lean", "httpx"])
-def test_openai_happy_path_samples_n_and_accounts_usage(transport):
+def test_openai_happy_path_samples_n_and_accounts_usage():
     items = make_items(12)
     with FakeOpenAIServer(capacity=16, latency_s=0.01, disagreement=0.35, record=True) as srv:
         cfg = http_config(srv, samples_k=3)
 
         async def run():
-            backend = OpenAIBackend(cfg, transport=transport)
+            backend = OpenAIBackend(cfg)
             try:
                 return await reason_items_async(items, cfg, backend=backend)
             finally:
@@ -418,9 +420,11 @@ def test_openai_happy_path_samples_n_and_accounts_usage(transport):
     assert [r.item_id for r in results] == [i.item_id for i in items]
     assert all(r.status == "ok" and r.llm_calls == 4 and r.model == "fake-model" for r in results)
     assert {req["n"] for req in requests} == {3} and {req["temperature"] for req in requests} == {0.7}
-    assert {req["response_format"]["json_schema"]["name"] for req in requests} == {
-        f"reaseq_{a}" for a in AGENTS
-    }
+    # The path-inferring profiler variant only for items whose catalog lists no categories.
+    with_path = sum(1 for i in items if not i.categories)
+    names = [req["response_format"]["json_schema"]["name"] for req in requests]
+    assert set(names) == {f"reaseq_{a}" for a in AGENTS} | ({"reaseq_profiler_path"} if with_path else set())
+    assert names.count("reaseq_profiler_path") == with_path
     assert sum(r.tokens_in for r in results) == stats["prompt_tokens"] > 0
     assert sum(r.tokens_out for r in results) == stats["completion_tokens"] > 0
     rows = json.dumps([r.to_record() for r in results])
@@ -446,65 +450,6 @@ def test_keep_alive_connections_closed_by_the_server_are_replaced_quietly():
         first, second = asyncio.run(run())
         assert srv.stats["idle_closed"] > 0
     assert all(r.status == "ok" and r.llm_calls == 4 for r in first + second)
-
-
-def test_lean_transport_resends_once_on_a_connection_closed_under_it():
-    from llm_agents.http_backend import _LeanTransport
-
-    seen = []
-
-    async def handler(reader, writer):  # answers one request per connection, then hangs up silently
-        seen.append(1)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-        await writer.drain()
-        writer.close()
-
-    async def run():
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        transport = _LeanTransport(f"http://127.0.0.1:{port}/v1/chat/completions", {})
-        try:
-            return [(await transport.post(b"{}")).content for _ in range(5)]
-        finally:
-            await transport.aclose()
-            server.close()
-
-    assert asyncio.run(run()) == [b"{}"] * 5
-    assert len(seen) == 5  # one fresh connection per request, none failed
-
-
-def test_lean_transport_reads_chunked_bodies_and_keeps_the_connection():
-    from llm_agents.http_backend import _LeanTransport
-
-    connections = []
-
-    async def handler(reader, writer):
-        connections.append(1)
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                return
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            body = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\n{"a\r\n4\r\n": 1\r\n1\r\n}\r\n0\r\n\r\n'
-            writer.write(body)
-            await writer.drain()
-
-    async def run():
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        transport = _LeanTransport(f"http://127.0.0.1:{port}/v1/chat/completions", {})
-        try:
-            return [(await transport.post(b"{}")).content for _ in range(3)]
-        finally:
-            await transport.aclose()
-            server.close()
-
-    assert asyncio.run(run()) == [b'{"a": 1}'] * 3 and len(connections) == 1
 
 
 def test_fewer_choices_than_requested_are_topped_up():

@@ -34,9 +34,17 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_run_through_airflow_writes_every_table_and_exits_zero(tmp_path):
+def test_run_through_airflow_with_the_local_engine_writes_every_table_and_stops_the_engine(tmp_path):
+    """The default backend: the DAG's setup task starts the real engine, the model answers within the
+    budget, the rest waits in the backlog, the teardown stops the engine (no process left)."""
+    from llm_agents import local_engine
+
+    if local_engine.running() is not None:
+        pytest.skip("an engine started by someone else is running; this test checks the DAG's own")
+    env = {**_env(tmp_path), "REASEQ__LLM__BACKEND": "local", "REASEQ__LLM__BUDGET_ITEMS": "4",
+           "REASEQ__LLM__BUDGET_MINUTES": "null", "REASEQ__LLM__SAMPLES_K": "1"}
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--ds", "2026-11-22", "--quiet"],
-                       env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "run FAILED" not in p.stderr
     root = str(tmp_path / "lakehouse")
@@ -47,6 +55,14 @@ def test_run_through_airflow_writes_every_table_and_exits_zero(tmp_path):
     assert {r["task"] for r in runs if r["status"] == "success"} >= {"ingest_catalog", "publish"}
     assert "publish" in p.stdout and "success" in p.stdout
     assert (tmp_path / "reports" / "reaseq_nightly__2026-11-22" / "summary.json").exists()
+    knowledge = delta.read_arrow("silver.item_knowledge", root).to_pylist()
+    model = local_engine.served_model_name(local_engine.model_path())
+    assert 1 <= len(knowledge) <= 4 and {r["model"] for r in knowledge} == {model}
+    assert "wait in the backlog" in p.stdout, p.stdout[-2000:]
+    # The teardown stopped the engine the run started: no state file, no llama-server process.
+    assert local_engine.read_state() is None
+    left = subprocess.run(["pgrep", "-f", str(local_engine.server_binary())], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"llama-server left running: {left.stdout}"
 
 
 @pytest.mark.parametrize("args, message", [

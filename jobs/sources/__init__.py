@@ -69,8 +69,8 @@ def load_source(
     options: dict | None = None,
 ) -> SourceBatch:
     """Load one dataset. `until`: keep only interactions whose UTC event date is <= until (later ones are
-    counted in rows_read["interactions_after_until"], not quarantined). `options`: loader options
-    (all: max_description_chars; synthetic: n_items, n_users, seed, end_date, days)."""
+    counted in rows_read["interactions_after_until"], not quarantined). `options`: loader options (all:
+    max_description_tokens, max_description_chars; synthetic: n_items, n_users, seed, end_date, days)."""
     name = dataset.strip().lower().replace("_", "-") if isinstance(dataset, str) else dataset
     if name not in _LOADERS:
         raise SourceError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")

@@ -40,10 +40,18 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from jobs.sources.base import BatchBuilder, SourceBatch, SourceError, check_options, epoch_us
+from jobs.sources.base import (
+    DESCRIPTION_OPTIONS,
+    BatchBuilder,
+    SourceBatch,
+    SourceError,
+    check_options,
+    description_limits,
+    epoch_us,
+)
 
 NAME = "amazon-json"
-OPTIONS = ("max_description_chars",)
+OPTIONS = DESCRIPTION_OPTIONS
 EVENT_TYPE = "review"
 BASE_TS = datetime(2018, 1, 1, tzinfo=UTC)
 _CATEGORY_SPLIT = re.compile(r",(?! )")
@@ -163,7 +171,7 @@ def load(path: str | Path | None, *, until: date | None = None, options: dict | 
     items = read_json_object(item_file, "{item_id: {title, description, brand, categories}}")
     inters = read_json_object(inter_file, "{user_id: [item_id, ...]}")
 
-    b = BatchBuilder(NAME, until=until, max_description_chars=opts.get("max_description_chars"))
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
     for n, (item_id, value) in enumerate(items.pairs):
         b.add_item(item_id, _item_entry(value), raw={item_id: value}, where=f"{item_file.name}:entry {n}")
 

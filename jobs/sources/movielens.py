@@ -22,10 +22,18 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from jobs.sources.base import MAX_ROW_BYTES, BatchBuilder, SourceBatch, SourceError, check_options
+from jobs.sources.base import (
+    DESCRIPTION_OPTIONS,
+    MAX_ROW_BYTES,
+    BatchBuilder,
+    SourceBatch,
+    SourceError,
+    check_options,
+    description_limits,
+)
 
 NAME = "movielens"
-OPTIONS = ("max_description_chars",)
+OPTIONS = DESCRIPTION_OPTIONS
 EVENT_TYPE = "rating"
 GENRES = (
     "unknown",
@@ -198,7 +206,7 @@ def load(path: str | Path | None, *, until: date | None = None, options: dict | 
     opts = check_options(NAME, options, OPTIONS)
     folder = locate(path)
     genres = read_genres(folder / "u.genre")
-    b = BatchBuilder(NAME, until=until, max_description_chars=opts.get("max_description_chars"))
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
     _load_items(b, folder / "u.item", genres)
     _load_interactions(b, folder / "u.data")
     return b.build()

@@ -1,7 +1,8 @@
 """Deterministic synthetic catalog and user histories (`synthetic`, the default dataset; `path` is ignored).
 
 Options: n_items (3000), n_users (2000), seed (7), end_date (2026-11-21; a date or "YYYY-MM-DD"), days (60),
-max_description_chars (4000). The same options always give identical tables.
+and the shared max_description_tokens (384) and max_description_chars (4000). The same options always give
+identical tables.
 
 Catalog: 8 departments (Lab Supplies, Power Tools, Outdoor & Camping, Kitchen, Office, Audio, Fitness,
 Pet Supplies), each with 6-7 subcategories whose category paths have 3-4 levels (department first, the
@@ -35,7 +36,14 @@ from datetime import UTC, date, datetime
 from itertools import accumulate
 from typing import Any
 
-from jobs.sources.base import BatchBuilder, SourceBatch, SourceError, check_options, epoch_us
+from jobs.sources.base import (
+    BatchBuilder,
+    SourceBatch,
+    SourceError,
+    check_options,
+    description_limits,
+    epoch_us,
+)
 
 NAME = "synthetic"
 OPTIONS = ("n_items", "n_users", "seed", "end_date", "days")
@@ -782,7 +790,7 @@ def load(path: Any = None, *, until: date | None = None, options: dict | None = 
     days = _option_int(opts, "days", 1)
     end_date = _option_date(opts, "end_date")
     rng = random.Random(seed)
-    b = BatchBuilder(NAME, until=until, max_description_chars=opts.get("max_description_chars"))
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
 
     # -- catalog: every subcategory first (as far as n_items allows), then at random
     subs = list(SUBCATEGORIES)
