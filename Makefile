@@ -88,10 +88,10 @@ setup: $(VENV) $(JARS) ## create the virtualenv, fetch Delta's jars (both cached
 
 # The engine's tooling is stdlib-only and runs on the boot Python, so it builds while uv fills the venv.
 $(ENGINE_BIN):
-	@$(PYTHON_BOOT) llm_agents/local_engine.py build
+	@$(PYTHON_BOOT) -P llm_agents/local_engine.py build
 
 $(ENGINE_GGUF):
-	@$(PYTHON_BOOT) llm_agents/local_engine.py model
+	@$(PYTHON_BOOT) -P llm_agents/local_engine.py model
 
 llm-engine: $(ENGINE_BIN) $(ENGINE_GGUF) ## build llama-server from source and fetch the Gemma 3 270M GGUF (once, cached; ~8 min on 2 cores)
 
@@ -99,10 +99,10 @@ prepare: ## setup, plus the local LLM engine when LLM=local, side by side
 	@$(MAKE) --no-print-directory -j2 setup $(ENGINE_DEPS)
 
 llm-up: llm-engine ## start the local LLM engine on 127.0.0.1 in the background (runs then reuse it; make llm-down stops it)
-	@$(PYTHON_BOOT) llm_agents/local_engine.py up
+	@$(PYTHON_BOOT) -P llm_agents/local_engine.py up
 
 llm-down: ## stop the local LLM engine that llm-up started
-	@$(PYTHON_BOOT) llm_agents/local_engine.py down
+	@$(PYTHON_BOOT) -P llm_agents/local_engine.py down
 
 run: prepare ## nightly refresh through Airflow: make run [LLM=local|openai|offline] [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD] [SPARK_MASTER=spark://host:7077]
 	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
-ENV_PREFIX = "REASEQ_LLM_"
 OFFLINE_MODEL = "offline-heuristic-v1"
 
 
@@ -68,40 +67,12 @@ class LLMConfig(BaseModel):
         if self.backend == "openai":
             if not self.model:
                 raise ValueError(
-                    "backend 'openai' needs the served model name: set REASEQ_LLM_MODEL (or LLMConfig.model)"
+                    "backend 'openai' needs the served model name: set REASEQ__LLM__MODEL (or LLMConfig.model)"
                 )
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         return self
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> LLMConfig:
-        """Read REASEQ_LLM_<FIELD> variables; unknown REASEQ_LLM_* names are logged as warnings.
-
-        A typo such as REASEQ_LLM_BACKEDN would otherwise silently fall back to the offline
-        backend; it is only a warning because other tools (serving scripts) share the prefix.
-        """
-        env = os.environ if environ is None else environ
-        fields = set(cls.model_fields)
-        values: dict[str, Any] = {}
-        key_env = overrides.get("api_key_env") or env.get(ENV_PREFIX + "API_KEY_ENV") or "OPENAI_API_KEY"
-        unknown = []
-        for name, raw in env.items():
-            if not name.startswith(ENV_PREFIX) or name == key_env:
-                continue
-            field = name[len(ENV_PREFIX) :].lower()
-            if field not in fields:
-                unknown.append(name)  # the value is never echoed: it might be a key
-                continue
-            if raw.strip() == "":
-                continue
-            values[field] = raw.strip()
-        if unknown:
-            known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(fields))
-            log.warning("ignoring unknown settings %s (known: %s)", sorted(unknown), known)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
 
     def api_key(self) -> str | None:
         """The key, read now from the named variable; never cached on the config."""

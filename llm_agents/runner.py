@@ -439,8 +439,8 @@ class _Run:
             failures = self.circuit.opened_after or self.circuit.streak
             raise BackendUnavailable(
                 f"LLM backend at {url} unreachable after {failures} consecutive failures: "
-                "check the server (make serve-llm) or set REASEQ_LLM_BACKEND=offline "
-                f"(last error: {self.circuit.last_error})",
+                "check the server (the local engine: make llm-up; vLLM: make serve-llm) or run without a "
+                f"model: REASEQ__LLM__BACKEND=offline (last error: {' '.join(self.circuit.last_error.split())})",
                 completed=completed,
             )
         errors = [
@@ -449,8 +449,9 @@ class _Run:
         for error in errors:
             if isinstance(error, _Fatal):
                 raise BackendUnavailable(
-                    f"LLM backend at {url} refused the configuration ({error}): check REASEQ_LLM_MODEL "
-                    f"(the served model name), REASEQ_LLM_BASE_URL (usually ends in /v1) and the API key in "
+                    f"LLM backend at {url} refused the configuration ({' '.join(str(error).split())}): check "
+                    f"REASEQ__LLM__MODEL (the served model name), REASEQ__LLM__BASE_URL (usually ends in /v1) "
+                    f"and the API key in "
                     f"${self.cfg.api_key_env}",
                     completed=completed,
                 )

@@ -123,7 +123,7 @@ def test_public_api_and_versions():
         model_name(LLMConfig(backend="openai", model="Qwen/Qwen2.5-7B-Instruct"))
         == "Qwen/Qwen2.5-7B-Instruct"
     )
-    with pytest.raises(ValueError, match="REASEQ_LLM_MODEL"):
+    with pytest.raises(ValueError, match="REASEQ__LLM__MODEL"):
         LLMConfig(backend="openai")
 
 
@@ -133,20 +133,26 @@ def test_package_imports_no_spark_or_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_config_from_env_resolves_and_flags_typos(caplog):
-    env = {"REASEQ_LLM_BACKEND": "openai", "REASEQ_LLM_MODEL": "m", "REASEQ_LLM_SAMPLES_K": "3", "OTHER": "x"}
-    cfg = LLMConfig.from_env(env)
+def test_config_resolves_temperature_and_rejects_bad_values():
+    cfg = LLMConfig(backend="openai", model="m", samples_k=3)
     assert (cfg.backend, cfg.model, cfg.samples_k, cfg.temperature) == ("openai", "m", 3, 0.7)
-    assert LLMConfig.from_env({}).temperature == 0.0
-    assert LLMConfig.from_env({}, max_concurrency=8).max_concurrency == 8
-    with caplog.at_level(logging.WARNING, logger="llm_agents"):
-        assert (
-            LLMConfig.from_env({"REASEQ_LLM_BACKEDN": "openai", "REASEQ_LLM_KEY": SECRET}).backend
-            == "offline"
-        )
-    assert "REASEQ_LLM_BACKEDN" in caplog.text and SECRET not in caplog.text
+    assert LLMConfig().temperature == 0.0
     with pytest.raises(ValueError, match="max_concurrency"):
-        LLMConfig.from_env({"REASEQ_LLM_MAX_CONCURRENCY": "0"})
+        LLMConfig(max_concurrency=0)
+    with pytest.raises(ValueError, match="backedn"):
+        LLMConfig(backedn="openai")
+
+
+def test_a_misspelt_llm_setting_stops_the_stage_with_one_line_naming_the_nearest_key(tmp_path):
+    from jobs.reason_items import llm_config
+    from jobs.runtime import StageFailed
+
+    from tests.conftest import make_ctx
+
+    ctx = make_ctx(tmp_path, llm={"backedn": "openai"})
+    with pytest.raises(StageFailed) as failed:
+        llm_config(ctx, 1)
+    assert "'backedn' (did you mean 'backend'?)" in str(failed.value) and "\n" not in str(failed.value)
 
 
 def test_item_from_pandas_style_record():
@@ -514,7 +520,7 @@ def test_circuit_breaker_opens_when_server_is_gone():
     assert time.monotonic() - started < 10
     message = str(e.value)
     assert f"LLM backend at {url}/chat/completions unreachable after 5 consecutive failures" in message
-    assert "make serve-llm" in message and "REASEQ_LLM_BACKEND=offline" in message
+    assert "make serve-llm" in message and "REASEQ__LLM__BACKEND=offline" in message
 
 
 def test_circuit_breaker_mid_run_keeps_finished_results():
@@ -533,7 +539,7 @@ def test_circuit_breaker_mid_run_keeps_finished_results():
 
 @pytest.mark.parametrize(
     ("server_kw", "cfg_kw", "hint"),
-    [({"model": "other-model"}, {}, "REASEQ_LLM_MODEL"), ({"api_key": "right"}, {}, "REASEQ_TEST_LLM_KEY")],
+    [({"model": "other-model"}, {}, "REASEQ__LLM__MODEL"), ({"api_key": "right"}, {}, "REASEQ_TEST_LLM_KEY")],
 )
 def test_misconfiguration_stops_the_run(server_kw, cfg_kw, hint, monkeypatch):
     monkeypatch.setenv("REASEQ_TEST_LLM_KEY", SECRET)

@@ -9,10 +9,6 @@ something to skip over.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -60,61 +56,24 @@ def test_engine_serves_the_packaged_gguf_under_its_lineage_name(engine):
     assert not started and again.pid == engine.pid
 
 
-def test_engine_stops_on_every_exit_path(built, tmp_path, monkeypatch):
-    monkeypatch.setenv("REASEQ_CACHE", str(local_engine.cache_root()))
-    if local_engine.running() is not None:
-        pytest.skip("an engine started by someone else is running; this test needs to start its own")
-    before = _pids_of(built)
-    with pytest.raises(RuntimeError, match="boom"), local_engine.engine("exit-path-test", slots=2) as state:
-        assert state.pid in _pids_of(built)
-        raise RuntimeError("boom")
-    assert _pids_of(built) == before, "the engine outlived the block that started it"
-    assert local_engine.read_state() is None
-    # The command line: up, status, down; a down with no engine says so and exits 0.
-    cli = [sys.executable, str(ROOT / "llm_agents" / "local_engine.py")]
-    up = subprocess.run([*cli, "up", "--slots", "2"], capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr
-    assert "started" in up.stdout
-    pid = local_engine.read_state().pid
-    assert subprocess.run([*cli, "status"], capture_output=True, timeout=60).returncode == 0
-    down = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=60)
-    assert down.returncode == 0 and "stopped" in down.stdout
-    assert pid not in _pids_of(built)
-    assert subprocess.run([*cli, "status"], capture_output=True, timeout=60).returncode == 1
-    assert "none running" in subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=60).stdout
-
-
-def test_a_dead_engine_is_restarted_not_reused(built):
-    if local_engine.running() is not None:
-        pytest.skip("an engine started by someone else is running")
-    state, started = local_engine.up("dead-engine-test", slots=2)
-    try:
-        assert started
-        os.kill(state.pid, signal.SIGKILL)
-        os.waitpid(state.pid, 0)
-        assert local_engine.running() is None  # the state file alone does not make an engine
-        fresh, started_again = local_engine.up("dead-engine-test", slots=2)
-        assert started_again and fresh.pid != state.pid
-    finally:
-        local_engine.down()
-
-
-def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory):
-    """20 synthetic items, k=3 sampled paths per agent at temperature 0.7, through the Spark job."""
+def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_path):
+    """20 synthetic items through the Spark job, one path per agent; then items with k=3 sampled
+    paths at temperature 0.3 (2 items: 24 requests), where real sampling must disagree somewhere."""
     from feature_store import delta
     from jobs.runtime import execute
 
     ctx = ctx_factory(synthetic={"n_items": 20, "n_users": 30, "seed": 4},
-                      llm={"backend": "local", "samples_k": 3, "partitions": 2, "max_concurrency": 16})
+                      llm={"backend": "local", "samples_k": 1, "partitions": 2, "max_concurrency": 16,
+                           "budget_minutes": None})
     execute("ingest_catalog", ctx)
     m = execute("reason_items", ctx).metrics
     assert m["model"] == engine.model
     rows = delta.read_arrow("silver.item_knowledge", ctx.root).to_pylist()
     quarantined = m["failed"]
     assert len(rows) + quarantined == 20 and len(rows) >= 18, m
-    assert m["answers"] >= 20 * 4 * 3 and m["schema_valid_rate"] >= 0.9, m
-    # Tokens come from the engine's usage: one request per sampled path (llama-server bills one of n).
-    assert m["llm_calls"] >= len(rows) * 4 * 3
+    assert m["answers"] >= 20 * 4 and m["schema_valid_rate"] >= 0.9, m
+    # Tokens come from the engine's usage, for every request.
+    assert m["llm_calls"] >= len(rows) * 4
     assert m["tokens_out"] > 20 * m["llm_calls"] and m["tokens_in"] > 100 * m["llm_calls"]
     for r in rows:
         assert r["model"] == engine.model and r["status"] == "ok"
@@ -123,9 +82,61 @@ def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory):
         assert dict(r["field_source"])["category_path"] == "catalog"
         assert dict(r["field_source"])["product_type"] == engine.model
         assert r["tokens_in"] > 0 and r["tokens_out"] > 0
-    # Real sampling disagrees somewhere: at least one kept field with confidence below 1.
-    shares = [v for r in rows for _, v in (r["field_confidence"] or [])]
-    assert min(shares) < 1.0, "k=3 at temperature 0.7 agreed on every field of every item"
     # An unchanged rerun asks the engine nothing.
     again = execute("reason_items", ctx).metrics
     assert again["llm_calls"] == 0 and again["work_set"] == quarantined
+
+    sampled = ctx_factory(root=tmp_path / "sampled",
+                          synthetic={"n_items": 2, "n_users": 10, "seed": 4},
+                          llm={"backend": "local", "samples_k": 3, "temperature": 0.3, "partitions": 1,
+                               "max_concurrency": 16, "budget_minutes": None})
+    execute("ingest_catalog", sampled)
+    m3 = execute("reason_items", sampled).metrics
+    rows3 = delta.read_arrow("silver.item_knowledge", sampled.root).to_pylist()
+    # k one-choice requests per agent (llama-server bills only the first of n choices).
+    assert m3["llm_calls"] >= len(rows3) * 4 * 3 and m3["tokens_out"] > 20 * m3["llm_calls"]
+    shares = [v for r in rows3 for _, v in (r["field_confidence"] or [])]
+    assert min(shares) < 1.0, "k=3 at temperature 0.3 agreed on every field of every item"
+
+
+def _config(state, **kw):
+    from llm_agents import LLMConfig
+
+    return LLMConfig(backend="openai", base_url=state.base_url, model=state.model, prompt_profile="completion",
+                     samples_via="requests", max_concurrency=8, timeout_s=300, **kw)
+
+
+def test_injection_and_huge_text_stay_data_on_the_real_engine(engine):
+    from jobs.sources.synthetic import INJECTION_TEXT
+    from llm_agents import ItemInput, reason_items
+
+    items = [
+        ItemInput("plain", "Stainless Steel Tweezers, Fine Point, 4.5 inch", "Precision tweezers for lab work.",
+                  ["Industrial & Scientific", "Lab Supplies", "Tweezers"], "Labtrex", 6.5, {}, "h1"),
+        ItemInput("inject", "Glass Stirring Rod, 8 inch", INJECTION_TEXT, ["Lab Supplies", "Stirring Rods"],
+                  None, 3.0, {}, "h2"),
+        ItemInput("huge", "Microscope Slides, Pack of 72", "slide " * 8000, [], None, 9.0, {}, "h3"),
+    ]
+    plain, inject, huge = reason_items(items, _config(engine))
+    assert {r.status for r in (plain, inject, huge)} == {"ok"}, [r.error for r in (plain, inject, huge)]
+    # The injected text asks for a HACKED category path: the path stays the catalog's, the answers
+    # kept the schema, and nothing of the other items changes. (A small model may repeat the text in
+    # the injected item's own free-text fields: that is the item's data echoed, not an instruction
+    # followed.)
+    assert inject.category_path == ["Lab Supplies", "Stirring Rods"]
+    assert inject.field_source["category_path"] == "catalog"
+    for r in (plain, huge):
+        assert "hacked" not in json.dumps(r.to_record(), default=str).lower()
+    # 40,000 characters of description reach the engine cut to the prompt's bound, within one slot.
+    assert huge.tokens_in / huge.llm_calls < 3072
+
+
+def test_an_answer_cut_at_max_tokens_is_never_stored(engine):
+    from llm_agents import ItemInput, reason_items
+
+    item = ItemInput("long", "Digital Multimeter, Auto-Ranging", "Measures voltage, current and resistance.",
+                     ["Test Equipment", "Multimeters"], "Fluke", 89.0, {}, "h4")
+    (result,) = reason_items([item], _config(engine, max_tokens=24, max_retries=1))
+    assert result.status == "failed" and result.error.startswith("truncated"), result.error
+    assert result.answers_rejected.get("truncated", 0) >= 2  # the first answer and its retry
+    assert result.product_type is None and result.summary is None
