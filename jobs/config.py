@@ -36,6 +36,13 @@ def load_config(overrides: dict | None = None, env: dict | None = None) -> dict[
         if not path.exists():
             raise FileNotFoundError(f"REASEQ_CONFIG={extra}: no such file")
         _deep_update(cfg, yaml.safe_load(path.read_text()) or {})
+    old_scheme = sorted(k for k in env if k.startswith("REASEQ_LLM_"))
+    if old_scheme:  # the retired single-underscore scheme: say so rather than ignore it silently
+        import logging
+
+        logging.getLogger("reaseq").warning(
+            "ignoring %s: LLM settings are REASEQ__LLM__<KEY> (double underscores), e.g. REASEQ__LLM__BACKEND",
+            ", ".join(old_scheme))
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX):
             continue

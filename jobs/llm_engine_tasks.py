@@ -46,8 +46,8 @@ def engine_up(run_id: str, conf: dict[str, Any] | None = None) -> dict[str, Any]
             slots=int(settings.get("slots", 8)),
             context_per_slot=int(settings.get("context_per_slot", 3072)),
         )
-    except local_engine.EngineError as e:
-        raise RuntimeError(f"{e} (or run this DAG without the local engine: REASEQ__LLM__BACKEND=offline)") from None
+    except local_engine.EngineError as e:  # one line for the failure callback: what is wrong, what to do
+        raise RuntimeError(f"llm_engine_up: {' '.join(str(e).split())}") from None
     log.info("llm_engine_up: %s llama-server at %s serving %s (pid %d)",
              "started" if started else "reusing the running", state.base_url, state.model, state.pid)
     return {"engine": "started" if started else "reused", "base_url": state.base_url, "model": state.model}

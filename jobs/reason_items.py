@@ -113,6 +113,9 @@ def local_engine_settings(need_server: bool) -> dict:
     settings = {**LOCAL_ENGINE_SETTINGS, "model": local_engine.served_model_name(path)}
     state = local_engine.running()
     if state is not None:
+        if state.model != settings["model"]:  # rows must name the model that answered them
+            raise StageFailed(f"the running local engine serves {state.model}, not the installed "
+                              f"{settings['model']}: stop it (make llm-down) and rerun")
         settings["base_url"] = state.base_url
     elif need_server:
         raise StageFailed("the local LLM engine is not running: the DAG's llm_engine_up task starts it (or run "
@@ -132,6 +135,12 @@ def llm_budget(ctx: RunContext) -> tuple[int | None, float | None]:
     """
     cfg = ctx.config.get("llm") or {}
     items, minutes = cfg.get("budget_items"), cfg.get("budget_minutes")
+    if cfg.get("backend") == "local":
+        # The local engine's own defaults (llm.local.budget_*), sized for a 2-core machine; the
+        # llm.budget_* keys, when set, override them. A GPU server given by URL gets no default cap.
+        local = cfg.get("local") or {}
+        items = local.get("budget_items") if items is None else items
+        minutes = local.get("budget_minutes") if minutes is None else minutes
     if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
         raise ValueError(f"llm.budget_items={items!r}: give a positive whole number of items per run, or null "
                          "for no cap (conf/default.yaml or REASEQ__LLM__BUDGET_ITEMS)")
@@ -293,6 +302,11 @@ def run(ctx: RunContext) -> JobResult:
     spark = ctx.spark
     budget_items, budget_minutes = llm_budget(ctx)
     partitions = int((ctx.config.get("llm") or {}).get("partitions", 4))
+    if budget_minutes is not None or (ctx.config.get("llm") or {}).get("backend") == "local":
+        # Every partition must run from the start: under a deadline a partition waiting for a free
+        # core would begin after it and answer nothing (cutting items by hash, not priority), and the
+        # local engine's in-flight total is split over the partitions, so a waiting one idles slots.
+        partitions = max(1, min(partitions, spark.sparkContext.defaultParallelism))
     config = llm_config(ctx, partitions, need_server=True)
     model = model_name(config)
     if config.backend == "offline":

@@ -51,7 +51,9 @@ class LLMConfig(BaseModel):
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(20.0, ge=0)
     samples_k: int = Field(1, ge=1, le=16)
-    # None resolves to 0.7 when samples_k > 1 (paths must differ to vote) and 0 otherwise.
+    # None resolves to 0.3 when samples_k > 1 (paths must differ to vote) and 0 otherwise. 0.3, not
+    # the usual 0.7: at 0.7 the local 270M model's paths rarely agreed and the vote emptied most
+    # list fields (measured, see conf/default.yaml).
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int = Field(1024, ge=16)
     circuit_failures: int = Field(20, ge=1)
@@ -63,7 +65,7 @@ class LLMConfig(BaseModel):
     @model_validator(mode="after")
     def _resolve(self) -> LLMConfig:
         if self.temperature is None:
-            object.__setattr__(self, "temperature", 0.7 if self.samples_k > 1 else 0.0)
+            object.__setattr__(self, "temperature", 0.3 if self.samples_k > 1 else 0.0)
         if self.backend == "openai":
             if not self.model:
                 raise ValueError(

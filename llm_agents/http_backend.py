@@ -27,7 +27,7 @@ a request that still meets a reused connection closing under it is resent once, 
 Timeouts (httpx's per operation, and `timeout_s` over the whole exchange) are BackendError
 "timeout", any other failure to get an answer "connect_error", both marked as connection faults for
 the circuit breaker. Proxies are honoured as httpx does it (`trust_env`: HTTP_PROXY, HTTPS_PROXY,
-ALL_PROXY, NO_PROXY).
+ALL_PROXY, NO_PROXY), except for a server on loopback, which is always reached directly.
 
 What it costs: this replaced a hand-written HTTP/1.1 client on asyncio streams. Against
 tests/fake_openai_server.py in another process, 64 requests in flight on uvloop, on a shared 2-core
@@ -95,8 +95,9 @@ class _Slot:
 class _Transport:
     """POSTs JSON bodies to one server over single-connection httpx clients, one per request in flight."""
 
-    def __init__(self, headers: dict[str, str], timeout_s: float, verify_tls: bool):
+    def __init__(self, headers: dict[str, str], timeout_s: float, verify_tls: bool, trust_env: bool = True):
         self._headers = httpx.Headers(headers)
+        self._trust_env = trust_env
         self._timeout = httpx.Timeout(timeout_s)
         # One TLS context shared by all clients: building one loads the CA bundle (~60 ms); a plain
         # http:// server needs no CA bundle at all.
@@ -115,7 +116,8 @@ class _Transport:
     def _slot(self) -> _Slot:
         if self._idle:
             return self._idle.pop()
-        slot = _Slot(httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=self._ssl))
+        slot = _Slot(httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=self._ssl,
+                                       trust_env=self._trust_env))
         self._all.append(slot)
         return slot
 
@@ -179,8 +181,12 @@ class OpenAIBackend:
             headers["authorization"] = f"Bearer {key}"
         else:
             log.info("no API key in $%s; sending requests without Authorization", config.api_key_env)
+        # A server on loopback (the local engine, a test double) is never reached through a proxy,
+        # whatever HTTP(S)_PROXY says; NO_PROXY often lacks 127.0.0.1.
+        host = httpx.URL(config.base_url).host
         self._transport = _Transport(
-            headers, config.timeout_s, verify_tls=config.base_url.startswith("https://")
+            headers, config.timeout_s, verify_tls=config.base_url.startswith("https://"),
+            trust_env=host not in ("127.0.0.1", "localhost", "::1"),
         )
 
     @property

@@ -117,7 +117,10 @@ def build(jobs: int | None = None) -> Path:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            tar.extractall(src, members=members, filter="data")
+            try:
+                tar.extractall(src, members=members, filter="data")
+            except TypeError:  # Python < 3.11.4 has no extraction filters
+                tar.extractall(src, members=members)  # noqa: S202 (PyPI's own sdist, paths checked by prefix)
     build_dir = work / "build"
     jobs = jobs or os.cpu_count() or 2
     _say(f"building llama-server with CMake on {jobs} cores (once; about 8 min on 2 idle cores)")
@@ -209,17 +212,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The engine is on loopback: an HTTP(S)_PROXY of the environment must never carry its health checks.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _healthy(base_url: str, timeout: float = 2.0) -> bool:
     root = base_url.removesuffix("/v1")
     try:
-        with urllib.request.urlopen(f"{root}/health", timeout=timeout) as resp:
+        with _DIRECT.open(f"{root}/health", timeout=timeout) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` is a running llama-server (a recycled pid of another program is not ours)."""
+def _alive(pid: int, binary: str | None = None) -> bool:
+    """True while `pid` runs our llama-server binary: a recycled pid of another program, or another
+    llama-server a person runs, is not ours and is never signalled."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -230,7 +238,7 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): trust the pid
     if not cmdline:
         return False  # a zombie has an empty command line
-    return b"llama-server" in cmdline
+    return cmdline.split(b"\0")[0].decode(errors="replace") == (binary or str(server_binary()))
 
 
 def read_state() -> EngineState | None:
@@ -243,7 +251,7 @@ def read_state() -> EngineState | None:
 def running() -> EngineState | None:
     """The engine recorded in the state file, if its process is alive and answers /health."""
     state = read_state()
-    if state is None or not _alive(state.pid) or not _healthy(state.base_url):
+    if state is None or not _alive(state.pid, state.binary) or not _healthy(state.base_url):
         return None
     return state
 
@@ -264,7 +272,7 @@ def up(
     port: int | None = None,
     wait_s: float = 180.0,
 ) -> tuple[EngineState, bool]:
-    """Start the engine (building and fetching first if needed) or reuse a healthy one.
+    """Start the engine (built and fetched beforehand: `make llm-engine`) or reuse a healthy one.
 
     Returns (state, started): `started` is False when an engine already running was reused, so the
     caller knows it must not stop it. Why these flags (each checked on this engine and model):
@@ -273,14 +281,26 @@ def up(
     --chat-template gemma` gives the chat endpoint a template (the base model ships none); `--alias`
     makes the lineage name the served model name; `--metrics` exposes Prometheus counters.
     """
-    current = running()
-    if current is not None:
-        return current, False
-    stale = read_state()
-    if stale is not None and _alive(stale.pid):
-        _stop_pid(stale.pid)  # alive but not healthy: a hung engine is worse than a restart
-    binary = build()
-    model = fetch_model()
+    binary, model = server_binary(), model_path()
+    if not binary.exists() or not model.exists():
+        # Not built here: building takes minutes and needs pip, which the virtualenv (and so an
+        # Airflow task) lacks; setup does it once (`make llm-engine`, part of make run and make test).
+        raise EngineError(f"the local engine is not installed ({binary if not binary.exists() else model} is "
+                          "missing): run `make llm-engine`, or run without it: REASEQ__LLM__BACKEND=offline")
+    with _lock():
+        current = running()
+        if current is not None:
+            return current, False
+        stale = read_state()
+        if stale is not None and _alive(stale.pid, stale.binary):
+            # Alive but not answering /health for three probes: a hung engine is worse than a restart.
+            if any(_healthy(stale.base_url, timeout=5.0) for _ in range(3)):
+                return stale, False
+            _stop_pid(stale.pid, stale.binary)
+        return _start(owner, binary, model, slots, context_per_slot, threads, port, wait_s)
+
+
+def _start(owner, binary, model, slots, context_per_slot, threads, port, wait_s) -> tuple[EngineState, bool]:
     sha = file_sha256(model)
     name = served_model_name(model)
     port = port or _free_port()
@@ -305,24 +325,51 @@ def up(
         pid=proc.pid, port=port, base_url=base_url, model=name, model_path=str(model), model_sha256=sha,
         binary=str(binary), owner=owner, started_at=time.time(), log_path=str(log_path),
     )  # fmt: skip
+    # Recorded at once, before it is healthy: if this process is killed while waiting, `down` (the
+    # teardown, the launcher, make llm-down) still finds the engine to stop.
+    _write_state(state)
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EngineError(
-                f"llama-server exited with code {proc.returncode} while loading; its log {log_path} ends:\n"
-                f"{_tail(str(log_path))}"
-            )
-        if _healthy(base_url):
-            tmp = state_file().with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(state), indent=2))
-            tmp.rename(state_file())
-            return state, True
-        time.sleep(0.25)
-    _stop_pid(proc.pid)
-    raise EngineError(f"llama-server did not become healthy within {wait_s:.0f} s; see {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EngineError(
+                    f"llama-server exited with code {proc.returncode} while loading; its log {log_path} ends:\n"
+                    f"{_tail(str(log_path))}"
+                )
+            if _healthy(base_url):
+                return state, True
+            time.sleep(0.25)
+        raise EngineError(f"llama-server did not become healthy within {wait_s:.0f} s; see {log_path}")
+    except BaseException:  # a failed or interrupted start leaves no engine behind
+        _stop_pid(proc.pid, str(binary))
+        with contextlib.suppress(FileNotFoundError):
+            state_file().unlink()
+        raise
 
 
-def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
+def _write_state(state: EngineState) -> None:
+    tmp = state_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2))
+    tmp.rename(state_file())  # atomic: readers never see half a file
+
+
+@contextlib.contextmanager
+def _lock():
+    """One `up`/`down` at a time on this machine (two DAG runs, a person and a run): without it two
+    callers could both find no engine and start two, of which the state file would track one."""
+    import fcntl
+
+    path = cache_root() / "llm-engine.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _stop_pid(pid: int, binary: str | None = None, grace_s: float = 10.0) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -331,7 +378,7 @@ def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it when it is our child (tests, make run)
-        if not _alive(pid):
+        if not _alive(pid, binary):
             return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
@@ -342,17 +389,18 @@ def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
 
 def down(owner: str | None = None) -> bool:
     """Stop the recorded engine; with `owner`, only if that owner started it. True if one was stopped."""
-    state = read_state()
-    if state is None:
-        return False
-    if owner is not None and state.owner != owner:
-        return False
-    stopped = _alive(state.pid)
-    if stopped:
-        _stop_pid(state.pid)
-    with contextlib.suppress(FileNotFoundError):
-        state_file().unlink()
-    return stopped
+    with _lock():
+        state = read_state()
+        if state is None:
+            return False
+        if owner is not None and state.owner != owner:
+            return False
+        stopped = _alive(state.pid, state.binary)
+        if stopped:
+            _stop_pid(state.pid, state.binary)
+        with contextlib.suppress(FileNotFoundError):
+            state_file().unlink()
+        return stopped
 
 
 @contextlib.contextmanager

@@ -213,8 +213,19 @@ class _Run:
                 if need > 1 and self.cfg.samples_via == "requests":
                     # k one-choice requests at once: each answer's usage is then its own (llama-server
                     # bills only the first of n choices), and the slots' prompt cache shares the prefix.
+                    # The answers that arrived are kept (and billed) when a sibling request fails; the
+                    # loop asks again for the missing paths only.
                     tally.llm_calls += need
-                    completion = _merge(await _all([self._send(_one(request)) for _ in range(need)]))
+                    outcomes = await asyncio.gather(*(self._send(_one(request)) for _ in range(need)),
+                                                    return_exceptions=True)
+                    arrived = [o for o in outcomes if isinstance(o, Completion)]
+                    errors = [o for o in outcomes if isinstance(o, BaseException)]
+                    fatal = [e for e in errors if not isinstance(e, BackendError) or e.fatal]
+                    if fatal or not arrived:
+                        raise (fatal or errors)[0]
+                    for e in errors:
+                        self.retries[e.code] += 1
+                    completion = _merge(arrived)
                 else:
                     tally.llm_calls += 1
                     completion = await self._send(request)
@@ -349,8 +360,14 @@ class _Run:
             if path:
                 source["category_path"] = self.model
                 confidence["category_path"] = by_agent["profiler"].confidence.get("category_path", 1.0)
-        listed = {k.strip().lower() for k in item.attributes} | ({"brand"} if item.brand else set())
-        attributes = {k: val for k, val in dict(v["attributes"]).items() if k.strip().lower() not in listed}
+        listed = {" ".join(k.lower().split()) for k in item.attributes}
+        if item.brand:
+            listed |= {"brand", "brand name", "manufacturer", "maker"}
+        if item.price is not None:
+            listed |= {"price", "cost"}
+        if item.categories:
+            listed |= {"category", "categories", "category path"}
+        attributes = {k: val for k, val in dict(v["attributes"]).items() if " ".join(k.lower().split()) not in listed}
         for k in dict(v["attributes"]).keys() - attributes.keys():
             confidence.pop(f"attributes.{k}", None)
         return KnowledgeResult(
@@ -420,7 +437,10 @@ class _Run:
                     progress(done, total)
 
         # Enough inputs in flight that the request semaphore, not the supply, is the limit.
-        workers = [asyncio.create_task(worker()) for _ in range(min(total, 2 * self.cfg.max_concurrency))]
+        # Under a deadline, only as many items as keep the request slots busy (an item sends up to 3k
+        # requests at once, then k): every item started may finish after the deadline.
+        width = 2 * self.cfg.max_concurrency if deadline is None else -(-self.cfg.max_concurrency // self.cfg.samples_k)
+        workers = [asyncio.create_task(worker()) for _ in range(min(total, width))]
         opened = asyncio.create_task(self.circuit.event.wait())
         waiting: set[asyncio.Task[Any]] = {*workers, opened}
         try:

@@ -74,13 +74,13 @@ _ATTR_WIRE = {
 }
 
 # Bounds sent in the wire schema, so a constrained sampler ends every answer well before
-# max_tokens (the reconciler's worst case is about 700 tokens). On receipt the lists and strings are
+# max_tokens (the reconciler's worst case is about 400 tokens). On receipt the lists and strings are
 # truncated, not rejected: a server that ignores the schema's bounds costs a little text, not a retry.
-WIRE_LIST = 6  # elements per list field
-WIRE_PHRASE = 60  # characters per phrase
-WIRE_REASONING = 240  # a small model loops in free text; a short bound ends the loop early
-WIRE_SUMMARY = 500
-WIRE_ATTRS = 8
+WIRE_LIST = 4  # elements per list field
+WIRE_PHRASE = 40  # characters per phrase
+WIRE_REASONING = 160  # a small model loops in free text; a short bound ends the loop early
+WIRE_SUMMARY = 300
+WIRE_ATTRS = 5
 _PHRASE_WIRE = {"type": "string", "maxLength": WIRE_PHRASE}
 _PHRASES_WIRE = {"type": "array", "items": _PHRASE_WIRE, "maxItems": WIRE_LIST}
 _ATTR_WIRE["maxItems"] = WIRE_ATTRS

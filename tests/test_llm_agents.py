@@ -135,7 +135,7 @@ def test_package_imports_no_spark_or_torch():
 
 def test_config_resolves_temperature_and_rejects_bad_values():
     cfg = LLMConfig(backend="openai", model="m", samples_k=3)
-    assert (cfg.backend, cfg.model, cfg.samples_k, cfg.temperature) == ("openai", "m", 3, 0.7)
+    assert (cfg.backend, cfg.model, cfg.samples_k, cfg.temperature) == ("openai", "m", 3, 0.3)
     assert LLMConfig().temperature == 0.0
     with pytest.raises(ValueError, match="max_concurrency"):
         LLMConfig(max_concurrency=0)
@@ -146,7 +146,6 @@ def test_config_resolves_temperature_and_rejects_bad_values():
 def test_a_misspelt_llm_setting_stops_the_stage_with_one_line_naming_the_nearest_key(tmp_path):
     from jobs.reason_items import llm_config
     from jobs.runtime import StageFailed
-
     from tests.conftest import make_ctx
 
     ctx = make_ctx(tmp_path, llm={"backedn": "openai"})
@@ -425,7 +424,7 @@ def test_openai_happy_path_samples_n_and_accounts_usage():
         requests = list(srv.requests)
     assert [r.item_id for r in results] == [i.item_id for i in items]
     assert all(r.status == "ok" and r.llm_calls == 4 and r.model == "fake-model" for r in results)
-    assert {req["n"] for req in requests} == {3} and {req["temperature"] for req in requests} == {0.7}
+    assert {req["n"] for req in requests} == {3} and {req["temperature"] for req in requests} == {0.3}
     # The path-inferring profiler variant only for items whose catalog lists no categories.
     with_path = sum(1 for i in items if not i.categories)
     names = [req["response_format"]["json_schema"]["name"] for req in requests]

@@ -132,12 +132,19 @@ def test_a_bad_budget_is_one_line_naming_the_key(llm, key):
     assert message.startswith(key) and "\n" not in message and "or null for no cap" in message
 
 
-def test_default_config_has_no_cap():
+def test_default_config_caps_only_the_local_engine():
     from jobs.config import load_config
 
     llm = load_config(env={})["llm"]
     assert "budget_items" in llm and "budget_minutes" in llm
-    assert llm_budget(SimpleNamespace(config={"llm": llm})) == (None, None)
+    # The local engine on a 2-core machine gets its own 3 minutes; a server given by URL no cap.
+    assert llm_budget(SimpleNamespace(config={"llm": {**llm, "backend": "local"}})) == (None, 3.0)
+    assert llm_budget(SimpleNamespace(config={"llm": {**llm, "backend": "openai"}})) == (None, None)
+    # llm.budget_* override the local defaults; llm.local.budget_minutes null lifts the local cap.
+    both = {**llm, "backend": "local", "budget_items": 5}
+    assert llm_budget(SimpleNamespace(config={"llm": both})) == (5, 3.0)
+    lifted = {**llm, "backend": "local", "local": {**llm["local"], "budget_minutes": None}}
+    assert llm_budget(SimpleNamespace(config={"llm": lifted})) == (None, None)
 
 
 def test_run_summary_line():

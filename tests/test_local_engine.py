@@ -64,7 +64,7 @@ def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_
 
     ctx = ctx_factory(synthetic={"n_items": 20, "n_users": 30, "seed": 4},
                       llm={"backend": "local", "samples_k": 1, "partitions": 2, "max_concurrency": 16,
-                           "budget_minutes": None})
+                           "local": {"budget_minutes": None}})
     execute("ingest_catalog", ctx)
     m = execute("reason_items", ctx).metrics
     assert m["model"] == engine.model
@@ -89,7 +89,7 @@ def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_
     sampled = ctx_factory(root=tmp_path / "sampled",
                           synthetic={"n_items": 2, "n_users": 10, "seed": 4},
                           llm={"backend": "local", "samples_k": 3, "temperature": 0.3, "partitions": 1,
-                               "max_concurrency": 16, "budget_minutes": None})
+                               "max_concurrency": 16, "local": {"budget_minutes": None}})
     execute("ingest_catalog", sampled)
     m3 = execute("reason_items", sampled).metrics
     rows3 = delta.read_arrow("silver.item_knowledge", sampled.root).to_pylist()

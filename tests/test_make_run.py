@@ -42,7 +42,7 @@ def test_run_through_airflow_with_the_local_engine_writes_every_table_and_stops_
     if local_engine.running() is not None:
         pytest.skip("an engine started by someone else is running; this test checks the DAG's own")
     env = {**_env(tmp_path), "REASEQ__LLM__BACKEND": "local", "REASEQ__LLM__BUDGET_ITEMS": "4",
-           "REASEQ__LLM__BUDGET_MINUTES": "null", "REASEQ__LLM__SAMPLES_K": "1"}
+           "REASEQ__LLM__LOCAL__BUDGET_MINUTES": "null", "REASEQ__LLM__SAMPLES_K": "1"}
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--ds", "2026-11-22", "--quiet"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
