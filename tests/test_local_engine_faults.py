@@ -114,3 +114,21 @@ def test_engine_killed_mid_run_stops_the_stage_and_a_rerun_completes_it_once(ctx
         assert execute("reason_items", ctx).metrics["llm_calls"] == 0
     finally:
         local_engine.down()
+
+
+def test_a_machine_without_a_compiler_gets_one_line_naming_what_to_install(tmp_path):
+    # A fresh cache (nothing built) and a PATH with Python alone: no cmake, no c++.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir), "REASEQ_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-P", str(ROOT / "llm_agents" / "local_engine.py"), "build"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cmake" in lines[0] and "apt-get install" in lines[0], p.stderr
+    assert "LLM=offline" in lines[0]
+    # Starting an engine that was never built says how to build it, without trying to.
+    up = subprocess.run([sys.executable, "-P", str(ROOT / "llm_agents" / "local_engine.py"), "up"],
+                        env=env, capture_output=True, text=True, timeout=60)
+    assert up.returncode == 2 and "make llm-engine" in up.stderr and "Traceback" not in up.stderr
