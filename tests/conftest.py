@@ -24,7 +24,7 @@ SMALL = {
     "synthetic": {"n_items": 240, "n_users": 160, "seed": 11},
     "quantizer": {"levels": 3, "codebook_size": 16, "mpq_experts": 3, "mpq_codebook_size": 16, "seed": 0},
     # The offline heuristic unless a test asks for a model: the real engine has tests of its own.
-    "llm": {"backend": "offline", "partitions": 2, "max_concurrency": 8},
+    "llm": {"backend": "offline", "partitions": 2, "max_concurrency": 8, "samples_k": 1},
     "sequences": {"max_len": 20},
     "beyond_log": {"diffusion": {"d_model": 16, "n_layers": 1, "n_heads": 2, "epochs": 2, "slots": 2}},
 }

@@ -54,7 +54,10 @@ def test_an_item_that_always_fails_is_dead_lettered_then_retried_on_edit_or_requ
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with FakeOpenAIServer(capacity=16, latency_s=0.001, record=True) as srv:
         llm = {"backend": "openai", "base_url": srv.base_url, "model": srv.model, "max_concurrency": 8,
-               "partitions": 1, "timeout_s": 10, "max_retries": 0, "dead_letter_after": LIMIT}
+               "partitions": 1, "timeout_s": 60, "max_retries": 0, "dead_letter_after": LIMIT,
+               # One path per agent: this test is about dead letters, not voting (with k paths a
+               # partial majority could rescue an item), and a loaded CI machine needs no short timeout.
+               "samples_k": 1}
 
         def ctx_for(day: str, **llm_kw):
             return ctx_factory(ds=day, synthetic={"n_items": 6, "n_users": 4, "seed": 1}, llm={**llm, **llm_kw})

@@ -54,19 +54,24 @@ class _Slow:
 
 
 def test_past_the_deadline_no_item_starts_and_items_in_flight_finish():
-    # One request slot, so two workers: items 0 and 1 start at once, and each needs 4 requests of
-    # 0.25 s through the one slot, so both finish near 2 s, long after the 0.6 s deadline.
+    # Two request slots and k=1: under a deadline the pool holds max_concurrency / k = 2 items, so
+    # items 0 and 1 start at once; each needs 4 requests of 0.25 s (3 at once, then 1) through the two
+    # slots, so both finish near 1 s, after the 0.3 s deadline, and item 2 never starts.
     backend = _Slow(0.25)
-    cfg = LLMConfig(max_concurrency=1)
+    cfg = LLMConfig(max_concurrency=2)
     items = make_items(12)
     started = time.time()
-    deadline = started + 0.6
+    deadline = started + 0.3
     results = asyncio.run(reason_items_async(items, cfg, backend=backend, deadline=deadline))
     ended = time.time()
     assert [r.item_id for r in results] == ["item-0", "item-1"], "only the items started before the deadline"
     assert all(r.status == "ok" and r.llm_calls == 4 for r in results), "in flight: finished, not cancelled"
     assert set(backend.requests) == {"item-0", "item-1"}, "no request for an item never started"
-    assert ended > deadline + 0.5, "the run waited for the items in flight"
+    assert ended > deadline + 0.4, "the run waited for the items in flight"
+    # With k=3 paths per agent the same two slots hold one item: ceil(2 / 3).
+    three = asyncio.run(reason_items_async(items, LLMConfig(max_concurrency=2, samples_k=3), backend=_Slow(0.05),
+                                           deadline=time.time() + 0.1))
+    assert [r.item_id for r in three] == ["item-0"]
 
 
 def test_a_deadline_already_past_starts_nothing():
@@ -88,9 +93,9 @@ def test_pool_returns_the_started_inputs_in_order_and_still_checks_each_result()
         return SimpleNamespace(item_id=x.item_id)
 
     async def pool(handle, deadline):
-        # Two workers (one request slot): they take inputs at 0 s and 0.5 s; at 1.0 s the deadline (0.75 s)
-        # has passed, so four inputs started.
-        return await _Run(LLMConfig(max_concurrency=1), _Slow(0.0))._pool(inputs, handle, "item_id", None, deadline)
+        # Under a deadline, two workers (two request slots, k=1): they take inputs at 0 s and 0.5 s; at
+        # 1.0 s the deadline (0.75 s) has passed, so four inputs started.
+        return await _Run(LLMConfig(max_concurrency=2), _Slow(0.0))._pool(inputs, handle, "item_id", None, deadline)
 
     done = asyncio.run(pool(slow, time.time() + 0.75))
     assert [r.item_id for r in done] == ["x0", "x1", "x2", "x3"]
