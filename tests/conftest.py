@@ -76,3 +76,14 @@ def ctx_factory(tmp_path, spark):
         return make_ctx(root or tmp_path, ds=ds, spark=spark, **overrides)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def built():
+    """The local LLM engine's binary, built with its model by `make llm-engine` (make test does it first):
+    a test that needs it fails without it, since a missing engine in CI is a setup defect."""
+    from llm_agents import local_engine
+
+    if not local_engine.server_binary().exists() or not local_engine.model_path().exists():
+        pytest.fail("the local engine is not built: run `make llm-engine` (make test does it first)")
+    return local_engine.server_binary()

@@ -20,29 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def built():
-    if not local_engine.server_binary().exists() or not local_engine.model_path().exists():
-        pytest.fail("the local engine is not built: run `make llm-engine` (make test does it first)")
-    return local_engine.server_binary()
-
-
-@pytest.fixture(scope="module")
 def engine(built):
     with local_engine.engine("tests", slots=8) as state:
         yield state
-
-
-def _pids_of(binary: Path) -> set[int]:
-    out = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
-            except OSError:
-                continue
-            if cmd == str(binary):
-                out.add(int(proc.name))
-    return out
 
 
 def test_engine_serves_the_packaged_gguf_under_its_lineage_name(engine):

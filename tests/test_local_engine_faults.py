@@ -19,13 +19,6 @@ from llm_agents import local_engine
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def built():
-    if not local_engine.server_binary().exists() or not local_engine.model_path().exists():
-        pytest.fail("the local engine is not built: run `make llm-engine` (make test does it first)")
-    return local_engine.server_binary()
-
-
 def _pids_of(binary: Path) -> set[int]:
     out = set()
     for proc in Path("/proc").iterdir():
@@ -81,12 +74,10 @@ def test_a_dead_engine_is_restarted_not_reused(built):
 
 
 @pytest.mark.slow
-def test_engine_killed_mid_run_stops_the_stage_and_a_rerun_completes_it_once(ctx_factory):
+def test_engine_killed_mid_run_stops_the_stage_and_a_rerun_completes_it_once(built, ctx_factory):
     from feature_store import delta
     from jobs.runtime import StageFailed, execute
 
-    if not local_engine.server_binary().exists() or not local_engine.model_path().exists():
-        pytest.fail("the local engine is not built: run `make llm-engine` (make test does it first)")
     if local_engine.running() is not None:
         pytest.skip("an engine started by someone else is running; this test kills its own")
     ctx = ctx_factory(synthetic={"n_items": 8, "n_users": 20, "seed": 8},
