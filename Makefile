@@ -107,8 +107,8 @@ llm-up: llm-engine ## start the local LLM engine on 127.0.0.1 in the background 
 llm-down: ## stop the local LLM engine that llm-up started
 	@$(PYTHON_BOOT) -P llm_agents/local_engine.py down
 
-run: prepare ## nightly refresh through Airflow: make run [LLM=local|openai|offline] [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD] [SPARK_MASTER=spark://host:7077]
-	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
+run: prepare ## nightly refresh through Airflow: make run [LLM=local|openai|offline] [DATASET=synthetic|amazon-json|movielens] [DATA=path] [DS=YYYY-MM-DD] [SPARK_MASTER=spark://host:7077] [TASKS=stage,stage]
+	@$(PY) -m jobs.cli run --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") --ds "$(DS)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)") $(if $(TASKS),--tasks "$(TASKS)")
 
 backfill: prepare ## replay days through Airflow, oldest first, idempotent: make backfill START=YYYY-MM-DD END=YYYY-MM-DD [DATASET=] [DATA=]
 	@$(PY) -m jobs.cli backfill --start "$(START)" --end "$(END)" --dataset "$(DATASET)" $(if $(DATA),--data "$(DATA)") $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)")
@@ -128,14 +128,26 @@ browser: ## headless Chromium for the report test (Debian's package; best effort
 	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "setup: chromium not installed; the report's browser test will be skipped"; }
 
-test: browser ## run the test suite (the real local engine answers in it, so it is set up too)
+TEST_WORKERS ?= 2
+# The real engine's tests run alone (it needs both cores: beside a Spark job it ran 15-30x slower), then
+# the rest on TEST_WORKERS pytest-xdist workers, a file per worker at a time (module fixtures built once).
+# Exit code 5 is "no test selected", e.g. PYTEST_ARGS naming a file of one phase only.
+test: browser ## run the test suite (the real local engine answers in it, so it is set up too) [PYTEST_ARGS=] [TEST_WORKERS=2]
 	@$(MAKE) --no-print-directory -j2 setup llm-engine
-	@$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	@t0=$$(date +%s); \
+	$(PY) -m pytest -q --durations=8 --engine=only $(PYTEST_ARGS); a=$$?; \
+	$(PY) -m pytest -q --durations=15 --engine=without -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); b=$$?; \
+	t=$$(( $$(date +%s) - t0 )); \
+	echo "make test: $$((t / 60)) min $$((t % 60)) s (engine tests alone: exit $$a; the rest on $(TEST_WORKERS) workers: exit $$b)"; \
+	[ $$a -eq 0 -o $$a -eq 5 ] && [ $$b -eq 0 -o $$b -eq 5 ] && [ $$a -ne 5 -o $$b -ne 5 ]
 
-bench: bench-llm bench-sids bench-beyond bench-ranker bench-generative ## all benchmarks (results in bench/results/)
+bench: bench-llm bench-knowledge bench-sids bench-beyond bench-ranker bench-generative ## all benchmarks (results in bench/results/)
 
 bench-llm: setup llm-engine ## LLM fan-out throughput through the Spark job against a local OpenAI-compatible server
 	@$(PY) -m bench.llm_fanout
+
+bench-knowledge: setup llm-engine ## knowledge recovery with the catalog hidden: offline heuristic vs local engine [vs LLM_URL= LLM_MODEL=]; ITEMS=300 per dataset (~50 min each on 2 cores)
+	@$(PY) -m bench.knowledge $(if $(ITEMS),--items $(ITEMS)) $(if $(LLM_URL),--llm-url "$(LLM_URL)" --llm-model "$(LLM_MODEL)")
 
 bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
 	@$(PY) -m bench.semantic_ids
@@ -146,7 +158,7 @@ bench-lakehouse: setup ## build the real datasets' feature lakehouses the consum
 bench-beyond: setup ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data
 	@$(PY) -m bench.beyond_log
 
-bench-ranker: setup ## ranker ablation (id_only, +semantic_ids, +knowledge, +beyond_log, all; 3 seeds) on the real feature lakehouses
+bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses
 	@$(PY) -m bench.ranker
 
 bench-generative: setup ## generative recommender ablation (fixed_order, +dynamic_paths, +corp, +pars, +msra; 3 seeds) on the real feature lakehouses

@@ -1,6 +1,6 @@
 """The ranker's ablation on the real feature lakehouses: which feature families help, and by how much.
 
-    python -m bench.ranker                                   # both datasets, 5 variants x 3 seeds
+    python -m bench.ranker                                   # both datasets, 7 variants x 3 seeds
     python -m bench.ranker --datasets scientific --seeds 0 --variants id_only all   # a quick look
 
 Reads the Delta tables that bench.lakehouse builds with the real pipeline (Amazon "Scientific" and
@@ -8,10 +8,20 @@ MovieLens-100k; the first build takes minutes, later calls reuse it) through the
 reader, and trains models.ranker once per (variant, seed) with the same settings:
 
 * id_only: item ID embeddings only (plain SASRec with a tied output layer);
+* +catalog: + the catalog's own facts (bronze.catalog_items: category-path levels, brand, price band),
+  no agent involved: the fair bar for anything a language model adds;
 * +semantic_ids: + the summed RQ-code and MPQ-token embeddings of gold.item_semantic_ids;
-* +knowledge: + the frozen silver.item_embeddings vector through a learned projection;
+* +llm_knowledge: + only what the agents said beyond the catalog (silver.item_knowledge fields whose
+  source is a model: product type, text-only attributes, audiences, scenarios, occasions, complements,
+  substitutes as a token bag, and the summary's embedding);
 * +beyond_log: ID embeddings + the user's inferred items (gold.user_augmented_behaviors) as context;
-* all: the three together.
+* catalog+llm: the catalog facts and the agents' knowledge together (what the knowledge adds over
+  +catalog is the honest measure of a model);
+* all: every family.
+
+Which model or heuristic wrote the knowledge is in meta.datasets.<name>.data.knowledge_sources (the
+bench lakehouse is built with the offline heuristic unless bench.lakehouse is told otherwise), so a
+ratio is never credited to a language model that did not produce it.
 
 Selection is on the validation target only (early stopping on Recall@10); the test figures are read
 once, from the best validation epoch. Seeds run in the outer loop so every variant shares the machine's
@@ -22,7 +32,7 @@ load of the moment. Writes, under --out:
   with std the sample standard deviation over seeds; train_seconds is the wall time of a whole fit
   (training epochs, the validation pass after each, the test pass), sequences_per_second the training
   loop's throughput (training sequences per second, validation excluded); meta holds the machine, table versions, date,
-  settings, the ratios of each variant to id_only and whether `all` reached 1.15 x id_only on Recall@10.
+  settings, the ratios of each variant to id_only and to +catalog, and whether `all` reached 1.15 x id_only on Recall@10.
 * ranker.md: the tables printed at the end;
 * ranker.png: test Recall@10 per variant and dataset (error bars: std over seeds), with the ratio to id_only.
 
@@ -44,7 +54,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now  # noqa: E402
 
 DATASETS = ("scientific", "movielens_100k")
-VARIANTS = ("id_only", "+semantic_ids", "+knowledge", "+beyond_log", "all")
+from models.variants import VARIANTS as _FAMILIES_OF  # noqa: E402
+
+VARIANTS = tuple(_FAMILIES_OF)
 METRICS = ("recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20")
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 TARGET = 1.15
@@ -113,11 +125,13 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     # The point-in-time beyond-log contexts (an as-of diffusion model) only when a variant uses them.
     from models.ranker import VARIANTS as USES
 
-    needs_context = any(USES[v][2] for v in args.variants)
-    load_cfg = RankerConfig(**{**settings, "variant": "all" if needs_context else "id_only"})
+    # One load serves every variant: read what the widest of them needs.
+    needs = {"beyond_log", "llm_knowledge"} & set().union(*(USES[v] for v in args.variants))
+    load_cfg = RankerConfig(**{**settings, "variant": "all" if needs else "id_only"})
     pinned, feats, beyond, stats = load_data(root, load_cfg, artifacts=str(root_for(name) / "artifacts"))
     log(f"{name}: {feats.n_items} items, {stats['users']} users ({stats['users_too_short']} too short), "
-        f"knowledge for {stats['items_with_knowledge']}, beyond-log for {stats['beyond_log_users']} users "
+        f"knowledge for {stats.get('items_with_knowledge')} items from {stats.get('knowledge_sources')}, "
+        f"beyond-log for {stats['beyond_log_users']} users "
         f"({stats['beyond_log_model_version']}); read in {time.perf_counter() - t0:.1f}s")
     runs: dict[str, list] = {v: [] for v in args.variants}
     for seed in args.seeds:
@@ -152,12 +166,16 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     return out, info
 
 
-def ratios(res: dict) -> dict:
-    base = res.get("id_only")
-    if not base:
+def ratios(res: dict, base: str = "id_only") -> dict:
+    ref = res.get(base)
+    if not ref:
         return {}
-    return {v: {m: round(r[m]["mean"] / base[m]["mean"], 4) if base[m]["mean"] else None
+    return {v: {m: round(r[m]["mean"] / ref[m]["mean"], 4) if ref[m]["mean"] else None
                 for m in ("recall@10", "ndcg@10")} for v, r in res.items()}
+
+
+def _x(value) -> str:
+    return "–" if value is None else f"{value:.2f}×"
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -165,18 +183,20 @@ def markdown(results: dict, meta: dict) -> str:
              f"torch threads {meta['threads']})", ""]
     for ds, res in results.items():
         info = meta["datasets"][ds]
+        sources = info["data"].get("knowledge_sources") or {}
         lines += [f"## {ds}: {info['items']:,} items, {info['eval_users']:,} test users, "
                   f"{info['train_sequences']:,} training sequences", "",
+                  "Knowledge read by +llm_knowledge, written by: "
+                  + (", ".join(f"{m} ({k:,} items)" for m, k in sources.items()) if sources else "nothing") + ".", "",
                   "| variant | Recall@5 | Recall@10 | Recall@20 | NDCG@5 | NDCG@10 | NDCG@20 | R@10 ÷ id_only "
-                  "| train s | seq/s |", "|---|" + "---:|" * 9]
+                  "| R@10 ÷ +catalog | train s | seq/s |", "|---|" + "---:|" * 10]
         rat = meta["ratios"].get(ds, {})
+        over = meta.get("ratios_over_catalog", {}).get(ds, {})
         for v, r in res.items():
             cells = [f"{r[m]['mean']:.4f} ± {r[m]['std']:.4f}" for m in METRICS]
-            ratio = rat.get(v, {}).get("recall@10")
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {ratio:.2f}× | {r['train_seconds']['mean']:.0f} "
-                         f"| {r['sequences_per_second']['mean']:.0f} |" if ratio is not None else
-                         f"| {v} | " + " | ".join(cells) + f" | – | {r['train_seconds']['mean']:.0f} | "
-                         f"{r['sequences_per_second']['mean']:.0f} |")
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {_x(rat.get(v, {}).get('recall@10'))} "
+                         f"| {_x(over.get(v, {}).get('recall@10'))} | {r['train_seconds']['mean']:.0f} "
+                         f"| {r['sequences_per_second']['mean']:.0f} |")
         lines.append("")
     for ds in meta.get("skipped", {}):
         lines.append(f"{ds}: skipped ({meta['skipped'][ds]})")
@@ -216,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": utc_now(), "machine": machine_info(), "threads": args.threads, "seeds": args.seeds,
         "variants": args.variants, "settings": overrides, "datasets": infos, "skipped": skipped,
-        "ratios": {ds: ratios(r) for ds, r in results.items()}, "seconds": round(time.perf_counter() - start, 1),
+        "ratios": {ds: ratios(r) for ds, r in results.items()},
+        "ratios_over_catalog": {ds: ratios(r, "+catalog") for ds, r in results.items()}, "seconds": round(time.perf_counter() - start, 1),
         "selection": "early stopping on validation Recall@10; test read once at the best validation epoch",
         "std": "sample standard deviation over seeds (ddof=1)",
     }

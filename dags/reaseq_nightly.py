@@ -3,7 +3,7 @@
 Thin on purpose: tasks import the job modules only when they run, so parsing this file never loads
 pyspark or torch. Each task runs one `jobs.<name>` stage in-process (local Spark, the default), or, with
 REASEQ_SUBMIT=spark-submit, submits the same stage file to the cluster of the `spark_reaseq` Airflow
-connection through the Spark provider's SparkSubmitOperator (see README, "Cluster").
+connection through the Spark provider's SparkSubmitOperator (see docs/operations.md, the cluster).
 """
 
 from __future__ import annotations

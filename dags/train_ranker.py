@@ -16,8 +16,7 @@ from airflow.sdk import Asset, Param, dag, task
 
 from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
-
-VARIANTS = ["all", "id_only", "+semantic_ids", "+knowledge", "+beyond_log"]
+from jobs.train_ranker import VARIANT_NAMES as VARIANTS
 
 
 @dag(

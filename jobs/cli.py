@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import difflib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from jobs.config import PROJECT_ROOT, load_config, resolve_path
 from jobs.sources import DATASETS
+from jobs.stages import PIPELINE
 
 DAG_ID = "reaseq_nightly"
 
@@ -164,14 +166,44 @@ def _prepare(dataset: str, data: str | None, master: str | None,
     return env, data
 
 
-def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False, master: str | None = None) -> int:
+ENGINE_TASKS = ("llm_engine_up", "llm_engine_down")  # the DAG's setup/teardown around the LLM stages
+LLM_STAGES = ("reason_items", "infer_beyond_log")
+
+
+def check_tasks(tasks: list[str] | None) -> tuple[list[str] | None, str | None]:
+    """The stages named by --tasks in pipeline order, or one line saying which name is not a stage."""
+    if not tasks:
+        return None, None
+    names = [t.strip() for item in tasks for t in item.split(",") if t.strip()]
+    for name in names:
+        if name not in PIPELINE:
+            near = difflib.get_close_matches(name, PIPELINE, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            return None, f"--tasks: {name!r} is not a stage of {DAG_ID}{hint}; stages: {', '.join(PIPELINE)}"
+    return sorted(set(names), key=PIPELINE.index), None
+
+
+def skip_pattern(only: list[str] | None) -> str | None:
+    """Airflow's --mark-success-pattern for a run of some stages only: every other task id (the LLM
+    engine's setup and teardown too, unless an LLM stage runs) is marked successful without running."""
+    if not only:
+        return None
+    keep = list(only) + (list(ENGINE_TASKS) if set(only) & set(LLM_STAGES) else [])
+    return "(?!(?:" + "|".join(re.escape(t) for t in keep) + ")$).*"
+
+
+def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False, master: str | None = None,
+                 only: list[str] | None = None) -> int:
     env, data = _prepare(dataset, data, master)
     if env is None:
         return 2
-    rc, states, log_path, _ = _dags_test(env, dataset, data, ds, quiet)
+    rc, states, log_path, _ = _dags_test(env, dataset, data, ds, quiet, skip=skip_pattern(only))
     run_id = states.get("__run_id__")
+    if only:
+        # Marked successful by Airflow without running: say so rather than "success".
+        states = {t: ("not run" if t in PIPELINE and t not in only else s) for t, s in states.items()}
     print_summary(run_id, states)
-    failed = [t for t, s in states.items() if not t.startswith("__") and s != "success"]
+    failed = [t for t, s in states.items() if not t.startswith("__") and s not in ("success", "not run")]
     if rc != 0 or failed or not states:
         print(f"run FAILED: tasks not successful: {', '.join(failed) or '(none recorded)'}; see {log_path}",
               file=sys.stderr)
@@ -180,14 +212,14 @@ def run_pipeline(dataset: str, data: str | None, ds: str, quiet: bool = False, m
 
 
 def _dags_test(env: dict[str, str], dataset: str, data: str | None, ds: str,
-               quiet: bool) -> tuple[int, dict[str, str], Path, float]:
+               quiet: bool, skip: str | None = None) -> tuple[int, dict[str, str], Path, float]:
     """One `airflow dags test` of the nightly DAG for one day: (exit code, task states, log, seconds)."""
     cfg = load_config()
     log_dir = Path(resolve_path(cfg["reports"])) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{DAG_ID}_{ds}_{dataset}.log"
     conf = json.dumps({"dataset": dataset, "data": data or ""})
-    cmd = [airflow_bin(), "dags", "test", DAG_ID, ds, "-c", conf]
+    cmd = [airflow_bin(), "dags", "test", DAG_ID, ds, "-c", conf] + (["--mark-success-pattern", skip] if skip else [])
     # The failure callback (jobs.callbacks) names this file and `make run DS=…` as the next step.
     env = {**env, "REASEQ_RUN_LOG": str(log_path)}
     print(f"running {DAG_ID} for ds={ds} on dataset={dataset} through Airflow (log: {log_path})", flush=True)
@@ -284,8 +316,6 @@ def _stop_run_engine(run_id: str) -> None:
 
 
 def _ordered(tasks) -> list[str]:
-    from jobs.stages import PIPELINE
-
     return sorted(tasks, key=lambda t: PIPELINE.index(t) if t in PIPELINE else 99)
 
 
@@ -343,8 +373,6 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
     print(f"\nRun {run_id}")
     print(f"{'task':24} {'state':10} {'seconds':>8} {'rows in':>9} {'rows out':>9} {'quarant.':>8}")
     order = [t for t in (states or {}) if not t.startswith("__")] or list(by_task)
-    from jobs.runtime import PIPELINE
-
     order = sorted(order, key=lambda t: PIPELINE.index(t) if t in PIPELINE else 99)
     for t in order:
         r = by_task.get(t, {})
@@ -438,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--spark-master", default=os.environ.get("SPARK_MASTER") or None,
                    help="spark://HOST:PORT: every task spark-submits its stage to this standalone cluster "
                    "(make cluster-up starts one) instead of running it in-process on local Spark")
+    r.add_argument("--tasks", nargs="+", action="extend", metavar="STAGE",
+                   help="run only these stages (comma- or space-separated, e.g. reason_items,embed_items) on "
+                   "the tables as they are; Airflow marks the other tasks successful without running them "
+                   "(its --mark-success-pattern), and the summary lists them as 'not run'")
     b = sub.add_parser("backfill", help="replay a date range through Airflow, day by day (idempotent)",
                        description="Replay the days START..END (inclusive, oldest first) through Airflow, one "
                        "`airflow dags test` per day, and stop at the first failed day. Reruns are idempotent: "
@@ -475,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             print(f"--ds {args.ds!r} is not a date: use YYYY-MM-DD", file=sys.stderr)
             return 2
-        return run_pipeline(args.dataset, args.data, args.ds, args.quiet, args.spark_master)
+        only, err = check_tasks(args.tasks or [os.environ.get("TASKS", "")])
+        if err:
+            print(err, file=sys.stderr)
+            return 2
+        return run_pipeline(args.dataset, args.data, args.ds, args.quiet, args.spark_master, only)
     if args.cmd == "backfill":
         return run_backfill(args.start, args.end, args.dataset, args.data, args.quiet, args.spark_master)
     if args.cmd == "airflow":

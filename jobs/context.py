@@ -72,6 +72,29 @@ class RunContext:
         return self._spark
 
 
+def progress_line(what: str, done: int, total: int, elapsed: float, unit: str = "") -> str:
+    """'what: 15/102 items (15%), 0.12/s, ETA 12 min 5 s': one format for every long loop's progress."""
+    rate = done / max(elapsed, 1e-9)
+    pct = 100.0 * done / total if total else 100.0
+    unit = f" {unit}" if unit else ""
+    return f"{what}: {done:,}/{total:,}{unit} ({pct:.0f}%), {_rate(rate)}/s, ETA {_eta((total - done) / rate if rate else None)}"
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:.2g}" if rate < 10 else f"{rate:.0f}"  # 0.12/s on a slow engine, not 0.1 or 0.0
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 class Progress:
     """Logs done of total, rate and ETA at most every `every_s` seconds (for long loops in task logs)."""
 
@@ -91,9 +114,4 @@ class Progress:
             self.log.info(self.line())
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
-        return f"{self.what}: {self.done}/{self.total} ({pct:.0f}%) {rate:.1f}/s ETA {eta_s}"
+        return progress_line(self.what, self.done, self.total, time.monotonic() - self.start)

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from jobs.context import JobResult, RunContext
+from jobs.context import JobResult, RunContext, progress_line
 from jobs.runtime import cli_main, write_quarantine
 
 log = logging.getLogger("reaseq")
@@ -55,8 +55,7 @@ def _partition_fn(config_dict: dict, threads: int):
             part = frame.iloc[lo : lo + chunk]
             vecs = embed_texts(part["text"].tolist(), config)
             done = min(lo + chunk, total)
-            rate = done / max(time.monotonic() - start, 1e-9)
-            print(f"embed_items partition: {done}/{total} texts, {rate:.1f}/s, ETA {(total - done) / rate:.0f}s",
+            print(progress_line("embed_items partition", done, total, time.monotonic() - start, "texts"),
                   file=sys.stderr, flush=True)
             yield pd.DataFrame({
                 "item_id": part["item_id"].values,

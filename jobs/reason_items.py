@@ -48,7 +48,7 @@ import sys
 import time
 
 from jobs import dead_letter
-from jobs.context import JobResult, RunContext
+from jobs.context import JobResult, RunContext, progress_line
 from jobs.runtime import StageFailed, cli_main, write_quarantine
 
 log = logging.getLogger("reaseq")
@@ -217,9 +217,7 @@ def _partition_fn(config_json: str, schema, deadline: float | None = None):
             now = time.monotonic()
             if now - last[0] >= 5 or done == total:
                 last[0] = now
-                rate = done / max(now - start, 1e-9)
-                eta = (total - done) / rate if rate else float("inf")
-                print(f"reason_items partition: {done}/{total} items, {rate:.1f}/s, ETA {eta:.0f}s",
+                print(progress_line("reason_items partition", done, total, now - start, "items"),
                       file=sys.stderr, flush=True)
 
         results = reason_items(items, config, progress=progress, deadline=deadline)

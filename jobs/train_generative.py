@@ -32,7 +32,7 @@ log = logging.getLogger("reaseq")
 MODEL_FAMILY = "generative"
 # Kept in sync with models.generative.VARIANTS without importing torch for --help.
 VARIANT_NAMES = ["fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra"]
-READ = ("gold.user_sequences", "gold.item_semantic_ids", "silver.item_embeddings", "silver.item_knowledge")
+READ = ("gold.user_sequences", "gold.item_semantic_ids", "bronze.catalog_items")  # sequences, tokens, catalog paths
 
 
 def default_run_id(ds: dt.date, seed: int) -> str:

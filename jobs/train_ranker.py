@@ -26,6 +26,9 @@ import time
 from typing import Any
 
 from jobs.context import JobResult, RunContext
+from models.variants import VARIANTS
+
+VARIANT_NAMES = list(VARIANTS)  # the training DAG's parameter and --help (no torch import)
 
 log = logging.getLogger("reaseq")
 MODEL_NAME = "sasrec-ranker-v1"
@@ -70,8 +73,22 @@ def write_training_run(root: str, row: dict) -> None:
     )
 
 
-def load_data(root: str, config, versions: dict[str, int] | None = None, artifacts: str | None = None):
+def summary_embedder(embedding: dict | None = None):
+    """(texts -> unit vectors, its name) with the pipeline's embedder (the `embedding` section, by default
+    the configuration's): what embeds the agents' summaries for the ranker's llm_knowledge family."""
+    from jobs.config import load_config
+    from models.embedder import EmbedderConfig, embed_texts
+
+    cfg = EmbedderConfig.from_dict(embedding if embedding is not None else load_config().get("embedding"))
+    return (lambda texts: embed_texts(texts, cfg)), cfg.name
+
+
+def load_data(root: str, config, versions: dict[str, int] | None = None, artifacts: str | None = None,
+              embedding: dict | None = None):
     """(pinned tables, item features, beyond-log contexts, data statistics) for one lakehouse.
+
+    The agents' summaries are embedded (`embedding`: the pipeline's embedder settings) only when the
+    variant uses the llm_knowledge family.
 
     Beyond-log: the published map (gold.user_augmented_behaviors) and, when the variant uses it in
     point-in-time mode, the as-of inferences for the validation and training targets
@@ -92,7 +109,9 @@ def load_data(root: str, config, versions: dict[str, int] | None = None, artifac
 
     t0 = time.perf_counter()
     pinned = pin(root, versions=versions)
-    feats = load_item_features(pinned, embedder=config.embedder, batch_size=config.read_batch_rows)
+    embed, embed_name = summary_embedder(embedding) if config.use_llm_knowledge else (None, None)
+    feats = load_item_features(pinned, embedder=config.embedder, batch_size=config.read_batch_rows, embed=embed)
+    feats.stats["summary_embedder"] = embed_name
     published, bl_stats = load_beyond_log(pinned, feats, config.beyond_log_model, config.beyond_log_k,
                                           config.read_batch_rows)
     beyond = published
@@ -240,11 +259,6 @@ def _parse_set(values: list[str]) -> dict:
     return out
 
 
-def _variants() -> list[str]:
-    # Kept in sync with models.ranker.VARIANTS without importing torch for --help.
-    return ["id_only", "+semantic_ids", "+knowledge", "+beyond_log", "all"]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m jobs.train_ranker",
@@ -252,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "Arrow, no Spark), evaluate it by leave-one-out full ranking, and record the run in ops.training_runs.",
     )
     p.add_argument("--lakehouse", help="root of the Delta tables (default: the configuration's `lakehouse`)")
-    p.add_argument("--variant", choices=_variants(), help="item inputs (default: all)")
+    p.add_argument("--variant", choices=VARIANT_NAMES, help="item inputs (default: all)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="most epochs (default: 60; early stopping first)")
     p.add_argument("--patience", type=int, help="epochs without a better validation Recall@10 before stopping")

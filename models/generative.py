@@ -65,7 +65,7 @@ from models.ranker import (
     resolve_device,
     seed_everything,
 )
-from models.ranker_data import DataError, ItemFeatures, Pinned, SequenceStream, newest_knowledge
+from models.ranker_data import CATALOG, DataError, ItemFeatures, Pinned, SequenceStream
 
 MODEL_VERSION = "reg4rec-generative-v1"
 VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
@@ -97,7 +97,9 @@ class GenerativeConfig:
     pars_lr: float = 1e-4
     pars_beta: float = 0.1
     pars_negatives: int = 8  # rejected items per example, from the current model's decode
-    pars_partial_credit: float = 0.5  # reward of a wrong item sharing the target's whole category path
+    # Catalog credit: the reward of a wrong item sharing the target's whole catalog category path (a
+    # catalog fact from bronze.catalog_items, not the agents' knowledge).
+    pars_catalog_credit: float = 0.5
     pars_min_margin: float = 0.05  # pairs need a reward gap at least this large
     pars_sft_weight: float = 1.0  # + the training cross-entropy on the example's target
     pars_examples_per_user: int = 2  # training positions per user drawn for alignment
@@ -117,8 +119,8 @@ class GenerativeConfig:
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if not 0.0 <= self.pars_partial_credit < 1.0 or not 0.0 <= self.msra_weight < 1.0:
-            raise ValueError("pars_partial_credit and msra_weight must lie in [0, 1): the target's reward is 1")
+        if not 0.0 <= self.pars_catalog_credit < 1.0 or not 0.0 <= self.msra_weight < 1.0:
+            raise ValueError("pars_catalog_credit and msra_weight must lie in [0, 1): the target's reward is 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -637,18 +639,24 @@ def alignment_examples(seq: np.ndarray, rng: np.random.Generator, per_user: int,
 
 
 def load_category_paths(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> tuple[list, dict]:
-    """Per item index, its category path from silver.item_knowledge (status ok, non-empty path; newest by ds,
-    then prompt_version, model and content_hash, so the choice never depends on row order)."""
-    best, rows = newest_knowledge(pinned, feats.index(), ["category_path"], batch_size,
-                                  usable=lambda row: bool(row["category_path"]))
+    """Per item index, its category path as the catalog states it (bronze.catalog_items, one row per item):
+    the source of PARS's catalog credit. No agent is involved, so the credit is named for the catalog."""
+    index = feats.index()
     paths: list = [None] * (feats.n_items + 1)
-    for i, row in best.items():
-        paths[i] = [str(x) for x in row["category_path"]]
-    return paths, {"knowledge_rows": rows, "items_with_category_path": len(best),
-                   "items_without_category_path": feats.n_items - len(best)}
+    rows = 0
+    for b in pinned.batches(CATALOG, ["item_id", "categories"], batch_size):
+        for item, cats in zip(b.column("item_id").to_pylist(), b.column("categories").to_pylist(), strict=True):
+            rows += 1
+            i = index.get(item)
+            path = [str(x).strip() for x in (cats or []) if x is not None and str(x).strip()]
+            if i is not None and path:
+                paths[i] = path
+    with_path = sum(p is not None for p in paths)
+    return paths, {"catalog_rows": rows, "items_with_category_path": with_path,
+                   "items_without_category_path": feats.n_items - with_path}
 
 
-def category_credit(paths: list, target: int, item: int) -> float:
+def catalog_credit(paths: list, target: int, item: int) -> float:
     """Shared leading levels of the two category paths over the longer path's depth (0 when one is unknown)."""
     a, b = paths[target], paths[item]
     if not a or not b:
@@ -663,7 +671,7 @@ def category_credit(paths: list, target: int, item: int) -> float:
 
 def item_rewards(cands: np.ndarray, target: int, future: np.ndarray, paths: list, config: GenerativeConfig,
                  msra: bool) -> np.ndarray:
-    """Reward of each candidate: 1 for the target; partial credit for a wrong item by category-path overlap;
+    """Reward of each candidate: 1 for the target; catalog credit for a wrong item by category-path overlap;
     with MSRA, max(that, msra_weight * msra_discount**(k-1)) for the k-th next training interaction."""
     r = np.zeros(len(cands), dtype=np.float32)
     steps = {}
@@ -677,7 +685,7 @@ def item_rewards(cands: np.ndarray, target: int, future: np.ndarray, paths: list
         if c == target:
             r[j] = 1.0
             continue
-        r[j] = config.pars_partial_credit * category_credit(paths, target, c)
+        r[j] = config.pars_catalog_credit * catalog_credit(paths, target, c)
         if c in steps:
             r[j] = max(r[j], config.msra_weight * config.msra_discount ** (steps[c] - 1))
     return r
@@ -776,7 +784,7 @@ def align(model: GenerativeRecommender, cat: TokenCatalog, streams: dict[str, Se
     DPO-style pairwise preference optimisation against a frozen reference copy of the starting model.
     Each epoch the *current* model decodes every alignment example (fixed order, history excluded) and its
     top `pars_negatives` wrong items become the rejected side; the chosen side is the true next training
-    item. Rewards: 1 for the target, `pars_partial_credit` x the shared category-path fraction
+    item. Rewards: 1 for the target, `pars_catalog_credit` x the shared catalog category-path fraction
     (silver.item_knowledge) for a wrong item; with MSRA the user's next `msra_horizon` training
     interactions after the target join the candidates with reward msra_weight x msra_discount^(k-1).
     Every pair (a, b) with r_a - r_b >= pars_min_margin contributes -log σ(β[(π_a - ref_a) - (π_b - ref_b)])

@@ -3,17 +3,23 @@
 Item representation (one table for input and output; the output layer is tied to it, so an item that
 is rare in the logs still gets a score from its features):
 
-    e(i) = LayerNorm( id(i) [+ sum of its semantic-token embeddings]
-                            [+ W · knowledge(i) + sum of its knowledge-field embeddings] )
+    e(i) = LayerNorm( id(i) [+ sum of its semantic-token embeddings] [+ sum of its catalog-fact embeddings]
+                            [+ mean of its knowledge-token embeddings + W · summary(i)] )
 
-* semantic tokens: one embedding table per RQ level (collision digit left out) and per MPQ expert,
-  summed per item; an RQ level's token is the code path up to it, (c1), (c1, c2), ... (`sid_prefix`:
-  a residual code means something only under its parents), a path only one item has counts as
-  missing; an item without semantic IDs uses each table's "missing" row;
-* knowledge: the frozen silver.item_embeddings vector through a learned linear projection (items
-  without a usable vector get a learned "missing" vector instead), plus the explicit knowledge's typed
-  fields from silver.item_knowledge (`knowledge_fields`): one embedding table per category-path level
-  (the path up to it), product type and brand, a value only one item has counting as missing;
+Each bracket is a feature family a variant switches on (`VARIANTS`), so the ablation says where a gain
+comes from, and whether a language model's knowledge adds anything over the catalog it started from:
+
+* semantic tokens (`semantic_ids`): one embedding table per RQ level (collision digit left out) and per
+  MPQ expert, summed per item; an RQ level's token is the code path up to it, (c1), (c1, c2), ...
+  (`sid_prefix`: a residual code means something only under its parents), a path only one item has
+  counts as missing; an item without semantic IDs uses each table's "missing" row;
+* catalog facts (`catalog`, from bronze.catalog_items, no agent involved): one embedding table per
+  category-path level (the path up to it), brand and price band, a value only one item has counting
+  as missing;
+* the agents' knowledge beyond the catalog (`llm_knowledge`, silver.item_knowledge fields whose source
+  is a model): the mean embedding of its shared tokens (product type, attributes the catalog does not
+  list, audiences, scenarios, occasions, complements, substitutes) and its summary's frozen embedding
+  through a learned projection (a learned "missing" vector for items without one);
 * beyond-log context: a learned bonus per context rank is added to the scores of the user's inferred
   items (`beyond_log_copy`); optionally (`beyond_log_attend`, off: it lowered validation Recall@10) the
   items are also prepended as extra tokens, embedded with the same item table plus a learned segment
@@ -50,16 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ranker_data import BeyondLogContexts, ItemFeatures, SequenceStream
+from models.variants import FAMILIES, VARIANTS  # noqa: F401  (re-exported: callers import them from here)
 
-MODEL_VERSION = "sasrec-tied-composite-v3"
-VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    # name: (semantic ids, knowledge, beyond-log context)
-    "id_only": (False, False, False),
-    "+semantic_ids": (True, False, False),
-    "+knowledge": (False, True, False),
-    "+beyond_log": (False, False, True),
-    "all": (True, True, True),
-}
+MODEL_VERSION = "sasrec-tied-composite-v4"  # v4: catalog and LLM-knowledge families apart
 KS = (5, 10, 20)
 
 
@@ -77,10 +76,7 @@ class RankerConfig:
     max_epochs: int = 60
     patience: int = 5
     select_metric: str = "recall@10"
-    knowledge_mlp: bool = False  # project the knowledge vector through a hidden layer, not one linear map
-    # With knowledge: + embeddings of its typed fields (category-path levels, product type, brand). On: on
-    # Scientific (seed 0) it raised validation Recall@10 of +knowledge 0.1432 -> 0.1534.
-    knowledge_fields: bool = True
+    knowledge_mlp: bool = False  # project the summary vector through a hidden layer, not one linear map
     # RQ tokens as prefixes (c1), (c1,c2), ... instead of one code per level. On: on Scientific (seed 0)
     # it raised validation Recall@10 of all 0.1502 -> 0.1531 and of +semantic_ids 0.1461 -> 0.1476.
     sid_prefix: bool = True
@@ -117,15 +113,19 @@ class RankerConfig:
 
     @property
     def use_semantic_ids(self) -> bool:
-        return VARIANTS[self.variant][0]
+        return "semantic_ids" in VARIANTS[self.variant]
 
     @property
-    def use_knowledge(self) -> bool:
-        return VARIANTS[self.variant][1]
+    def use_catalog(self) -> bool:
+        return "catalog" in VARIANTS[self.variant]
+
+    @property
+    def use_llm_knowledge(self) -> bool:
+        return "llm_knowledge" in VARIANTS[self.variant]
 
     @property
     def use_beyond_log(self) -> bool:
-        return VARIANTS[self.variant][2]
+        return "beyond_log" in VARIANTS[self.variant]
 
     @property
     def effective_context_dropout(self) -> float:
@@ -194,22 +194,39 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: tuple[int, ...] = K
 
 
 class ItemEncoder(nn.Module):
-    """The composite item table [N+1, d]: ID + summed semantic tokens + projected knowledge + knowledge fields."""
+    """The composite item table [N+1, d]: ID + the embeddings of the feature families switched on."""
 
-    def __init__(self, feats: ItemFeatures, d: int, use_sid: bool, use_knowledge: bool, dropout: float,
-                 knowledge_mlp: bool = False, knowledge_fields: bool = True, sid_prefix: bool = True):
+    def __init__(self, feats: ItemFeatures, d: int, use_sid: bool, use_catalog: bool, use_llm: bool,
+                 knowledge_mlp: bool = False, sid_prefix: bool = True):
         super().__init__()
         n = feats.n_items + 1
         self.id = nn.Embedding(n, d, padding_idx=0)
         nn.init.normal_(self.id.weight, std=0.02)
-        self.use_sid, self.use_knowledge = use_sid and bool(feats.sid_sizes), use_knowledge
+        self.use_sid = use_sid and bool(feats.sid_sizes)
         if self.use_sid:
             codes, sizes = feats.sid_prefix_codes() if sid_prefix else (feats.sid_codes, feats.sid_sizes)
             self.register_buffer("codes", torch.as_tensor(codes, dtype=torch.long), persistent=False)
             self.sid = nn.ModuleList(nn.Embedding(size, d) for size in sizes)
             for emb in self.sid:
                 nn.init.normal_(emb.weight, std=0.02)
-        if self.use_knowledge:
+        # Catalog facts: one table per column, row 0 the learned "missing or rare" value.
+        self.use_catalog = use_catalog and feats.catalog_fields is not None and bool(feats.catalog_sizes)
+        if self.use_catalog:
+            self.register_buffer("catalog_values", torch.as_tensor(feats.catalog_fields, dtype=torch.long),
+                                 persistent=False)
+            self.catalog = nn.ModuleList(nn.Embedding(size, d) for size in feats.catalog_sizes)
+            for emb in self.catalog:
+                nn.init.normal_(emb.weight, std=0.02)
+        # The agents' knowledge: a bag of shared tokens (padding 0 left out of the mean) and the summary.
+        self.use_tokens = use_llm and feats.llm_tokens is not None and bool(feats.llm_vocab)
+        if self.use_tokens:
+            self.register_buffer("tokens", torch.as_tensor(feats.llm_tokens, dtype=torch.long), persistent=False)
+            self.bag = nn.EmbeddingBag(len(feats.llm_vocab) + 1, d, mode="mean", padding_idx=0)
+            nn.init.normal_(self.bag.weight, std=0.02)
+            with torch.no_grad():
+                self.bag.weight[0].zero_()
+        self.use_summary = use_llm and bool(feats.knowledge_ok.any())
+        if self.use_summary:
             know = torch.as_tensor(feats.knowledge, dtype=torch.float32)
             ok = torch.as_tensor(feats.knowledge_ok, dtype=torch.bool)
             # Unit-normalise the frozen vectors so the projection's scale does not depend on the embedder.
@@ -220,14 +237,6 @@ class ItemEncoder(nn.Module):
             self.proj = (nn.Sequential(nn.Linear(know.shape[1], 2 * d), nn.GELU(), nn.Linear(2 * d, d))
                          if knowledge_mlp else nn.Linear(know.shape[1], d))
             self.missing = nn.Parameter(torch.zeros(d))
-        # The knowledge's typed fields (category-path levels, product type, brand): one table per column,
-        # row 0 the learned "missing or rare" value.
-        self.use_fields = use_knowledge and knowledge_fields and feats.fields is not None and bool(feats.field_sizes)
-        if self.use_fields:
-            self.register_buffer("field_values", torch.as_tensor(feats.fields, dtype=torch.long), persistent=False)
-            self.fields = nn.ModuleList(nn.Embedding(size, d) for size in feats.field_sizes)
-            for emb in self.fields:
-                nn.init.normal_(emb.weight, std=0.02)
         self.norm = nn.LayerNorm(d)
 
     def forward(self) -> torch.Tensor:
@@ -235,12 +244,13 @@ class ItemEncoder(nn.Module):
         if self.use_sid:
             for c, emb in enumerate(self.sid):
                 e = e + emb(self.codes[:, c])
-        if self.use_knowledge:
-            k = torch.where(self.knowledge_ok[:, None], self.proj(self.knowledge), self.missing)
-            e = e + k
-        if self.use_fields:
-            for c, emb in enumerate(self.fields):
-                e = e + emb(self.field_values[:, c])
+        if self.use_catalog:
+            for c, emb in enumerate(self.catalog):
+                e = e + emb(self.catalog_values[:, c])
+        if self.use_tokens:
+            e = e + self.bag(self.tokens)
+        if self.use_summary:
+            e = e + torch.where(self.knowledge_ok[:, None], self.proj(self.knowledge), self.missing)
         return self.norm(e)
 
 
@@ -271,8 +281,8 @@ class SASRec(nn.Module):
         super().__init__()
         d = config.d_model
         self.config = config
-        self.items = ItemEncoder(feats, d, config.use_semantic_ids, config.use_knowledge, config.dropout,
-                                 config.knowledge_mlp, config.knowledge_fields, config.sid_prefix)
+        self.items = ItemEncoder(feats, d, config.use_semantic_ids, config.use_catalog, config.use_llm_knowledge,
+                                 config.knowledge_mlp, config.sid_prefix)
         self.pos = nn.Embedding(config.max_len, d)  # position 0 = the most recent item
         nn.init.normal_(self.pos.weight, std=0.02)
         self.use_context = config.use_beyond_log

@@ -8,12 +8,17 @@ record batches (`feature_store.delta.arrow_batches`), and turned into small inte
   sees, and the versions go into ops.training_runs.
 * `load_item_features` builds the one item-index vocabulary (index 0 is padding, items 1..N in item-id
   order: the catalogue of the sequences' codebook version plus every item the sequences mention) and
-  aligns every item feature matrix to it by an item_id join: semantic tokens (gold.item_semantic_ids:
-  RQ codes without the collision digit, MPQ tokens), the frozen knowledge vector
-  (silver.item_embeddings, the embedder the codebook was trained on) and the explicit knowledge's typed
-  fields (silver.item_knowledge: category-path levels, product type, brand). Row order in the source
-  tables never matters. The inline semantic IDs of gold.user_sequences are checked against the aligned codes,
-  so tables from different runs fail loudly instead of training on misaligned features.
+  aligns every item feature matrix to it by an item_id join, one matrix per feature family, so that an
+  ablation says where a gain comes from:
+  - semantic tokens (gold.item_semantic_ids: RQ codes without the collision digit, MPQ tokens);
+  - catalog facts (bronze.catalog_items, no agent involved): category-path levels, brand, price band;
+  - what the agents said beyond the catalog (silver.item_knowledge, only fields whose `field_source` is
+    not `catalog`): product type, attributes the catalog does not list, audiences, scenarios, occasions,
+    complements and substitutes as a bag of shared tokens, and the summary embedded by the pipeline's
+    embedder. `stats["knowledge_sources"]` counts the items per model (or heuristic) that wrote them.
+  Row order in the source tables never matters. The inline semantic IDs of gold.user_sequences are
+  checked against the aligned codes, so tables from different runs fail loudly instead of training on
+  misaligned features.
 * `load_beyond_log` maps gold.user_augmented_behaviors (status ok, one model_version) to item indices.
 * `check_user_features` streams gold.user_features for coverage and NaN counts. Its columns are not model
   inputs: they aggregate every event of a user, the held-out validation and test targets included.
@@ -23,8 +28,8 @@ record batches (`feature_store.delta.arrow_batches`), and turned into small inte
 
 Bad input: a missing table raises TableMissing naming it; sequences from several codebook versions, or one
 the semantic-ID table lacks, raise DataError; users with fewer than 3 events (no validation target) are
-skipped and counted; NaN or wrong-dimension knowledge vectors and items without semantic IDs fall back to
-a learned "missing" embedding and are counted (`stats`), never silently shifted onto another item.
+skipped and counted; items without semantic IDs, catalog values or knowledge fall back to a learned
+"missing" embedding and are counted (`stats`), never silently shifted onto another item.
 """
 
 from __future__ import annotations
@@ -44,14 +49,22 @@ from feature_store import delta
 
 SEQUENCES = "gold.user_sequences"
 SEMANTIC_IDS = "gold.item_semantic_ids"
-EMBEDDINGS = "silver.item_embeddings"
 AUGMENTED = "gold.user_augmented_behaviors"
 USER_FEATURES = "gold.user_features"
 KNOWLEDGE = "silver.item_knowledge"
-READ_TABLES = (SEQUENCES, SEMANTIC_IDS, EMBEDDINGS, AUGMENTED, USER_FEATURES, KNOWLEDGE)
+CATALOG = "bronze.catalog_items"
+READ_TABLES = (SEQUENCES, SEMANTIC_IDS, AUGMENTED, USER_FEATURES, KNOWLEDGE, CATALOG)
 MIN_EVENTS = 3  # a user needs a validation and a test target and at least one input item
 CATEGORY_DEPTH = 5  # category-path levels read, the root included (the root is then dropped: all alike)
 MIN_FIELD_ITEMS = 2  # a value held by one item only says nothing beyond its ID: it counts as missing
+PRICE_BANDS = 8  # catalog price bands: quantiles of log price over the items that have one
+# The agents' fields that are theirs alone (the catalog states category, brand and price; price_tier
+# restates the price): one token per value, e.g. "audiences=home bakers".
+LLM_SINGLE_FIELDS = ("product_type",)
+LLM_LIST_FIELDS = ("audiences", "scenarios", "occasions", "complements", "substitutes")
+MAX_LLM_TOKENS = 32  # per item: 1 type + 5 lists of at most 4 + a few attributes fit
+CATALOG_ATTRIBUTE_KEYS = {"brand", "brand name", "manufacturer", "maker", "price", "cost", "category",
+                          "categories", "category path"}
 
 
 class DataError(ValueError):
@@ -103,14 +116,19 @@ class ItemFeatures:
     sid_codes: np.ndarray  # int64 [N+1, n_tokens]; missing = sid_sizes[c] - 1
     sid_sizes: list[int]  # per token column: codebook size + 1 (the "missing" code)
     sid_columns: list[str]  # e.g. rq_0, rq_1, rq_2, mpq_0 ...
-    knowledge: np.ndarray  # float32 [N+1, dim]; zero where missing
+    # The model's summary embedded (unit vectors; zero where missing), from the agents' knowledge only.
+    knowledge: np.ndarray  # float32 [N+1, dim]
     knowledge_ok: np.ndarray  # bool [N+1]
     stats: dict = field(default_factory=dict)
-    # The explicit knowledge's typed fields (silver.item_knowledge) as categorical columns, e.g. category_2,
-    # product_type, brand: int64 [N+1, n_fields], 0 = missing or rare; field_sizes[c] values per column.
-    fields: np.ndarray | None = None
-    field_sizes: list[int] = field(default_factory=list)
-    field_columns: list[str] = field(default_factory=list)
+    # Catalog facts (bronze.catalog_items) as categorical columns: category_1.., brand, price_band:
+    # int64 [N+1, n_columns], 0 = missing or rare; catalog_sizes[c] values per column (with the 0).
+    catalog_fields: np.ndarray | None = None
+    catalog_sizes: list[int] = field(default_factory=list)
+    catalog_columns: list[str] = field(default_factory=list)
+    # The agents' own fields as a bag of shared tokens: int64 [N+1, T], 0 = padding; llm_vocab[j - 1]
+    # is token j's text ("product_type=digital scale").
+    llm_tokens: np.ndarray | None = None
+    llm_vocab: list[str] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -176,7 +194,10 @@ def sequence_codebook_version(pinned: Pinned, batch_size: int = 4096) -> tuple[s
     return versions.pop(), items, {"users": users, "users_too_short": short}
 
 
-def load_item_features(pinned: Pinned, *, embedder: str | None = None, batch_size: int = 4096) -> ItemFeatures:
+def load_item_features(pinned: Pinned, *, embedder: str | None = None, batch_size: int = 4096,
+                       embed: Callable[[list[str]], np.ndarray] | None = None) -> ItemFeatures:
+    """Every item feature aligned to one vocabulary. `embed` (texts -> unit vectors, e.g. the pipeline's
+    MiniLM) embeds the agents' summaries; without it no item has a summary vector."""
     version, seq_items, user_counts = sequence_codebook_version(pinned, batch_size)
 
     # Semantic IDs of that codebook version, streamed and filtered at the source.
@@ -228,85 +249,34 @@ def load_item_features(pinned: Pinned, *, embedder: str | None = None, batch_siz
         codes[codes[:, c] < 0, c] = sizes[c] - 1
     without_sid = sum(1 for item in item_ids if item not in sid_rows)
 
-    # The frozen knowledge vectors: the embedder the codebook was trained on.
     if embedder is None:
         if len(embedders) > 1:
             raise DataError(f"{SEMANTIC_IDS}: several embedders {sorted(embedders)} under {version!r}; "
                             "name one (ranker.embedder)")
         embedder = next(iter(embedders), None)
-    know, know_ok, know_stats = _knowledge(pinned, index, n, embedder, batch_size)
 
+    if CATALOG in pinned.versions:
+        cat, cat_sizes, cat_cols, cat_stats = _catalog_fields(pinned, index, n, batch_size)
+    else:  # a caller that pinned without the catalog asked for no catalog facts
+        cat, cat_sizes, cat_cols, cat_stats = None, [], [], {"catalog_fields": "not read"}
     if KNOWLEDGE in pinned.versions:
-        fields, field_sizes, field_cols, field_stats = _knowledge_fields(pinned, index, n, batch_size)
-    else:  # a caller that pinned without the knowledge table asked for no typed fields
-        fields, field_sizes, field_cols, field_stats = None, [], [], {"knowledge_fields": "not read"}
+        tokens, vocab, summaries, llm_stats = _llm_knowledge(pinned, index, n, batch_size)
+    else:
+        tokens, vocab, summaries, llm_stats = None, [], {}, {"knowledge_sources": "not read"}
+    know, know_ok = _summary_vectors(summaries, n, embed)
+    llm_stats["items_with_summary_vector"] = int(know_ok.sum())
 
     stats = {
-        "codebook_version": version, "items": n, "catalog_items": len(sid_rows),
+        "codebook_version": version, "embedder": embedder, "items": n, "catalog_items": len(sid_rows),
         "sequence_items_without_semantic_id": without_sid,
-        "sid_columns": cols, "sid_sizes": sizes, **user_counts, **know_stats, **field_stats,
+        "sid_columns": cols, "sid_sizes": sizes, **user_counts, **cat_stats, **llm_stats,
     }
     feats = ItemFeatures(item_ids=item_ids, codebook_version=version, embedder=embedder, sid_codes=codes,
                          sid_sizes=sizes, sid_columns=cols, knowledge=know, knowledge_ok=know_ok, stats=stats,
-                         fields=fields, field_sizes=field_sizes, field_columns=field_cols)
+                         catalog_fields=cat, catalog_sizes=cat_sizes, catalog_columns=cat_cols,
+                         llm_tokens=tokens, llm_vocab=vocab)
     check_sequence_alignment(pinned, feats, batch_size)
     return feats
-
-
-def _knowledge(pinned: Pinned, index: dict[str, int], n: int, embedder: str | None, batch_size: int):
-    """The knowledge matrix aligned to the vocabulary by item_id; bad rows are counted and left missing."""
-    vocab = pa.array(sorted(index, key=index.get), pa.string())
-    embedders: set[str] = set()
-    filt = pc.field("embedder") == embedder if embedder else None
-    dim = None
-    mat = None
-    ok = np.zeros(n + 1, dtype=bool)
-    nan = wrong_dim = outside = dupes = 0
-    for b in pinned.batches(EMBEDDINGS, ["item_id", "embedder", "embedding"], batch_size, filter=filt):
-        embedders.update(b.column("embedder").unique().to_pylist())
-        if embedder is None and len(embedders) > 1:
-            raise DataError(f"{EMBEDDINGS} holds several embedders {sorted(embedders)}; name one (ranker.embedder)")
-        if not b.num_rows:
-            continue
-        emb = b.column("embedding")
-        lens = pc.list_value_length(emb).fill_null(-1).to_numpy(zero_copy_only=False)
-        if dim is None:
-            positive = lens[lens > 0]
-            if not len(positive):
-                wrong_dim += b.num_rows
-                continue
-            dim = int(np.bincount(positive).argmax())
-            mat = np.zeros((n + 1, dim), dtype=np.float32)
-        rows = pc.index_in(b.column("item_id"), value_set=vocab)
-        inside = pc.is_valid(rows).to_numpy(zero_copy_only=False)
-        outside += int((~inside).sum())
-        rows = rows.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
-        good_len = inside & (lens == dim)
-        wrong_dim += int((inside & (lens != dim)).sum())
-        sel = np.flatnonzero(good_len)
-        if not len(sel):
-            continue
-        offsets = emb.offsets.to_numpy()
-        values = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        vecs = values[offsets[sel][:, None] + np.arange(dim)[None, :]]
-        finite = np.isfinite(vecs).all(axis=1)
-        nan += int((~finite).sum())
-        sel, vecs = sel[finite], vecs[finite]
-        target = rows[sel]
-        dupes += int(ok[target].sum()) + len(target) - len(np.unique(target))
-        mat[target] = vecs
-        ok[target] = True
-    if dupes:
-        raise DataError(f"{EMBEDDINGS}: {dupes} duplicate item ids for embedder {embedder!r}")
-    if mat is None:
-        mat = np.zeros((n + 1, 1), dtype=np.float32)
-    stats = {
-        "embedder": embedder, "knowledge_dim": int(mat.shape[1]),
-        "items_with_knowledge": int(ok.sum()), "items_without_knowledge": int(n - ok.sum()),
-        "knowledge_nan_rows": nan, "knowledge_wrong_dim_rows": wrong_dim,
-        "embedding_rows_outside_vocabulary": outside,
-    }
-    return mat, ok, stats
 
 
 def newest_knowledge(pinned: Pinned, index: dict[str, int], columns: list[str], batch_size: int = 4096,
@@ -331,48 +301,120 @@ def newest_knowledge(pinned: Pinned, index: dict[str, int], columns: list[str], 
     return {i: row for i, (_, row) in best.items()}, rows
 
 
-def _knowledge_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size: int):
-    """The explicit knowledge's typed fields as categorical columns aligned to the vocabulary.
-
-    Per item the newest `ok` silver.item_knowledge row is used (`newest_knowledge`), even where its
-    category path is empty.
-    Columns: one per category-path level (the prefix up to that level, so two leaves of the same name
-    under different parents stay apart), product_type and the brand attribute. Value ids are 1.. per
-    column; 0 means no knowledge, no value, or a value fewer than MIN_FIELD_ITEMS items share. A column
-    with fewer than two shared values is dropped (one value shared by all, such as the root, tells
-    nothing).
-    """
-    newest, rows = newest_knowledge(pinned, index, ["category_path", "product_type", "attributes"], batch_size)
-    best: dict[int, list] = {}
-    for i, row in newest.items():
-        path = [str(x).strip() for x in (row["category_path"] or []) if x is not None and str(x).strip()]
-        ptype = row["product_type"]
-        brand = next((v for k, v in (row["attributes"] or []) if k == "brand" and v), None)
-        values = [" > ".join(path[: d + 1]) if d < len(path) else None for d in range(CATEGORY_DEPTH)]
-        values += [ptype.strip().lower() if ptype and ptype.strip() else None,
-                   brand.strip().lower() if brand and brand.strip() else None]
-        best[i] = values
-    names = [f"category_{d + 1}" for d in range(CATEGORY_DEPTH)] + ["product_type", "brand"]
+def _categorical_columns(names: list[str], values: dict[int, list], n: int) -> tuple[np.ndarray, list[int], list[str], dict]:
+    """Per column, the values at least MIN_FIELD_ITEMS items share as ids 1.. (0: missing or rare). A
+    column with fewer than two shared values is dropped (one value shared by all, such as the catalog's
+    root category, tells nothing)."""
     kept_cols, kept_names, sizes, per_col = [], [], [], {}
     for c, name in enumerate(names):
         counts: dict[str, int] = {}
-        for values in best.values():
-            if values[c] is not None:
-                counts[values[c]] = counts.get(values[c], 0) + 1
+        for row in values.values():
+            if row[c] is not None:
+                counts[row[c]] = counts.get(row[c], 0) + 1
         shared = sorted(v for v, k in counts.items() if k >= MIN_FIELD_ITEMS)
-        if len(shared) < 2:  # nothing shared, or one value for all: no information
+        if len(shared) < 2:
             continue
         ids = {v: j + 1 for j, v in enumerate(shared)}
         col = np.zeros(n + 1, dtype=np.int64)
-        for i, values in best.items():
-            col[i] = ids.get(values[c], 0)
+        for i, row in values.items():
+            col[i] = ids.get(row[c], 0)
         kept_cols.append(col)
         kept_names.append(name)
         sizes.append(len(shared) + 1)
         per_col[name] = {"values": len(shared), "items_with_value": int((col > 0).sum())}
     fields = np.stack(kept_cols, axis=1) if kept_cols else np.zeros((n + 1, 0), dtype=np.int64)
-    stats = {"knowledge_field_rows": rows, "items_with_knowledge_fields": len(best), "knowledge_fields": per_col}
-    return fields, sizes, kept_names, stats
+    return fields, sizes, kept_names, per_col
+
+
+def _norm(text) -> str | None:
+    out = " ".join(str(text).split()).lower() if text is not None else ""
+    return out or None
+
+
+def _catalog_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size: int):
+    """The catalog's own facts as categorical columns: one per category-path level (the prefix up to that
+    level, so two leaves of the same name under different parents stay apart), the brand, and the price
+    band (PRICE_BANDS quantiles of log price over the vocabulary's items with a price)."""
+    rows: dict[int, tuple[list[str], str | None, float | None]] = {}
+    for b in pinned.batches(CATALOG, ["item_id", "categories", "brand", "price"], batch_size):
+        for item, cats, brand, price in zip(*(b.column(c).to_pylist() for c in ("item_id", "categories", "brand",
+                                                                                "price")), strict=True):
+            i = index.get(item)
+            if i is None:
+                continue
+            if i in rows:
+                raise DataError(f"{CATALOG}: item {item} appears twice (its key is item_id)")
+            path = [str(x).strip() for x in (cats or []) if x is not None and str(x).strip()]
+            ok_price = price if price is not None and math.isfinite(price) and price > 0 else None
+            rows[i] = (path, _norm(brand), ok_price)
+    prices = np.log([p for _, _, p in rows.values() if p is not None])
+    edges = np.quantile(prices, np.linspace(0, 1, PRICE_BANDS + 1)[1:-1]) if len(prices) else np.zeros(0)
+    values = {}
+    for i, (path, brand, price) in rows.items():
+        levels = [" > ".join(path[: d + 1]) if d < len(path) else None for d in range(CATEGORY_DEPTH)]
+        band = None if price is None else f"band {int(np.searchsorted(edges, math.log(price), side='right'))}"
+        values[i] = levels + [brand, band]
+    names = [f"category_{d + 1}" for d in range(CATEGORY_DEPTH)] + ["brand", "price_band"]
+    fields, sizes, kept, per_col = _categorical_columns(names, values, n)
+    return fields, sizes, kept, {"catalog_rows": len(rows), "catalog_fields": per_col}
+
+
+def _llm_knowledge(pinned: Pinned, index: dict[str, int], n: int, batch_size: int):
+    """What the agents said beyond the catalog, per item (its newest `ok` knowledge row): a bag of the tokens
+    at least MIN_FIELD_ITEMS items share, and the summary text. A field counts only where the row's
+    `field_source` names a model (or, for rows written before that column, is absent); attribute keys
+    that restate catalog facts (brand, price, category) never count."""
+    cols = [*LLM_SINGLE_FIELDS, *LLM_LIST_FIELDS, "attributes", "summary", "field_source", "model"]
+    newest, rows = newest_knowledge(pinned, index, cols, batch_size)
+    per_item: dict[int, list[str]] = {}
+    summaries: dict[int, str] = {}
+    sources: dict[str, int] = {}
+    for i, row in newest.items():
+        source = dict(row["field_source"] or [])
+        theirs = {f for f in (*LLM_SINGLE_FIELDS, *LLM_LIST_FIELDS, "attributes", "summary")
+                  if source.get(f, row["model"]) != "catalog"}
+        toks = [f"{f}={v}" for f in LLM_SINGLE_FIELDS if f in theirs and (v := _norm(row[f]))]
+        toks += [f"{f}={v}" for f in LLM_LIST_FIELDS if f in theirs for x in (row[f] or []) if (v := _norm(x))]
+        if "attributes" in theirs:
+            toks += [f"attribute {k}={v}" for key, val in (row["attributes"] or [])
+                     if (k := _norm(key)) and k not in CATALOG_ATTRIBUTE_KEYS and (v := _norm(val))]
+        summary = _norm(row["summary"]) if "summary" in theirs else None
+        if summary:
+            summaries[i] = str(row["summary"]).strip()
+        if toks:
+            per_item[i] = list(dict.fromkeys(toks))
+        if toks or summary:
+            sources[row["model"]] = sources.get(row["model"], 0) + 1
+    counts: dict[str, int] = {}
+    for toks in per_item.values():
+        for t in toks:
+            counts[t] = counts.get(t, 0) + 1
+    vocab = sorted(t for t, k in counts.items() if k >= MIN_FIELD_ITEMS)
+    ids = {t: j + 1 for j, t in enumerate(vocab)}
+    kept = {i: [ids[t] for t in toks if t in ids][:MAX_LLM_TOKENS] for i, toks in per_item.items()}
+    width = max((len(v) for v in kept.values()), default=0)
+    tokens = np.zeros((n + 1, max(width, 1)), dtype=np.int64)
+    for i, v in kept.items():
+        tokens[i, : len(v)] = v
+    stats = {"knowledge_rows": rows, "knowledge_sources": dict(sorted(sources.items())),
+             "items_with_knowledge": sum(sources.values()), "items_with_llm_tokens": int((tokens > 0).any(1).sum()),
+             "llm_vocabulary": len(vocab)}
+    return tokens, vocab, summaries, stats
+
+
+def _summary_vectors(summaries: dict[int, str], n: int, embed: Callable[[list[str]], np.ndarray] | None):
+    """The summaries embedded, aligned to the vocabulary: (float32 [N+1, dim] unit rows, ok mask)."""
+    ok = np.zeros(n + 1, dtype=bool)
+    if not summaries or embed is None:
+        return np.zeros((n + 1, 1), dtype=np.float32), ok
+    order = sorted(summaries)
+    vecs = np.asarray(embed([summaries[i] for i in order]), dtype=np.float32)
+    finite = np.isfinite(vecs).all(axis=1)
+    mat = np.zeros((n + 1, vecs.shape[1]), dtype=np.float32)
+    rows = np.asarray(order)[finite]
+    mat[rows] = vecs[finite]
+    ok[rows] = True
+    return mat, ok
 
 
 def check_sequence_alignment(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> None:

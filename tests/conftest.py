@@ -19,6 +19,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--engine", choices=("with", "only", "without"), default="with",
+        help="the tests marked `engine` (the real llama.cpp engine answers): run them with the others "
+        "(default), only them, or all but them. make test runs `only` alone, then `without` on two "
+        "workers: the engine ran 15-30x slower beside a Spark job on this 2-core machine.")
+
+
+def pytest_collection_modifyitems(config, items):
+    phase = config.getoption("--engine")
+    if phase == "with":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("engine") is not None) == (phase == "only") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 # Small, fast settings for end-to-end runs of the real stages.
 SMALL = {
     "synthetic": {"n_items": 240, "n_users": 160, "seed": 11},

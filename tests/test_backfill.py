@@ -37,7 +37,8 @@ MORE_ROWS = {"validate_bronze": {"rows_in", "rows_out"}, "publish": {"rows_in", 
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(env_overrides(SMALL))  # the small synthetic config of the Spark tests
+    env.update(env_overrides(SMALL))  # the small config of the Spark tests, on a tinier catalog: four
+    env.update({"REASEQ__SYNTHETIC__N_ITEMS": "100", "REASEQ__SYNTHETIC__N_USERS": "60"})  # DAG runs
     env.update({
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),

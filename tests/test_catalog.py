@@ -19,7 +19,7 @@ DESIGN_TABLES = {
     "gold.user_features",
     "ops.pipeline_runs",
     "ops.training_runs",
-    "ops.llm_attempts",  # not in DESIGN.md: the dead-letter counters of reason_items (README, explicit path)
+    "ops.llm_attempts",  # not in DESIGN.md: the dead-letter counters of reason_items (docs/agents.md)
 }
 
 

@@ -187,7 +187,7 @@ def test_corp_drops_the_disagreeing_path_and_the_path_without_items():
 def test_alignment_examples_and_msra_rewards_never_use_validation_or_test_targets():
     seq = np.arange(1, 11)  # 10 distinct items; 9 = validation target, 10 = test target
     rng = np.random.default_rng(0)
-    cfg = GenerativeConfig(msra_horizon=3, msra_weight=0.6, msra_discount=0.5, pars_partial_credit=0.4)
+    cfg = GenerativeConfig(msra_horizon=3, msra_weight=0.6, msra_discount=0.5, pars_catalog_credit=0.4)
     for _ in range(50):
         for ex in alignment_examples(seq, rng, per_user=8, max_len=50, horizon=3):
             seen = {ex.target, *ex.future.tolist(), *ex.input.tolist(), *ex.history.tolist()}
@@ -213,8 +213,9 @@ def glake(tmp_path) -> str:
 
 
 def test_examples_from_the_lakehouse_hold_no_held_out_target(glake):
-    pinned = pin(glake, tables=("gold.user_sequences", "gold.item_semantic_ids", "silver.item_embeddings",
-                                "silver.item_knowledge"))
+    from jobs.train_generative import READ
+
+    pinned = pin(glake, tables=READ)
     feats = load_item_features(pinned)
     index = feats.index()
     held = {r["user_id"]: {index[r["valid_item_id"]], index[r["test_item_id"]]}

@@ -17,6 +17,7 @@ import pytest
 from llm_agents import local_engine
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def _pids_of(binary: Path) -> set[int]:
     return out
 
 
+@pytest.mark.engine
 def test_engine_stops_on_every_exit_path(built, tmp_path, monkeypatch):
     monkeypatch.setenv("REASEQ_CACHE", str(local_engine.cache_root()))
     if local_engine.running() is not None:
@@ -57,6 +58,7 @@ def test_engine_stops_on_every_exit_path(built, tmp_path, monkeypatch):
     assert "none running" in subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=60).stdout
 
 
+@pytest.mark.engine
 def test_a_dead_engine_is_restarted_not_reused(built):
     if local_engine.running() is not None:
         pytest.skip("an engine started by someone else is running")
@@ -74,6 +76,7 @@ def test_a_dead_engine_is_restarted_not_reused(built):
 
 
 @pytest.mark.slow
+@pytest.mark.engine
 def test_engine_killed_mid_run_stops_the_stage_and_a_rerun_completes_it_once(built, ctx_factory):
     from feature_store import delta
     from jobs.runtime import StageFailed, execute

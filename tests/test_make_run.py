@@ -34,6 +34,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.engine
 def test_run_through_airflow_with_the_local_engine_writes_every_table_and_stops_the_engine(tmp_path):
     """The default backend: the DAG's setup task starts the real engine, the model answers within the
     budget, the rest waits in the backlog, the teardown stops the engine (no process left)."""
@@ -70,6 +71,7 @@ def test_run_through_airflow_with_the_local_engine_writes_every_table_and_stops_
     (["--dataset", "amazon-json"], "needs DATA"),
     (["--dataset", "movielens", "--data", "/no/such/folder"], "no such file"),
     (["--ds", "2026-13-45"], "is not a date"),
+    (["--tasks", "ingest_catalog,reason_itmes"], "'reason_itmes' is not a stage of reaseq_nightly (did you mean reason_items?)"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, message):
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *args], env=_env(tmp_path), cwd=ROOT,
@@ -77,3 +79,22 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, message):
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_tasks_runs_the_named_stages_and_their_engine_only():
+    """--tasks: Airflow's mark-success pattern matches every task id but the named stages (and the LLM
+    engine's setup and teardown when an LLM stage runs), whole ids only."""
+    import re
+
+    from jobs.cli import check_tasks, skip_pattern
+    from jobs.stages import PIPELINE
+
+    only, err = check_tasks(["embed_items,ingest_catalog", "reason_items", "embed_items"])
+    assert err is None and only == ["ingest_catalog", "reason_items", "embed_items"]  # pipeline order, once
+    skipped = re.compile(skip_pattern(only))
+    tasks = [*PIPELINE, "llm_engine_up", "llm_engine_down"]
+    assert [t for t in tasks if not skipped.fullmatch(t)] == [*only, "llm_engine_up", "llm_engine_down"]
+    assert skipped.fullmatch("reason_items_extra")  # a longer id is another task
+    no_llm = re.compile(skip_pattern(["publish"]))
+    assert [t for t in tasks if not no_llm.fullmatch(t)] == ["publish"]
+    assert check_tasks(None) == (None, None) and skip_pattern(None) is None

@@ -8,6 +8,7 @@ so a model learns something in a few epochs.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import subprocess
@@ -79,16 +80,36 @@ def sequence_rows(n_users: int, seed: int = 0, version: str = CB, min_len: int =
 
 
 def knowledge_rows(n: int = N_ITEMS) -> list[dict]:
-    """silver.item_knowledge: category paths, product types and brands shared by several items each."""
+    """silver.item_knowledge as the agents write it: the catalog's path (source `catalog`), and the model's
+    product type, audiences, complements, a color attribute and a summary, shared by several items each; the
+    brand attribute restates the catalog."""
+    source = [("category_path", "catalog"), ("product_type", "m"), ("audiences", "m"), ("complements", "m"),
+              ("attributes", "m"), ("summary", "m")]
     return [{"item_id": item_id(i), "content_hash": "h", "prompt_version": "p", "model": "m",
              "category_path": ["Root", f"dept{i % 3}", f"leaf{i % 6}"], "product_type": f"type{i % 5}",
-             "attributes": [("brand", f"Brand{i % 4}")], "status": "ok", "ds": DS, "run_id": "test"}
+             "attributes": [("brand", f"Brand{i % 4}"), ("color", f"c{i % 3}")], "audiences": [f"aud{i % 2}"],
+             "complements": [f"comp{i % 7}", f"only{i}"], "summary": f"summary {i % 10}",
+             "field_source": source, "status": "ok", "ds": DS, "run_id": "test"}
             for i in range(n)]
 
 
-def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None, nan_item: int | None = None,
-                    short_users: int = 0) -> Path:
-    """The six tables the ranker reads; order_seed shuffles the row order of every item table."""
+def catalog_rows(n: int = N_ITEMS) -> list[dict]:
+    """bronze.catalog_items: category paths shared by several items, 4 brands, prices 1..n."""
+    return [{"item_id": item_id(i), "title": f"item {i}", "categories": ["Root", f"dept{i % 3}", f"leaf{i % 6}"],
+             "brand": f"Brand{i % 4}", "price": float(i + 1), "content_hash": "h", "source": "test",
+             "first_seen_ds": DS, "last_seen_ds": DS, "ds": DS, "run_id": "test"} for i in range(n)]
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """A deterministic stand-in for the sentence embedder: the same text gives the same unit vector."""
+    seeds = [int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) for t in texts]
+    out = np.stack([np.random.default_rng(seed).normal(size=DIM) for seed in seeds])
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None, short_users: int = 0) -> Path:
+    """A small lakehouse of the tables the pipeline writes; order_seed shuffles the row order of every item
+    table."""
     rng = np.random.default_rng(order_seed)
     perm = rng.permutation(N_ITEMS) if order_seed is not None else np.arange(N_ITEMS)
     sid_rows, emb_rows = [], []
@@ -97,8 +118,6 @@ def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None
         sid_rows.append({"item_id": item_id(int(i)), "codebook_version": CB, "rq_codes": rq, "mpq_tokens": mpq,
                          "embedder": "test-embedder", "ds": DS, "run_id": "test"})
         vec = vector(int(i))
-        if nan_item is not None and int(i) == nan_item:
-            vec = [float("nan")] * DIM
         emb_rows.append({"item_id": item_id(int(i)), "embedder": "test-embedder", "embedding": vec, "dim": DIM,
                          "text_hash": "h", "prompt_version": "p", "model": "m", "ds": DS, "run_id": "test"})
     # Another codebook version's rows and another dataset's embeddings must be ignored.
@@ -110,6 +129,8 @@ def build_lakehouse(root: Path, n_users: int = 60, order_seed: int | None = None
     write(root, "silver.item_embeddings", emb_rows)
     know = knowledge_rows()
     write(root, "silver.item_knowledge", [know[int(i)] for i in perm])
+    cat = catalog_rows()
+    write(root, "bronze.catalog_items", [cat[int(i)] for i in perm])
     seqs = sequence_rows(n_users) + sequence_rows(short_users, seed=99, min_len=1, max_len=2)
     for k, r in enumerate(seqs[n_users:]):
         r["user_id"] = f"short{k}"
@@ -199,66 +220,117 @@ def test_pinned_version_is_unchanged_by_a_later_write(lake):
 
 
 def test_features_align_to_one_vocabulary_whatever_the_source_row_order(tmp_path):
-    a = load_item_features(pin(str(build_lakehouse(tmp_path / "a"))))
-    b = load_item_features(pin(str(build_lakehouse(tmp_path / "b", order_seed=7))))
+    a = load_item_features(pin(str(build_lakehouse(tmp_path / "a"))), embed=embed)
+    b = load_item_features(pin(str(build_lakehouse(tmp_path / "b", order_seed=7))), embed=embed)
     assert a.item_ids == b.item_ids == sorted(item_id(i) for i in range(N_ITEMS))
-    assert np.array_equal(a.sid_codes, b.sid_codes)
-    assert np.array_equal(a.knowledge, b.knowledge)
-    # Each row holds exactly its own item's source features (the other codebook / dataset is ignored).
+    for name in ("sid_codes", "knowledge", "catalog_fields", "llm_tokens"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.llm_vocab == b.llm_vocab
+    # Each row holds exactly its own item's source features (the other codebook's row is ignored).
     index = b.index()
     for i in range(N_ITEMS):
         row = index[item_id(i)]
         rq, mpq = codes(i)
         assert b.sid_codes[row].tolist() == rq[:3] + mpq
-        assert np.allclose(b.knowledge[row], vector(i))
-    assert b.stats["embedding_rows_outside_vocabulary"] == 1
+        assert np.allclose(b.knowledge[row], embed([f"summary {i % 10}"])[0])
+        tokens = {b.llm_vocab[t - 1] for t in b.llm_tokens[row] if t}
+        assert f"product_type=type{i % 5}" in tokens and f"complements=comp{i % 7}" in tokens
     assert "other-1" not in index
     # Padding row: the "missing" code of every column, no knowledge.
     assert b.sid_codes[0].tolist() == [s - 1 for s in b.sid_sizes] and not b.knowledge_ok[0]
+    assert not b.catalog_fields[0].any() and not b.llm_tokens[0].any()
+    # Without an embedder no item has a summary vector (the families still load).
+    c = load_item_features(pin(str(tmp_path / "a")))
+    assert not c.knowledge_ok.any() and np.array_equal(c.llm_tokens, a.llm_tokens)
 
 
-def test_knowledge_fields_align_to_their_items_and_leave_rare_values_out(tmp_path):
+def test_catalog_facts_come_from_the_catalog_and_leave_rare_values_out(tmp_path):
     root = build_lakehouse(tmp_path / "lh", order_seed=3)
-    # A newer ok row changes item 0's brand to one no other item has (rare: "missing"); a newer failed
-    # row for item 1 is ignored; an item outside the vocabulary is ignored.
-    newer = DS + dt.timedelta(days=1)
-    write(root, "silver.item_knowledge", [
-        {**knowledge_rows()[0], "attributes": [("brand", "OnlyMine")], "ds": newer, "content_hash": "h2"},
-        {**knowledge_rows()[1], "category_path": ["Other"], "status": "failed", "ds": newer, "content_hash": "h2"},
-        {**knowledge_rows()[2], "item_id": "not-in-vocab"},
-    ])
+    # Item 0's brand is held by no other item (rare: "missing"), item 1 has no price; the knowledge table's
+    # category paths are not read for catalog facts: a newer knowledge row with another path changes nothing.
+    cat = catalog_rows()
+    cat[0]["brand"], cat[1]["price"] = "OnlyMine", None
+    write(root, "bronze.catalog_items", cat, mode="overwrite")
+    write(root, "silver.item_knowledge", [{**knowledge_rows()[2], "category_path": ["Other"], "content_hash": "h2",
+                                           "ds": DS + dt.timedelta(days=1)}])
     feats = load_item_features(pin(str(root)))
     # The root level is the same for every item (no information): left out.
-    assert feats.field_columns == ["category_2", "category_3", "product_type", "brand"]
-    assert feats.field_sizes == [4, 7, 6, 5] and feats.fields.shape == (N_ITEMS + 1, 4)
+    assert feats.catalog_columns == ["category_2", "category_3", "brand", "price_band"]
+    assert feats.catalog_sizes[:3] == [4, 7, 5] and feats.catalog_fields.shape == (N_ITEMS + 1, 4)
     index = feats.index()
-    expect = [lambda i: i % 3, lambda i: i % 6, lambda i: i % 5, lambda i: i % 4]
+    expect = [lambda i: i % 3, lambda i: i % 6, lambda i: i % 4]
     for c, key in enumerate(expect):
         for i in range(N_ITEMS):
             for j in range(N_ITEMS):
-                if c == 3 and 0 in (i, j):
+                if c == 2 and 0 in (i, j):
                     continue
-                same = feats.fields[index[item_id(i)], c] == feats.fields[index[item_id(j)], c]
-                assert same == (key(i) == key(j)), (feats.field_columns[c], i, j)
-    assert feats.fields[index[item_id(0)], 3] == 0  # its newest brand is held by no other item
-    assert (feats.fields[index[item_id(0)], :3] > 0).all() and (feats.fields[0] == 0).all()
-    assert feats.stats["knowledge_fields"]["brand"] == {"values": 4, "items_with_value": N_ITEMS - 1}
-    # Every row was read; the item outside the vocabulary was not used.
-    assert feats.stats["knowledge_field_rows"] == N_ITEMS + 3 and feats.stats["items_with_knowledge_fields"] == N_ITEMS
-    # The fields reach the item table of the knowledge variants only, and can be switched off.
+                same = feats.catalog_fields[index[item_id(i)], c] == feats.catalog_fields[index[item_id(j)], c]
+                assert same == (key(i) == key(j)), (feats.catalog_columns[c], i, j)
+    assert feats.catalog_fields[index[item_id(0)], 2] == 0  # its brand is held by no other item
+    # Price bands: 8 quantile bands of log price, monotone in price; no price, no band.
+    bands = [feats.catalog_fields[index[item_id(i)], 3] for i in range(2, N_ITEMS)]
+    assert bands == sorted(bands) and len(set(bands)) == 8 and feats.catalog_fields[index[item_id(1)], 3] == 0
+    assert feats.stats["catalog_fields"]["brand"] == {"values": 4, "items_with_value": N_ITEMS - 1}
+    # The facts reach the item table of the catalog variants only.
     base = dict(d_model=8, n_heads=2, n_layers=1)
-    feats.fields[index[item_id(5)], 1] = feats.fields[index[item_id(6)], 1]
+    feats.catalog_fields[index[item_id(5)], 1] = feats.catalog_fields[index[item_id(6)], 1]
     torch.manual_seed(0)
-    with_fields = SASRec(feats, RankerConfig(variant="+knowledge", **base)).items
-    assert with_fields.use_fields and len(with_fields.fields) == 4
-    assert not SASRec(feats, RankerConfig(variant="+knowledge", knowledge_fields=False, **base)).items.use_fields
-    assert not SASRec(feats, RankerConfig(variant="+semantic_ids", **base)).items.use_fields
+    items = SASRec(feats, RankerConfig(variant="+catalog", **base)).items
+    assert items.use_catalog and len(items.catalog) == 4 and not items.use_tokens and not items.use_summary
+    for variant in ("+semantic_ids", "+llm_knowledge", "+beyond_log", "id_only"):
+        assert not SASRec(feats, RankerConfig(variant=variant, **base)).items.use_catalog, variant
     with torch.no_grad():
-        before = with_fields()
-        with_fields.fields[1].weight[feats.fields[index[item_id(6)], 1]] += 1.0
-        changed = (with_fields() - before).abs().sum(1) > 0
+        before = items()
+        items.catalog[1].weight[feats.catalog_fields[index[item_id(6)], 1]] += 1.0
+        changed = (items() - before).abs().sum(1) > 0
     rows = {index[item_id(i)] for i in range(N_ITEMS) if i % 6 == 0} | {index[item_id(5)]}
     assert set(torch.nonzero(changed).flatten().tolist()) == rows
+
+
+def test_llm_knowledge_is_only_what_a_model_said_beyond_the_catalog(tmp_path):
+    root = build_lakehouse(tmp_path / "lh", order_seed=5)
+    # Item 3's newest row says its product type came from the catalog: not the model's, left out. Item 4's
+    # newest row is a heuristic's, item 5's newest row failed (its older ok row counts).
+    newer = DS + dt.timedelta(days=1)
+    rows = knowledge_rows()
+    write(root, "silver.item_knowledge", [
+        {**rows[3], "field_source": [*rows[3]["field_source"][:1], ("product_type", "catalog"),
+                                     *rows[3]["field_source"][2:]], "ds": newer, "content_hash": "h2"},
+        {**rows[4], "model": "offline-heuristic-v1", "field_source": [("product_type", "offline-heuristic-v1")],
+         "summary": None, "ds": newer, "content_hash": "h2"},
+        {**rows[5], "product_type": "never", "status": "failed", "ds": newer, "content_hash": "h2"},
+    ])
+    feats = load_item_features(pin(str(root)), embed=embed)
+    index = feats.index()
+
+    def tokens(i):
+        return {feats.llm_vocab[t - 1] for t in feats.llm_tokens[index[item_id(i)]] if t}
+
+    # The catalog's facts never become knowledge tokens: no category path, no brand attribute.
+    assert not [t for t in feats.llm_vocab if "brand" in t or "dept" in t or "leaf" in t]
+    assert tokens(0) == {"product_type=type0", "audiences=aud0", "complements=comp0", "attribute color=c0"}
+    assert "product_type=type3" not in tokens(3) and "audiences=aud1" in tokens(3)
+    assert "product_type=type0" in tokens(5)  # its newer row failed: the older ok row counts
+    assert "product_type=never" not in feats.llm_vocab
+    # A value only one item holds ("only<i>") tells nothing beyond its ID.
+    assert not [t for t in feats.llm_vocab if t.startswith("complements=only")]
+    # Which model or heuristic wrote the knowledge, in items.
+    assert feats.stats["knowledge_sources"] == {"m": N_ITEMS - 1, "offline-heuristic-v1": 1}
+    assert feats.stats["items_with_summary_vector"] == N_ITEMS - 1  # the heuristic's row has no summary
+    assert not feats.knowledge_ok[index[item_id(4)]] and feats.knowledge_ok[index[item_id(5)]]
+    # The knowledge reaches the item table of the llm variants only; one token moves exactly its items.
+    base = dict(d_model=8, n_heads=2, n_layers=1)
+    torch.manual_seed(0)
+    items = SASRec(feats, RankerConfig(variant="+llm_knowledge", **base)).items
+    assert items.use_tokens and items.use_summary and not items.use_catalog and not items.use_sid
+    assert SASRec(feats, RankerConfig(variant="catalog+llm", **base)).items.use_catalog
+    assert not SASRec(feats, RankerConfig(variant="+catalog", **base)).items.use_tokens
+    token = feats.llm_vocab.index("audiences=aud1") + 1
+    with torch.no_grad():
+        before = items()
+        items.bag.weight[token] += 1.0
+        changed = (items() - before).abs().sum(1) > 0
+    assert set(torch.nonzero(changed).flatten().tolist()) == {index[item_id(i)] for i in range(1, N_ITEMS, 2)}
 
 
 def test_semantic_id_prefixes_by_hand():
@@ -313,12 +385,18 @@ def test_sequences_disagreeing_with_the_semantic_id_table_are_an_error(lake):
 
 
 def test_short_histories_and_nan_vectors_are_skipped_and_counted(tmp_path):
-    root = str(build_lakehouse(tmp_path / "lh", nan_item=5, short_users=4))
+    root = str(build_lakehouse(tmp_path / "lh", short_users=4))
     pinned = pin(root)
-    feats = load_item_features(pinned)
+
+    def nan_for_five(texts):  # an embedder that fails on one summary gives that item no vector
+        out = embed(texts)
+        out[[k for k, t in enumerate(texts) if t == "summary 5"]] = np.nan
+        return out
+
+    feats = load_item_features(pinned, embed=nan_for_five)
     assert feats.stats["users_too_short"] == 4 and feats.stats["users"] == 64
-    assert feats.stats["knowledge_nan_rows"] == 1 and feats.stats["items_without_knowledge"] == 1
-    assert not feats.knowledge_ok[feats.index()[item_id(5)]]
+    assert feats.stats["items_with_summary_vector"] == N_ITEMS - 3  # items 5, 15, 25 share that summary
+    assert not feats.knowledge_ok[feats.index()[item_id(5)]] and np.isfinite(feats.knowledge).all()
     assert check_user_features(pinned)["user_features_nan_or_null"]["days_since_last"] == 1
     beyond, stats = load_beyond_log(pinned, feats)
     assert stats["beyond_log_status"] == {"ok": 60, "history_too_short": 4} and len(beyond) == 60
@@ -437,7 +515,7 @@ def test_beyond_log_context_scores_the_test_target_only(lake):
     streams = make_streams(pinned, feats, RankerConfig(variant="+beyond_log", **SMALL, **PUBLISHED), beyond)
     assert "context" in next(iter(streams["train"])) and "context" in next(iter(streams["test"]))
     assert "context" not in next(iter(streams["valid"]))
-    assert "context" not in next(iter(make_streams(pinned, feats, RankerConfig(variant="+knowledge"), beyond)["test"]))
+    assert "context" not in next(iter(make_streams(pinned, feats, RankerConfig(variant="+catalog"), beyond)["test"]))
     # Point in time is the default and needs per-split contexts, not the published map alone.
     with pytest.raises(ValueError, match="per-split contexts"):
         make_streams(pinned, feats, RankerConfig(variant="+beyond_log", **SMALL), beyond)
