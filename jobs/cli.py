@@ -315,8 +315,16 @@ def _stop_run_engine(run_id: str) -> None:
         print("stopped the local LLM engine the interrupted run had started", file=sys.stderr, flush=True)
 
 
+def _task_order(task: str) -> float:
+    """Pipeline order, the LLM engine's setup just before the stages that use it and its teardown after."""
+    if task in PIPELINE:
+        return PIPELINE.index(task)
+    return {"llm_engine_up": PIPELINE.index(LLM_STAGES[0]) - 0.5,
+            "llm_engine_down": PIPELINE.index(LLM_STAGES[-1]) + 0.5}.get(task, 99)
+
+
 def _ordered(tasks) -> list[str]:
-    return sorted(tasks, key=lambda t: PIPELINE.index(t) if t in PIPELINE else 99)
+    return sorted(tasks, key=_task_order)
 
 
 def _print_backfill(results: list[dict], days: list[str], seconds: float) -> None:
@@ -373,7 +381,7 @@ def print_summary(run_id: str | None, states: dict[str, str] | None = None) -> N
     print(f"\nRun {run_id}")
     print(f"{'task':24} {'state':10} {'seconds':>8} {'rows in':>9} {'rows out':>9} {'quarant.':>8}")
     order = [t for t in (states or {}) if not t.startswith("__")] or list(by_task)
-    order = sorted(order, key=lambda t: PIPELINE.index(t) if t in PIPELINE else 99)
+    order = _ordered(order)
     for t in order:
         r = by_task.get(t, {})
         state = (states or {}).get(t) or r.get("status", "?")

@@ -217,8 +217,10 @@ def _partition_fn(config_json: str, schema, deadline: float | None = None):
             now = time.monotonic()
             if now - last[0] >= 5 or done == total:
                 last[0] = now
-                print(progress_line("reason_items partition", done, total, now - start, "items"),
-                      file=sys.stderr, flush=True)
+                line = progress_line("reason_items partition", done, total, now - start, "items")
+                if deadline is not None:  # the budget, not the ETA, ends this run: say when
+                    line += f"; the time budget ends in {max(0, deadline - time.time()) / 60:.1f} min"
+                print(line, file=sys.stderr, flush=True)
 
         results = reason_items(items, config, progress=progress, deadline=deadline)
         if len(results) < len(items):
