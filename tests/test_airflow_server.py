@@ -34,7 +34,9 @@ def _processes_of(home: Path) -> list:
     found = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if p.environ().get("AIRFLOW_HOME") == str(home):
+            # A zombie has exited and holds nothing but its pid until its parent reaps it (seen once
+            # under load: a JVM child of the killed process group, dead but not yet reaped).
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("AIRFLOW_HOME") == str(home):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
