@@ -134,3 +134,16 @@ def recall_bars(results: dict, path: Path, baseline: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_results(out: Path, name: str, results: dict, meta: dict, md: str, plot, seconds: float) -> None:
+    """A benchmark's outputs under `out`: <name>.json (results + meta), <name>.md (the tables, also
+    printed) and <name>.png (`plot(path)`)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(md)
+    plot(out / f"{name}.png")
+    print(md)
+    log(f"wrote {out / name}.json, {name}.md and {name}.png in {seconds:.0f}s")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep, not spin
 
-from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now  # noqa: E402
+from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now, write_results  # noqa: E402
 
 DATASETS = ("scientific", "movielens_100k")
 VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
@@ -162,13 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         full = args.variants[-1]
         ratio = sci[full]["recall@10"]["mean"] / max(sci["fixed_order"]["recall@10"]["mean"], 1e-12)
         meta["target"] = {"full_variant": full, "ratio_recall@10": round(ratio, 4), "met": ratio > 1.0}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generative.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
-    md = markdown(results, meta)
-    (args.out / "generative.md").write_text(md)
-    recall_bars(results, args.out / "generative.png")
-    print(md)
-    log(f"wrote {args.out / 'generative.json'}, generative.md and generative.png in {_fmt(meta['seconds'])}")
+    write_results(args.out, "generative", results, meta, markdown(results, meta),
+                  lambda path: recall_bars(results, path), meta["seconds"])
     return 0
 
 

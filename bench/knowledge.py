@@ -33,7 +33,6 @@ Writes bench/results/knowledge.json (per dataset and method), knowledge.md and k
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO_ROOT, log, machine_info, utc_now
+from bench.common import REPO_ROOT, log, machine_info, utc_now, write_results
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 DATASETS = {"scientific": ("amazon-json", SHARED / "amazon18_scientific"),
@@ -337,13 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": utc_now(), "machine": machine_info(), "items": args.items, "seed": args.seed,
             "samples_k": args.samples_k, "methods": args.methods, "similar_threshold": SIMILAR,
             "skipped": skipped, "seconds": round(time.perf_counter() - start, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "knowledge.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
-    md = markdown(results, meta)
-    (args.out / "knowledge.md").write_text(md)
-    plot(results, args.out / "knowledge.png")
-    print(md)
-    log(f"wrote {args.out / 'knowledge.json'}, knowledge.md and knowledge.png in {meta['seconds']:.0f}s")
+    write_results(args.out, "knowledge", results, meta, markdown(results, meta),
+                  lambda path: plot(results, path), meta["seconds"])
     return 0
 
 

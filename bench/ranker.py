@@ -51,7 +51,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep, not spin
 
-from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now  # noqa: E402
+from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now, write_results  # noqa: E402
 
 DATASETS = ("scientific", "movielens_100k")
 from models.variants import VARIANTS as _FAMILIES_OF  # noqa: E402
@@ -244,13 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     sci = meta["ratios"].get("scientific", {}).get("all")
     if sci and sci.get("recall@10") is not None:
         meta["target"] = {"ratio": sci["recall@10"], "required": TARGET, "met": sci["recall@10"] >= TARGET}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ranker.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
-    md = markdown(results, meta)
-    (args.out / "ranker.md").write_text(md)
-    recall_bars(results, args.out / "ranker.png", baseline="id_only")
-    print(md)
-    log(f"wrote {args.out / 'ranker.json'}, ranker.md and ranker.png in {meta['seconds']:.0f}s")
+    write_results(args.out, "ranker", results, meta, markdown(results, meta),
+                  lambda path: recall_bars(results, path, baseline="id_only"), meta["seconds"])
     return 0
 
 
