@@ -27,7 +27,12 @@ OpenAI-compatible server, e.g. vLLM: --llm-url and --llm-model, or LLM_URL / LLM
 compared before a nightly run. On this 2-core machine the local engine answers about 0.1 items/s (4
 requests per item), so 300 items take about 50 minutes per dataset.
 
-Writes bench/results/knowledge.json (per dataset and method), knowledge.md and knowledge.png.
+Writes bench/results/knowledge.json (per dataset and method), knowledge.md and knowledge.png. Every
+method's answers are kept (bench/results/knowledge_answers/<dataset>.<method>.jsonl.gz), so `--rescore`
+scores them again without asking any model, and a run over some datasets keeps the others' results
+already in knowledge.json (a dataset at a time fits a night; both do not, on 2 cores). Every rate comes
+with a 95% confidence interval: the 2.5th and 97.5th percentiles over 1,000 bootstrap resamples of the
+items (seeded).
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llm-model", default=os.environ.get("LLM_MODEL") or None, help="the served model name")
     p.add_argument("--samples-k", type=int, default=1, help="self-consistency paths per agent (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the answers kept by an earlier run again (no model is asked)")
     a = p.parse_args(argv)
     if a.methods is None:
         a.methods = ["offline", "local"] + (["openai"] if a.llm_url else [])
@@ -154,7 +161,57 @@ def run_method(method: str, items: list, args, dataset: str) -> tuple[list, floa
     return results, seconds, config.model if method != "offline" else results[0].model if results else "offline"
 
 
+def answers_path(out: Path, dataset: str, method: str) -> Path:
+    return out / "knowledge_answers" / f"{dataset}.{method}.jsonl.gz"
+
+
+def save_answers(path: Path, answers: list, model: str, seconds: float) -> None:
+    """One JSON line per item (its whole KnowledgeResult), after a header line naming the model."""
+    import gzip
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"model": model, "seconds": seconds}) + "\n")
+        for r in answers:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+
+
+def load_answers(path: Path) -> tuple[list, str, float]:
+    import gzip
+    import json
+
+    from llm_agents.types import KnowledgeResult
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        head = json.loads(f.readline())
+        answers = [KnowledgeResult(**json.loads(line)) for line in f if line.strip()]
+    return answers, head["model"], head["seconds"]
+
+
 # ---------------------------------------------------------------- scoring
+
+BOOTSTRAP = 1000
+
+
+def ci95(values, stat=np.mean, seed: int = 0) -> list[float] | None:
+    """The 95% percentile-bootstrap interval of `stat` over items (rows of `values`), seeded."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(BOOTSTRAP, len(v)))
+    draws = np.array([stat(v[i]) for i in idx])
+    return [round(float(np.percentile(draws, 2.5)), 4), round(float(np.percentile(draws, 97.5)), 4)]
+
+
+def _micro_f1(counts: np.ndarray) -> float:
+    """Micro F1 from per-item (shared, predicted, true) counts."""
+    inter, n_pred, n_true = counts.sum(axis=0)
+    p = inter / n_pred if n_pred else 0.0
+    r = inter / n_true if n_true else 0.0
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
 
 
 class Similarity:
@@ -187,6 +244,7 @@ def score(dataset: str, results: list, truth: dict[str, dict], sim: Similarity) 
     """The recovery metrics of one method's answers (a failed item scores as an empty answer)."""
     by_id = {r.item_id: r for r in results}
     inter = n_pred = n_true = 0
+    counts = []  # per item: shared, predicted, true (for the F1's interval)
     level_exact = [[] for _ in range(LEVELS)]
     level_sim = [[] for _ in range(LEVELS)]
     type_exact, type_sim, brand_exact, brand_sim = [], [], [], []
@@ -200,6 +258,7 @@ def score(dataset: str, results: list, truth: dict[str, dict], sim: Similarity) 
         else:
             p, g = _prefixes(pred), _prefixes(gold)
         inter, n_pred, n_true = inter + len(p & g), n_pred + len(p), n_true + len(g)
+        counts.append((len(p & g), len(p), len(g)))
         if dataset == "movielens_100k":
             continue
         for lvl in range(min(LEVELS, len(gold))):
@@ -217,17 +276,21 @@ def score(dataset: str, results: list, truth: dict[str, dict], sim: Similarity) 
     hr = inter / n_true if n_true else 0.0
     out = {"precision": round(hp, 4), "recall": round(hr, 4),
            "f1": round(2 * hp * hr / (hp + hr), 4) if hp + hr else 0.0,
+           "f1_ci95": ci95(np.array(counts or [(0, 0, 0)]), _micro_f1),
            "measure": "genre-set F1 (micro)" if dataset == "movielens_100k" else
            "hierarchical F1 over path prefixes below the root (micro)"}
     if dataset != "movielens_100k":
         out["level_accuracy"] = {f"level_{i + 1}": {
             "items": len(level_exact[i]), "exact": _mean(level_exact[i]),
-            "similar": _mean([s >= SIMILAR for s in level_sim[i]]), "mean_cosine": _mean(level_sim[i])}
+            "similar": _mean([s >= SIMILAR for s in level_sim[i]]), "mean_cosine": _mean(level_sim[i]),
+            "exact_ci95": ci95(level_exact[i]), "similar_ci95": ci95([s >= SIMILAR for s in level_sim[i]])}
             for i in range(LEVELS) if level_exact[i]}
         out["product_type_vs_leaf"] = {"exact": _mean(type_exact), "similar": _mean([s >= SIMILAR for s in type_sim]),
-                                       "mean_cosine": _mean(type_sim)}
+                                       "mean_cosine": _mean(type_sim),
+                                       "similar_ci95": ci95([s >= SIMILAR for s in type_sim])}
         out["brand"] = {"items": len(brand_exact), "exact": _mean(brand_exact),
-                        "similar": _mean([s >= SIMILAR for s in brand_sim]), "mean_cosine": _mean(brand_sim)}
+                        "similar": _mean([s >= SIMILAR for s in brand_sim]), "mean_cosine": _mean(brand_sim),
+                        "exact_ci95": ci95(brand_exact)}
     return out
 
 
@@ -258,7 +321,9 @@ def markdown(results: dict, meta: dict) -> str:
              "The catalog's category path and brand (MovieLens: genres) are hidden from the prompt; the "
              f"agents infer them. Similar = MiniLM cosine ≥ {SIMILAR}.", ""]
     for ds, by_method in results.items():
-        lines += [f"## {ds}", ""]
+        runs = {(r.get("items"), r.get("seed"), (r.get("date") or "")[:10]) for r in by_method.values()}
+        lines += [f"## {ds}" + "".join(f" ({n} items, seed {sd}, {d})" for n, sd, d in sorted(runs, key=str) if n),
+                  ""]
         if ds == "movielens_100k":
             lines += ["| method | model | genre P | genre R | genre F1 | schema-valid | answered | s/item | out tok/item |",
                       "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -268,18 +333,23 @@ def markdown(results: dict, meta: dict) -> str:
                       "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method, r in by_method.items():
             s, c = r["scores"], r["cost"]
-            head = f"| {method} | {r['model']} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} |"
+            head = (f"| {method} | {r['model']} | {s['precision']:.3f} | {s['recall']:.3f} | "
+                    f"{s['f1']:.3f} {_ci(s.get('f1_ci95'), pct=False)} |")
             tail = (f" {_pct(c['schema_valid_rate'])} | {c['answered']}/{c['items']} | {c['seconds_per_item']} | "
                     f"{c['completion_tokens_per_item']} |")
             if ds == "movielens_100k":
                 lines.append(head + tail)
                 continue
             lv = s["level_accuracy"]
-            cells = [f"{_pct(lv[k]['exact'])} / {_pct(lv[k]['similar'])}" if k in lv else "–"
+            cells = [f"{_pct(lv[k]['exact'])} {_ci(lv[k].get('exact_ci95'))} / "
+                     f"{_pct(lv[k]['similar'])} {_ci(lv[k].get('similar_ci95'))}" if k in lv else "–"
                      for k in ("level_1", "level_2")]
-            lines.append(head + f" {cells[0]} | {cells[1]} | {_pct(s['product_type_vs_leaf']['similar'])} | "
-                         f"{_pct(s['brand']['exact'])} / {_pct(s['brand']['similar'])} |" + tail)
+            t, b = s["product_type_vs_leaf"], s["brand"]
+            lines.append(head + f" {cells[0]} | {cells[1]} | {_pct(t['similar'])} {_ci(t.get('similar_ci95'))} | "
+                         f"{_pct(b['exact'])} {_ci(b.get('exact_ci95'))} / {_pct(b['similar'])} |" + tail)
         lines.append("")
+    lines.append("Brackets: 95% bootstrap interval over the items (1,000 resamples).")
+    lines.append("")
     lines.append("Published reference points (other benchmarks, not this one): LLM pipelines reach a hierarchical "
                  "F1 of about 0.92 on WDC-222 and Icecat product categories, deep-learning classifiers about 0.85.")
     return "\n".join(lines) + "\n"
@@ -287,6 +357,13 @@ def markdown(results: dict, meta: dict) -> str:
 
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def _ci(bounds, pct: bool = True) -> str:
+    if not bounds:
+        return ""
+    lo, hi = bounds
+    return f"[{100 * lo:.0f}–{100 * hi:.0f}]" if pct else f"[{lo:.2f}–{hi:.2f}]"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -311,10 +388,15 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import json
+
     args = parse_args(argv)
     start = time.perf_counter()
     sim = Similarity()
-    results: dict = {}
+    previous = args.out / "knowledge.json"
+    # A run over some datasets keeps the others' results (one dataset per night fits; both may not).
+    results: dict = {k: v for k, v in json.loads(previous.read_text()).items() if k != "meta"} \
+        if previous.exists() else {}
     skipped = {}
     for ds in args.datasets:
         if not DATASETS[ds][1].exists():
@@ -323,10 +405,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         items, truth = sample(ds, args.items, args.seed)
         log(f"{ds}: {len(items)} items sampled (seed {args.seed}), category path and brand hidden")
-        results[ds] = {}
+        results.setdefault(ds, {})
         for method in args.methods:
-            answers, seconds, model = run_method(method, items, args, ds)
-            results[ds][method] = {"model": model, "scores": score(ds, answers, truth, sim), "cost": cost(answers, seconds)}
+            kept = answers_path(args.out, ds, method)
+            if args.rescore:
+                if not kept.exists():
+                    log(f"{ds} {method}: no kept answers at {kept}; run without --rescore first")
+                    continue
+                answers, model, seconds = load_answers(kept)
+            else:
+                answers, seconds, model = run_method(method, items, args, ds)
+                save_answers(kept, answers, model, seconds)
+            results[ds][method] = {"model": model, "scores": score(ds, answers, truth, sim), "cost": cost(answers, seconds),
+                                   "date": utc_now(), "items": args.items, "seed": args.seed}
             s = results[ds][method]["scores"]
             log(f"{ds} {method} ({model}): F1 {s['f1']:.3f} (P {s['precision']:.3f}, R {s['recall']:.3f}), "
                 f"{seconds:.0f}s")
@@ -335,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     meta = {"date": utc_now(), "machine": machine_info(), "items": args.items, "seed": args.seed,
             "samples_k": args.samples_k, "methods": args.methods, "similar_threshold": SIMILAR,
-            "skipped": skipped, "seconds": round(time.perf_counter() - start, 1)}
+            "bootstrap_resamples": BOOTSTRAP, "skipped": skipped, "seconds": round(time.perf_counter() - start, 1)}
     write_results(args.out, "knowledge", results, meta, markdown(results, meta),
                   lambda path: plot(results, path), meta["seconds"])
     return 0
