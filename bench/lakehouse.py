@@ -31,7 +31,7 @@ DATASETS = {
 DS = "2026-11-22"
 # Code whose change must rebuild the benchmark lakehouse (the rest of the repo may change freely).
 _FINGERPRINT_PATHS = (
-    "jobs", "llm_agents", "feature_store/catalog.py", "feature_store/delta.py", "conf/default.yaml",
+    "jobs", "llm_agents", "feature_store/catalog.py", "feature_store/delta.py", "models/configs.py",
     "models/embedder.py", "models/quantizers.py", "models/rq.py", "models/mpq.py", "models/diffusion.py",
 )
 # Consumers living in jobs/ (trainers) do not change the features.

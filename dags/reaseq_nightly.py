@@ -2,13 +2,12 @@
 
 Thin on purpose: tasks import the job modules only when they run, so parsing this file never loads
 pyspark or torch. Each task runs one `jobs.<name>` stage in-process (local Spark, the default), or, with
-REASEQ_SUBMIT=spark-submit, submits the same stage file to the cluster of the `spark_reaseq` Airflow
+REASEQ__AIRFLOW__SUBMIT=spark-submit, submits the same stage file to the cluster of the `spark_reaseq` Airflow
 connection through the Spark provider's SparkSubmitOperator (see docs/operations.md, the cluster).
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
@@ -16,12 +15,14 @@ from airflow.sdk import Asset, Param, dag, task
 
 from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
+from jobs.config import load_settings
 from jobs.stages import PIPELINE
 from jobs.submit import CONN_ID, submit_mode, submit_settings
 
 STAGES = PIPELINE
+SETTINGS = load_settings()  # a misspelt setting fails the parse with one line (Airflow's import errors)
 # A cron expression (default 02:00 UTC), or "none" for manual runs only (an Airflow started for a test).
-SCHEDULE = os.environ.get("REASEQ_SCHEDULE") or "0 2 * * *"
+SCHEDULE = SETTINGS.airflow.schedule
 # The same URIs schedule the downstream DAGs (dags/train_ranker.py).
 GOLD_ASSETS = [Asset(uri) for uri in gold_asset_uris()]
 SUBMIT = submit_mode()
@@ -44,7 +45,7 @@ def _run_stage(name: str, **context) -> dict:
     catchup=False,
     max_active_runs=1,
     default_args={
-        "retries": int(os.environ.get("REASEQ_TASK_RETRIES", "2")),
+        "retries": SETTINGS.airflow.task_retries,
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=20),
@@ -52,9 +53,9 @@ def _run_stage(name: str, **context) -> dict:
     },
     on_failure_callback=on_failure,
     params={
-        "dataset": Param(os.environ.get("REASEQ_DATASET", "synthetic"), type="string",
+        "dataset": Param(SETTINGS.dataset, type="string",
                          enum=["synthetic", "amazon-json", "movielens"]),
-        "data": Param(os.environ.get("REASEQ_DATA", ""), type="string"),
+        "data": Param(SETTINGS.data or "", type="string"),
     },
     tags=["reaseq", "features"],
     doc_md=__doc__,

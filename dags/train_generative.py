@@ -8,7 +8,6 @@ under <artifacts>/generative/<version>/ and records the run in ops.training_runs
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
@@ -16,6 +15,7 @@ from airflow.sdk import Asset, Param, dag, task
 
 from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
+from jobs.config import load_settings
 
 
 @dag(
@@ -25,7 +25,7 @@ from jobs.callbacks import on_failure
     catchup=False,
     max_active_runs=1,
     default_args={
-        "retries": int(os.environ.get("REASEQ_TASK_RETRIES", "1")),
+        "retries": load_settings().airflow.task_retries,
         "retry_delay": timedelta(minutes=5),
         "on_failure_callback": on_failure,  # one line: task, day, run, why, what next
     },

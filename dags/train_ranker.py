@@ -8,7 +8,6 @@ tables at pinned Delta versions through Arrow, needs no Spark, and records the r
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
@@ -16,6 +15,7 @@ from airflow.sdk import Asset, Param, dag, task
 
 from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
+from jobs.config import load_settings
 from jobs.train_ranker import VARIANT_NAMES as VARIANTS
 
 
@@ -26,7 +26,7 @@ from jobs.train_ranker import VARIANT_NAMES as VARIANTS
     catchup=False,
     max_active_runs=1,
     default_args={
-        "retries": int(os.environ.get("REASEQ_TASK_RETRIES", "1")),
+        "retries": load_settings().airflow.task_retries,
         "retry_delay": timedelta(minutes=5),
         "on_failure_callback": on_failure,  # one line: task, day, run, why, what next
     },

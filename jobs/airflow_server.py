@@ -17,7 +17,6 @@ Unlike `airflow standalone`, no triggerer is started (no DAG here defers), the A
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -44,8 +43,6 @@ def server_env(base: dict[str, str], host: str, port: int) -> dict[str, str]:
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
         # The DAG processor looks for new or changed files every 30 s instead of 5 minutes.
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": env.get("AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "30"),
-        # A scheduler retries as the DAG says (2 retries), unlike `make run` where a person waits.
-        "REASEQ_TASK_RETRIES": os.environ.get("REASEQ_TASK_RETRIES", "2"),
     })
     return env
 

@@ -15,7 +15,7 @@ from jobs.runtime import cli_main
 
 
 def current_version(ctx: RunContext) -> str:
-    pinned = (ctx.config.get("quantizer") or {}).get("codebook_version")
+    pinned = ctx.config["quantizer"]["codebook_version"]
     if pinned:
         return pinned
     latest = Path(ctx.artifacts) / "quantizers" / "LATEST"

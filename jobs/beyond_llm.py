@@ -44,11 +44,9 @@ join of (user, phrase) pairs (at most 8 per user) with those candidates. A small
 pair, one task. Past ~10^6 x 10^6 an approximate index per item block would replace the exact product;
 the interface would not change.
 
-Options (all optional, read from `beyond_log` in the run config; conf/default.yaml need not list them):
-min_history (2, shared with the diffusion method), llm_partitions (default llm.partitions),
-llm_min_similarity (0.25: on the synthetic catalog a phrase's true matches score 0.4-0.6 with MiniLM,
-its median item about 0.1), llm_block_rows (16384). The LLM and embedder settings are the pipeline's own
-`llm` and `embedding` sections.
+Options: the `beyond_log` section of the settings (jobs/config.py, docs/configuration.md): min_history
+(shared with the diffusion method), llm_partitions, llm_min_similarity, llm_block_rows. The LLM and
+embedder settings are the pipeline's own `llm` and `embedding` sections.
 """
 
 from __future__ import annotations
@@ -65,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.config import BeyondLogSettings
 from jobs.context import Progress, RunContext
 from jobs.runtime import StageFailed, write_quarantine
 
@@ -72,8 +71,8 @@ log = logging.getLogger("reaseq")
 
 MODEL_VERSION_PREFIX = "llm-interests"
 STATUSES = ("ok", "history_too_short", "no_candidates", "llm_failed")
-DEFAULT_MIN_SIMILARITY = 0.25
-DEFAULT_BLOCK_ROWS = 16384
+DEFAULT_MIN_SIMILARITY = BeyondLogSettings.model_fields["llm_min_similarity"].default
+DEFAULT_BLOCK_ROWS = BeyondLogSettings.model_fields["llm_block_rows"].default
 CHUNK_ROWS = 1024  # phrases multiplied at once inside a task: CHUNK_ROWS x block floats of scratch
 
 OUTPUT_DDL = (
@@ -95,14 +94,9 @@ class Options:
 
     @classmethod
     def from_ctx(cls, ctx: RunContext) -> Options:
-        cfg = ctx.config.get("beyond_log") or {}
-        llm = ctx.config.get("llm") or {}
-        return cls(
-            min_history=int(cfg.get("min_history", 2)),
-            partitions=max(1, int(cfg.get("llm_partitions") or llm.get("partitions") or 4)),
-            min_similarity=float(cfg.get("llm_min_similarity", DEFAULT_MIN_SIMILARITY)),
-            block_rows=max(1, int(cfg.get("llm_block_rows") or DEFAULT_BLOCK_ROWS)),
-        )
+        cfg = ctx.config["beyond_log"]
+        return cls(min_history=cfg["min_history"], partitions=cfg["llm_partitions"] or ctx.config["llm"]["partitions"],
+                   min_similarity=cfg["llm_min_similarity"], block_rows=cfg["llm_block_rows"])
 
 
 @dataclass

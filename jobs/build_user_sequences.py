@@ -19,7 +19,7 @@ def run(ctx: RunContext) -> JobResult:
     from jobs.assign_semantic_ids import current_version
 
     spark = ctx.spark
-    max_len = int((ctx.config.get("sequences") or {}).get("max_len", 50))
+    max_len = ctx.config["sequences"]["max_len"]
     version = current_version(ctx)
     events = (
         delta.read_spark(spark, "bronze.interactions", ctx.root)

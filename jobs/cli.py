@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.config import PROJECT_ROOT, load_config, resolve_path
+from jobs.config import PROJECT_ROOT, ConfigError, load_config, load_settings, resolve_path
 from jobs.sources import DATASETS
 from jobs.stages import PIPELINE
 
@@ -60,7 +60,7 @@ def airflow_env(home: Path | None = None) -> dict[str, str]:
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "NO_PROXY": "*",
         # A person at the terminal wants a failure now, not after Airflow's retry delays.
-        "REASEQ_TASK_RETRIES": os.environ.get("REASEQ_TASK_RETRIES", "0"),
+        "REASEQ__AIRFLOW__TASK_RETRIES": os.environ.get("REASEQ__AIRFLOW__TASK_RETRIES", "0"),
     })
     home.mkdir(parents=True, exist_ok=True)
     return env
@@ -144,7 +144,7 @@ def submit_env(env: dict[str, str], master: str | None) -> dict[str, str]:
     from jobs.submit import CONN_ENV, connection_uri
 
     venv_bin = str(Path(sys.executable).parent)  # the provider's hook runs `spark-submit` from PATH
-    env = {**env, "REASEQ_SUBMIT": "spark-submit", CONN_ENV: connection_uri(master),
+    env = {**env, "REASEQ__AIRFLOW__SUBMIT": "spark-submit", CONN_ENV: connection_uri(master),
            "PATH": os.pathsep.join([venv_bin, env.get("PATH", "")])}
     if urlsplit(master).hostname in ("127.0.0.1", "localhost"):
         env["SPARK_LOCAL_IP"] = "127.0.0.1"  # the driver must listen where a loopback cluster can reach it
@@ -509,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--list", action="store_true", help="list the items with failed attempts; change nothing")
     q.add_argument("--lakehouse", help="root of the Delta tables (default: the configured lakehouse)")
     args = p.parse_args(argv)
+    try:  # a misspelt or mistyped setting stops here, in one line, before Airflow or Spark starts
+        load_settings()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.cmd == "run":
         try:
             dt.date.fromisoformat(args.ds)
@@ -529,16 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "requeue-llm":
         from jobs import dead_letter
 
-        cfg = load_config()
-        raw = (cfg.get("llm") or {}).get("dead_letter_after", 3)
-        try:
-            limit = int(raw or 0)
-        except (TypeError, ValueError):
-            print(f"llm.dead_letter_after={raw!r} is not a whole number: fix conf/default.yaml or "
-                  "REASEQ__LLM__DEAD_LETTER_AFTER", file=sys.stderr)
-            return 2
-        return dead_letter.main(resolve_path(args.lakehouse or cfg["lakehouse"]), args.item, args.all, args.list,
-                                limit)
+        settings = load_settings()
+        return dead_letter.main(resolve_path(args.lakehouse or settings.lakehouse), args.item, args.all, args.list,
+                                settings.llm.dead_letter_after)
     print_summary(args.run_id)
     return 0
 

@@ -34,8 +34,9 @@ log = logging.getLogger("reaseq")
 def diffusion_config(ctx: RunContext):
     from models.diffusion import DiffusionConfig
 
-    cfg = dict((ctx.config.get("beyond_log") or {}).get("diffusion") or {})
-    cfg.setdefault("max_len", int((ctx.config.get("sequences") or {}).get("max_len", 50)))
+    cfg = dict(ctx.config["beyond_log"]["diffusion"])
+    # The model cannot see more history than gold.user_sequences keeps.
+    cfg["max_len"] = min(cfg["max_len"], ctx.config["sequences"]["max_len"])
     return DiffusionConfig.from_dict(cfg)
 
 
@@ -244,10 +245,8 @@ def run(ctx: RunContext) -> JobResult:
     from jobs.assign_semantic_ids import current_version
 
     spark = ctx.spark
-    cfg = ctx.config.get("beyond_log") or {}
-    method = str(cfg.get("method", "diffusion"))
-    top_n = int(cfg.get("top_n", 10))
-    min_history = int(cfg.get("min_history", 2))
+    cfg = ctx.config["beyond_log"]
+    method, top_n, min_history = cfg["method"], cfg["top_n"], cfg["min_history"]
     seq_version = delta.table_version("gold.user_sequences", ctx.root)
     if method == "diffusion":
         sequences = load_sequences(ctx.root, seq_version)

@@ -25,8 +25,8 @@ def owner_of(run_id: str) -> str:
 
 def _local_settings(conf: dict[str, Any] | None) -> dict[str, Any] | None:
     overrides = {k: v for k, v in (conf or {}).items() if v not in (None, "")}
-    llm = load_config(overrides).get("llm") or {}
-    if llm.get("backend", "offline") != "local":
+    llm = load_config(overrides)["llm"]
+    if llm["backend"] != "local":
         return None
     return dict(llm.get("local") or {})
 

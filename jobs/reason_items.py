@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 
@@ -63,8 +62,6 @@ RESULT_DDL = (
 )
 
 
-# Keys of the `llm:` section read by the jobs, not by llm_agents.LLMConfig.
-JOB_KEYS = {"partitions", "budget_items", "budget_minutes", "local"}
 # What the local engine needs from the client: Gemma 3 270M is a base model (few-shot completion
 # prompts), and llama-server bills only the first of n choices (one request per sampled path).
 LOCAL_ENGINE_SETTINGS = {"backend": "openai", "prompt_profile": "completion", "samples_via": "requests"}
@@ -80,25 +77,19 @@ def llm_config(ctx: RunContext, partitions: int, *, need_server: bool = False):
     """
     from llm_agents import LLMConfig
 
-    cfg = dict(ctx.config.get("llm") or {})
-    total = int(cfg.pop("max_concurrency", 64))
+    cfg = dict(ctx.config["llm"])  # validated by the settings model (jobs/config.py)
+    total = int(cfg.pop("max_concurrency"))
     allowed = set(LLMConfig.model_fields)
-    unknown = sorted(k for k in cfg if k not in allowed and k not in JOB_KEYS)
-    if unknown:
-        import difflib
-
-        hints = [difflib.get_close_matches(k, [*allowed, *JOB_KEYS], n=1) for k in unknown]
-        near = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in zip(unknown, hints, strict=True))
-        raise StageFailed(f"unknown llm setting {near}: fix the config file or the REASEQ__LLM__… variable")
-    local = dict(cfg.get("local") or {})
+    local = cfg["local"]
+    # Client settings left null keep LLMConfig's defaults; the stage's own keys (budgets, partitions) stay here.
     cfg = {k: v for k, v in cfg.items() if k in allowed and v is not None}
-    if cfg.get("backend", "offline") == "local":
+    if cfg["backend"] == "local":
         cfg.update(local_engine_settings(need_server))
         # Twice the engine's slots in flight keeps every slot busy while answers travel back; more
         # would only queue inside llama-server, where a request's timeout keeps running.
-        total = min(total, 2 * int(local.get("slots", 8)))
-        cfg["timeout_s"] = max(float(cfg.get("timeout_s", 0) or 0), 180.0)
-    if cfg.get("backend", "offline") == "offline":
+        total = min(total, 2 * local["slots"])
+        cfg["timeout_s"] = max(float(cfg.get("timeout_s") or 0), 180.0)
+    if cfg["backend"] == "offline":
         cfg.pop("model", None)
     return LLMConfig(**cfg, max_concurrency=max(1, total // max(1, partitions)))
 
@@ -129,25 +120,17 @@ RECENT_DAYS = 30
 
 
 def llm_budget(ctx: RunContext) -> tuple[int | None, float | None]:
-    """`llm.budget_items` and `llm.budget_minutes` from the configuration, validated; None = no cap.
+    """`llm.budget_items` and `llm.budget_minutes` (validated by the settings model); None = no cap.
 
     Read here, not through `llm_config()`: LLMConfig is the client's settings and does not know them.
     """
-    cfg = ctx.config.get("llm") or {}
-    items, minutes = cfg.get("budget_items"), cfg.get("budget_minutes")
-    if cfg.get("backend") == "local":
+    cfg = ctx.config["llm"]
+    items, minutes = cfg["budget_items"], cfg["budget_minutes"]
+    if cfg["backend"] == "local":
         # The local engine's own defaults (llm.local.budget_*), sized for a 2-core machine; the
         # llm.budget_* keys, when set, override them. A GPU server given by URL gets no default cap.
-        local = cfg.get("local") or {}
-        items = local.get("budget_items") if items is None else items
-        minutes = local.get("budget_minutes") if minutes is None else minutes
-    if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
-        raise ValueError(f"llm.budget_items={items!r}: give a positive whole number of items per run, or null "
-                         "for no cap (conf/default.yaml or REASEQ__LLM__BUDGET_ITEMS)")
-    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float)
-                                or not math.isfinite(minutes) or minutes <= 0):
-        raise ValueError(f"llm.budget_minutes={minutes!r}: give a positive number of minutes per run, or null "
-                         "for no cap (conf/default.yaml or REASEQ__LLM__BUDGET_MINUTES)")
+        items = cfg["local"]["budget_items"] if items is None else items
+        minutes = cfg["local"]["budget_minutes"] if minutes is None else minutes
     return items, None if minutes is None else float(minutes)
 
 
@@ -301,8 +284,8 @@ def run(ctx: RunContext) -> JobResult:
 
     spark = ctx.spark
     budget_items, budget_minutes = llm_budget(ctx)
-    partitions = int((ctx.config.get("llm") or {}).get("partitions", 4))
-    if budget_minutes is not None or (ctx.config.get("llm") or {}).get("backend") == "local":
+    partitions = ctx.config["llm"]["partitions"]
+    if budget_minutes is not None or ctx.config["llm"]["backend"] == "local":
         # Every partition must run from the start: under a deadline a partition waiting for a free
         # core would begin after it and answer nothing (cutting items by hash, not priority), and the
         # local engine's in-flight total is split over the partitions, so a waiting one idles slots.

@@ -131,7 +131,10 @@ def under_spark_submit() -> bool:
 def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict | None = None,
                with_jars: bool = True) -> dict[str, str]:
     """The settings every session gets; also what spark-submit receives as --conf in a cluster."""
-    master = master or os.environ.get("REASEQ_SPARK_MASTER", "local[*]")
+    from jobs.config import load_config
+
+    spark = load_config()["spark"]
+    master = master or spark["master"]
     conf = {
         "spark.master": master,
         "spark.app.name": app_name,
@@ -140,13 +143,13 @@ def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict 
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.shuffle.partitions": os.environ.get("REASEQ_SHUFFLE_PARTITIONS", "4"),
-        "spark.default.parallelism": os.environ.get("REASEQ_SHUFFLE_PARTITIONS", "4"),
-        "spark.driver.memory": os.environ.get("REASEQ_DRIVER_MEMORY", "4g"),
-        "spark.ui.enabled": os.environ.get("REASEQ_SPARK_UI", "false"),
+        "spark.sql.shuffle.partitions": str(spark["shuffle_partitions"]),
+        "spark.default.parallelism": str(spark["shuffle_partitions"]),
+        "spark.driver.memory": spark["driver_memory"],
+        "spark.ui.enabled": str(spark["ui"]).lower(),
         "spark.ui.showConsoleProgress": "false",
         # Delta rebuilds table state with 50 tasks by default: pure overhead on a laptop-sized table.
-        "spark.databricks.delta.snapshotPartitions": os.environ.get("REASEQ_DELTA_SNAPSHOT_PARTITIONS", "2"),
+        "spark.databricks.delta.snapshotPartitions": str(spark["delta_snapshot_partitions"]),
         # Auto-compaction would add an OPTIMIZE job after every small MERGE; publish compacts instead.
         "spark.databricks.delta.autoCompact.enabled": "false",
         "spark.databricks.delta.stalenessLimit": "0",
@@ -157,6 +160,8 @@ def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict 
         "spark.pyspark.driver.python": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
         "spark.executorEnv.PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).resolve().parent.parent)),
     }
+    if spark["executor_memory"]:
+        conf["spark.executor.memory"] = spark["executor_memory"]
     if lakehouse_is_s3a():
         conf["spark.jars.packages"] = ",".join(s3a_packages())
         conf["spark.jars.ivy"] = str(cache_dir() / "ivy")
@@ -189,7 +194,9 @@ def get_spark(master: str | None = None, app_name: str = "reaseq", extra: dict |
 
     logging.getLogger("py4j").setLevel(logging.WARNING)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("REASEQ_SPARK_LOG_LEVEL", "ERROR"))
+    from jobs.config import load_config
+
+    spark.sparkContext.setLogLevel(load_config()["spark"]["log_level"])
     return spark
 
 

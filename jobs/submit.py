@@ -1,6 +1,6 @@
 """How a stage is handed to a Spark cluster with spark-submit: one description, two users.
 
-The nightly DAG's SparkSubmitOperator (REASEQ_SUBMIT=spark-submit) and `python -m jobs.spark_cluster
+The nightly DAG's SparkSubmitOperator (REASEQ__AIRFLOW__SUBMIT=spark-submit) and `python -m jobs.spark_cluster
 submit` both build the command from `submit_settings`, so what a person runs by hand is what Airflow runs.
 
 Light on purpose: the DAG file imports this at parse time, so nothing here may import pyspark.
@@ -12,8 +12,6 @@ runs wherever it was submitted, unchanged.
 """
 
 from __future__ import annotations
-
-import os
 
 from jobs.config import PROJECT_ROOT
 
@@ -27,10 +25,9 @@ OWN_OPTIONS = ("spark.master", "spark.app.name", "spark.jars", "spark.jars.packa
 def submit_mode() -> str:
     """`inprocess` (default: each Airflow task runs its stage in the task's process, local Spark) or
     `spark-submit` (each task submits its stage to the cluster of the spark_reaseq connection)."""
-    mode = (os.environ.get("REASEQ_SUBMIT") or "inprocess").strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"REASEQ_SUBMIT={mode!r}: choose one of {', '.join(MODES)}")
-    return mode
+    from jobs.config import load_config
+
+    return load_config()["airflow"]["submit"]
 
 
 def connection_uri(master: str) -> str:
@@ -44,14 +41,13 @@ def connection_uri(master: str) -> str:
 def submit_settings(stage: str, executor_memory: str | None = None) -> dict:
     """The parts of one stage's spark-submit: application file, Delta's jars (the local cache when set up,
     else Maven coordinates resolved by spark-submit), --conf settings, driver memory, name. Executor
-    memory: the argument, else REASEQ_EXECUTOR_MEMORY, else Spark's default (1g)."""
+    memory: the argument, else spark.executor_memory (REASEQ__SPARK__EXECUTOR_MEMORY), else Spark's default (1g)."""
     from jobs.spark import DELTA_PACKAGE, jar_manifest, s3a_packages, spark_conf
     from jobs.stages import PIPELINE
 
     if stage not in PIPELINE:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(PIPELINE)}")
     cached = jar_manifest().exists()
-    executor_memory = executor_memory or os.environ.get("REASEQ_EXECUTOR_MEMORY")
     extra = {"spark.executor.memory": executor_memory} if executor_memory else {}
     conf = spark_conf(None, app_name=f"reaseq-{stage}", extra=extra, with_jars=cached)
     driver_memory = conf["spark.driver.memory"]

@@ -53,7 +53,7 @@ class LLMConfig(BaseModel):
     samples_k: int = Field(1, ge=1, le=16)
     # None resolves to 0.3 when samples_k > 1 (paths must differ to vote) and 0 otherwise. 0.3, not
     # the usual 0.7: at 0.7 the local 270M model's paths rarely agreed and the vote emptied most
-    # list fields (measured, see conf/default.yaml).
+    # list fields (measured, see the llm.temperature setting in jobs/config.py).
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int = Field(1024, ge=16)
     circuit_failures: int = Field(20, ge=1)

@@ -46,41 +46,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.configs import DiffusionConfig  # noqa: F401  (defined there; re-exported)
+
 MODEL_FAMILY = "masked-diffusion-v2"  # bump when a change makes old checkpoints unloadable or different
 MIN_STEPS_PER_EPOCH = 30
-
-
-@dataclass
-class DiffusionConfig:
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    dropout: float = 0.1
-    max_len: int = 50          # history items the model sees (the most recent ones)
-    slots: int = 3             # masked items appended at inference
-    tokens_per_step: int = 1   # tokens committed per reverse step
-    fill: str = "next_slot"    # rank the rest by: next_slot (first slot's likelihood) | any_slot (any slot's)
-    decoded_first: bool = True  # decoded items lead the list (else everything ranks by the fill score)
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    suffix_prob: float = 0.5   # share of sequences noised on a suffix only
-    crop_prob: float = 0.0     # share of sequences cut at a random end first (measured lower: off)
-    min_mask_t: float = 0.05
-    seed: int = 0
-    device: str = "auto"       # auto | cpu | cuda
-    threads: int = 0           # torch threads on CPU; 0 leaves torch's default
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> DiffusionConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (values or {}).items() if k in known})
-
-    def config_hash(self) -> str:
-        # device and threads change where it runs, not what it learns
-        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "threads")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def resolve_device(device: str) -> torch.device:

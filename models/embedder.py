@@ -7,30 +7,11 @@ runs in batches; the HTTP backend serves a vLLM embedding model in production.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class EmbedderConfig:
-    backend: str = "local"  # local | openai
-    model: str = "all-MiniLM-L6-v2"
-    batch_size: int = 128
-    base_url: str = "http://127.0.0.1:8001/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 60.0
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> EmbedderConfig:
-        allowed = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (d or {}).items() if k in allowed and v is not None})
-
-    @property
-    def name(self) -> str:
-        """The value of the `embedder` column: which model, served how."""
-        return f"{self.model}@{self.backend}"
+from models.configs import EmbedderConfig  # noqa: F401  (defined there; re-exported)
 
 
 @lru_cache(maxsize=2)

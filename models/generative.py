@@ -50,13 +50,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.configs import GenerativeConfig  # noqa: F401  (defined there; re-exported)
 from models.ranker import (
     Block,
     _autocast,
@@ -70,74 +71,6 @@ from models.ranker_data import CATALOG, DataError, ItemFeatures, Pinned, Sequenc
 MODEL_VERSION = "reg4rec-generative-v1"
 VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
 INFERENCE_MODES = ("fixed_order", "+dynamic_paths", "+corp")
-
-
-@dataclass
-class GenerativeConfig:
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    max_len: int = 50
-    dropout: float = 0.2
-    batch_size: int = 256
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    max_epochs: int = 20
-    patience: int = 3
-    select_metric: str = "recall@10"
-    select_users: int = 2000  # validation users decoded (fixed order) for model selection; 0 = all
-    subsets_per_position: int = 1  # random non-empty commit subsets per position, besides the empty one
-    # Inference
-    beam: int = 50
-    corp_top_k: int = 10
-    corp_min_agreement: float = 0.7
-    beam_rows: int = 12800  # users x paths x beams decoded at once (memory bound)
-    # PARS: DPO-style pairwise preference optimisation against a frozen reference copy
-    pars_epochs: int = 2
-    pars_lr: float = 1e-4
-    pars_beta: float = 0.1
-    pars_negatives: int = 8  # rejected items per example, from the current model's decode
-    # Catalog credit: the reward of a wrong item sharing the target's whole catalog category path (a
-    # catalog fact from bronze.catalog_items, not the agents' knowledge).
-    pars_catalog_credit: float = 0.5
-    pars_min_margin: float = 0.05  # pairs need a reward gap at least this large
-    pars_sft_weight: float = 1.0  # + the training cross-entropy on the example's target
-    pars_examples_per_user: int = 2  # training positions per user drawn for alignment
-    # MSRA: the user's next few *training* interactions after the target also earn reward
-    msra_horizon: int = 3
-    msra_weight: float = 0.7
-    msra_discount: float = 0.7
-    embedder: str | None = None
-    exclude_history: bool = True
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    eval_batch_size: int = 256
-    shuffle_buffer: int = 20000
-    read_batch_rows: int = 2048
-
-    def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if not 0.0 <= self.pars_catalog_credit < 1.0 or not 0.0 <= self.msra_weight < 1.0:
-            raise ValueError("pars_catalog_credit and msra_weight must lie in [0, 1): the target's reward is 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> GenerativeConfig:
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        extra = sorted(k for k in d if k not in known)
-        if extra:
-            raise ValueError(f"unknown generative settings {extra}; known: {sorted(known)}")
-        return cls(**d)
-
-    def model_dict(self) -> dict:
-        """The settings that shape the base model's weights (a checkpoint's identity)."""
-        skip = {"beam", "corp_top_k", "corp_min_agreement", "beam_rows", "eval_batch_size", "device", "amp"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
 def version_of(config: GenerativeConfig, pinned: Pinned, codebook_version: str) -> str:

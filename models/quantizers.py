@@ -46,7 +46,6 @@ many; the caller quarantines such rows first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -60,9 +59,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from models.configs import _MPQ_DEDUP_FIELDS, QuantizerConfig  # noqa: F401  (defined there; re-exported)
 from models.mpq import MPQ, dedup_tuples
 from models.rq import RQVAE, RQKMeans, dedup_last_level, train_loop
 from models.sid_metrics import add_collision_digit, codebook_metrics
@@ -86,65 +85,8 @@ MIN_ITEMS = 4
 _INFER_CHUNK = 16384
 
 Method = Literal["rq_vae", "rq_kmeans", "mpq"]
-# Added after checkpoints existed: absent from an old checkpoint's config means "off" (the old behaviour).
-_MPQ_DEDUP_FIELDS = ("mpq_dedup", "mpq_dedup_top_k")
 # Item ids named in the warning about MPQ tuples the de-duplication could not separate.
 _UNRESOLVED_SHOWN = 5
-
-
-class QuantizerConfig(BaseModel):
-    """Everything that determines the trained codebooks; `config_hash()` names a codebook version."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    levels: int = Field(3, ge=1, description="L: residual levels of the hierarchical code")
-    codebook_size: int = Field(256, ge=2, description="K: codes per residual level")
-    rq_method: Literal["rq_kmeans", "rq_vae"] = "rq_kmeans"
-    mpq_experts: int = Field(4, ge=1, description="M: MPQ experts, one token each")
-    mpq_codebook_size: int = Field(256, ge=2, description="D: codes per MPQ expert")
-    latent_dim: int = Field(32, ge=1, description="latent size of RQ-VAE and of each MPQ expert")
-    hidden_dims: tuple[int, ...] = Field((512, 256, 128), description="RQ-VAE encoder; decoders mirror it")
-    mpq_hidden_dims: tuple[int, ...] = Field((256,), description="each MPQ expert's hidden layers")
-    epochs: int = Field(40, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(256, ge=1)
-    commitment_beta: float = Field(0.25, ge=0)
-    # The penalty sits near its floor (about 1 / batch) once experts are decorrelated; 300 was where
-    # tuple uniqueness stopped improving on MiniLM embeddings without hurting reconstruction much.
-    mpq_ortho_weight: float = Field(
-        300.0, ge=0, description="weight of the MPQ experts' cross-correlation penalty"
-    )
-    seed: int = 0
-    kmeans_iters: int = Field(50, ge=1, description="Lloyd iterations per k-means (RQ-KMeans, codebook init)")
-    rq_dedup_last_level: bool = Field(
-        True,
-        description="items sharing all L codes move to the nearest free last-level code of their prefix (LC-Rec)",
-    )
-    kmeans_balanced: bool = Field(
-        True,
-        description="capacity-constrained Lloyd steps (ceil(n/K) per code) for RQ-KMeans and codebook init",
-    )
-    mpq_dedup: bool = Field(
-        True,
-        description="items sharing an MPQ tuple (after the first by item id) move to the nearest free "
-        "tuple that differs in one expert's token",
-    )
-    mpq_dedup_top_k: int = Field(
-        16, ge=1, description="nearest other codes per expert tried by the MPQ de-duplication"
-    )
-
-    def config_hash(self) -> str:
-        """12 hex digits of sha256 over the canonical JSON: stable across processes and machines.
-
-        Settings that change nothing are left out, so configurations from before they existed keep their
-        hash: the MPQ de-dup fields while `mpq_dedup` is off.
-        """
-        fields = self.model_dump(mode="json")
-        if not self.mpq_dedup:
-            for name in _MPQ_DEDUP_FIELDS:
-                fields.pop(name)
-        canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -48,102 +48,19 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.configs import RankerConfig  # noqa: F401  (defined there; re-exported)
 from models.ranker_data import BeyondLogContexts, ItemFeatures, SequenceStream
 from models.variants import FAMILIES, VARIANTS  # noqa: F401  (re-exported: callers import them from here)
 
 MODEL_VERSION = "sasrec-tied-composite-v4"  # v4: catalog and LLM-knowledge families apart
 KS = (5, 10, 20)
-
-
-@dataclass
-class RankerConfig:
-    variant: str = "all"
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    max_len: int = 50
-    dropout: float = 0.3
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    max_epochs: int = 60
-    patience: int = 5
-    select_metric: str = "recall@10"
-    knowledge_mlp: bool = False  # project the summary vector through a hidden layer, not one linear map
-    # RQ tokens as prefixes (c1), (c1,c2), ... instead of one code per level. On: on Scientific (seed 0)
-    # it raised validation Recall@10 of all 0.1502 -> 0.1531 and of +semantic_ids 0.1461 -> 0.1476.
-    sid_prefix: bool = True
-    beyond_log_k: int = 10
-    beyond_log_pool: bool = False  # one mean-pooled context token instead of one token per inferred item
-    beyond_log_copy: bool = True  # a learned score bonus per context rank for the context's own items
-    # The context items as extra tokens the last position attends to. Off: on Scientific (seed 0) it
-    # lowered validation Recall@10 (+beyond_log 0.1268 with it, 0.1302 without; id_only 0.1300).
-    beyond_log_attend: bool = False
-    # Point in time: each split's context is an inference made before its target (see the module text),
-    # visible to the last position only. Off: the published inference for every position and split.
-    beyond_log_point_in_time: bool = True
-    # Only without point in time: the published inference was made from every event but the test target,
-    # so it carries information from after each training position and from the validation target itself.
-    # Training drops a user's whole context with this probability (default 0.5 then, 0 in point-in-time
-    # mode), and the validation target is scored without context unless valid_context is set.
-    context_dropout: float | None = None
-    valid_context: bool = False
-    beyond_log_model: str | None = None
-    embedder: str | None = None
-    exclude_history: bool = True
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # mixed precision on CUDA
-    eval_batch_size: int = 512
-    shuffle_buffer: int = 20000
-    read_batch_rows: int = 2048
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-
-    @property
-    def use_semantic_ids(self) -> bool:
-        return "semantic_ids" in VARIANTS[self.variant]
-
-    @property
-    def use_catalog(self) -> bool:
-        return "catalog" in VARIANTS[self.variant]
-
-    @property
-    def use_llm_knowledge(self) -> bool:
-        return "llm_knowledge" in VARIANTS[self.variant]
-
-    @property
-    def use_beyond_log(self) -> bool:
-        return "beyond_log" in VARIANTS[self.variant]
-
-    @property
-    def effective_context_dropout(self) -> float:
-        if self.context_dropout is not None:
-            return self.context_dropout
-        return 0.0 if self.beyond_log_point_in_time else 0.5
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> RankerConfig:
-        d = dict(d or {})
-        known = {f for f in cls.__dataclass_fields__}
-        extra = {k: v for k, v in d.items() if k not in known}
-        if extra:
-            raise ValueError(f"unknown ranker settings {sorted(extra)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -76,15 +76,12 @@ def spark():
 
 
 def make_ctx(root: Path, ds: str = "2026-11-22", spark=None, **overrides):
-    from jobs.config import _deep_update
+    from jobs.config import deep_merge
     from jobs.context import RunContext
 
     conf = {"lakehouse": str(root / "lakehouse"), "artifacts": str(root / "artifacts"),
             "reports": str(root / "reports")}
-    import copy
-
-    conf = _deep_update(copy.deepcopy(SMALL), conf)
-    conf = _deep_update(conf, overrides)
+    conf = deep_merge(deep_merge(SMALL, conf), overrides)
     ctx = RunContext.create(ds=ds, overrides=conf)
     ctx._spark = spark
     return ctx

@@ -69,10 +69,10 @@ def test_airflow_serves_the_dags_runs_a_triggered_run_and_stops_cleanly(tmp_path
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),
         "REASEQ__ARTIFACTS": str(tmp_path / "artifacts"),
         "REASEQ__REPORTS": str(tmp_path / "reports"),
-        "REASEQ_SHUFFLE_PARTITIONS": "2",
-        "REASEQ_DRIVER_MEMORY": "2g",
-        "REASEQ_TASK_RETRIES": "0",
-        "REASEQ_SCHEDULE": "none",  # only the run triggered here
+        "REASEQ__SPARK__SHUFFLE_PARTITIONS": "2",
+        "REASEQ__SPARK__DRIVER_MEMORY": "2g",
+        "REASEQ__AIRFLOW__TASK_RETRIES": "0",
+        "REASEQ__AIRFLOW__SCHEDULE": "none",  # only the run triggered here
         "PYTHONPATH": str(ROOT),
     })
     out = tmp_path / "airflow.out"

@@ -44,8 +44,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),
         "REASEQ__ARTIFACTS": str(tmp_path / "artifacts"),
         "REASEQ__REPORTS": str(tmp_path / "reports"),
-        "REASEQ_SHUFFLE_PARTITIONS": "2",
-        "REASEQ_DRIVER_MEMORY": "2g",
+        "REASEQ__SPARK__SHUFFLE_PARTITIONS": "2",
+        "REASEQ__SPARK__DRIVER_MEMORY": "2g",
         "PYTHONPATH": str(ROOT),
     })
     return env

@@ -41,7 +41,7 @@ def test_airflow_uses_postgres_and_a_real_executor_and_reaches_the_cluster():
     env = SERVICES["airflow-scheduler"]["environment"]
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
     assert env["AIRFLOW__CORE__EXECUTOR"] in {"LocalExecutor", "CeleryExecutor", "KubernetesExecutor"}
-    assert env["REASEQ_SUBMIT"] == "spark-submit"  # every task is the provider's SparkSubmitOperator
+    assert env["REASEQ__AIRFLOW__SUBMIT"] == "spark-submit"  # every task is the provider's SparkSubmitOperator
     assert env["AIRFLOW_CONN_SPARK_REASEQ"] == "spark://spark-master:7077?deploy-mode=client"
     assert env["REASEQ__LAKEHOUSE"].startswith("s3a://")
     assert env["REASEQ_S3_ENDPOINT"] == env["AWS_ENDPOINT_URL"] == "http://minio:9000"
@@ -51,7 +51,7 @@ def test_airflow_uses_postgres_and_a_real_executor_and_reaches_the_cluster():
 def test_vllm_serves_with_prefix_caching_on_a_gpu_and_a_model_variable():
     vllm = SERVICES["vllm"]
     assert "--enable-prefix-caching" in vllm["command"]
-    assert any("REASEQ_LLM_MODEL" in c for c in vllm["command"])
+    assert any("VLLM_MODEL" in c for c in vllm["command"])
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
 

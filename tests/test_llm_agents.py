@@ -143,17 +143,6 @@ def test_config_resolves_temperature_and_rejects_bad_values():
         LLMConfig(backedn="openai")
 
 
-def test_a_misspelt_llm_setting_stops_the_stage_with_one_line_naming_the_nearest_key(tmp_path):
-    from jobs.reason_items import llm_config
-    from jobs.runtime import StageFailed
-    from tests.conftest import make_ctx
-
-    ctx = make_ctx(tmp_path, llm={"backedn": "openai"})
-    with pytest.raises(StageFailed) as failed:
-        llm_config(ctx, 1)
-    assert "'backedn' (did you mean 'backend'?)" in str(failed.value) and "\n" not in str(failed.value)
-
-
 def test_item_from_pandas_style_record():
     import numpy as np
     import pandas as pd

@@ -112,44 +112,46 @@ def test_pool_returns_the_started_inputs_in_order_and_still_checks_each_result()
 # -- configuration, run summary, report -----------------------------------------------------------
 
 
+def budget(**llm) -> tuple:
+    from jobs.config import load_config
+
+    return llm_budget(SimpleNamespace(config=load_config({"llm": llm}, env={})))
+
+
 @pytest.mark.parametrize(
     ("llm", "expected"),
-    [({}, (None, None)), ({"budget_items": None, "budget_minutes": None}, (None, None)),
-     ({"budget_items": 24}, (24, None)), ({"budget_minutes": 30}, (None, 30.0)),
-     ({"budget_items": 1, "budget_minutes": 0.5}, (1, 0.5))],
+    [({"backend": "openai"}, (None, None)), ({"backend": "offline", "budget_items": None}, (None, None)),
+     ({"backend": "openai", "budget_items": 24}, (24, None)), ({"backend": "openai", "budget_minutes": 30}, (None, 30.0)),
+     ({"backend": "offline", "budget_items": 1, "budget_minutes": 0.5}, (1, 0.5))],
 )
 def test_budget_keys_are_read_from_the_llm_section(llm, expected):
-    assert llm_budget(SimpleNamespace(config={"llm": llm})) == expected
+    assert budget(**llm) == expected
 
 
 @pytest.mark.parametrize(
-    ("llm", "key"),
-    [({"budget_items": 0}, "llm.budget_items=0"), ({"budget_items": -3}, "llm.budget_items=-3"),
-     ({"budget_items": 2.5}, "llm.budget_items=2.5"), ({"budget_items": "ten"}, "llm.budget_items='ten'"),
-     ({"budget_items": True}, "llm.budget_items=True"), ({"budget_minutes": 0}, "llm.budget_minutes=0"),
-     ({"budget_minutes": -1.5}, "llm.budget_minutes=-1.5"), ({"budget_minutes": float("nan")}, "llm.budget_minutes=nan"),
-     ({"budget_minutes": "1h"}, "llm.budget_minutes='1h'")],
+    ("variable", "value", "key"),
+    [("BUDGET_ITEMS", "0", "llm.budget_items=0"), ("BUDGET_ITEMS", "-3", "llm.budget_items=-3"),
+     ("BUDGET_ITEMS", "2.5", "llm.budget_items=2.5"), ("BUDGET_ITEMS", "ten", "llm.budget_items='ten'"),
+     ("BUDGET_ITEMS", "true", "llm.budget_items=True"), ("BUDGET_MINUTES", "0", "llm.budget_minutes=0"),
+     ("BUDGET_MINUTES", "-1.5", "llm.budget_minutes=-1.5"), ("BUDGET_MINUTES", ".nan", "llm.budget_minutes=nan"),
+     ("BUDGET_MINUTES", "1h", "llm.budget_minutes='1h'")],
 )
-def test_a_bad_budget_is_one_line_naming_the_key(llm, key):
-    with pytest.raises(ValueError) as e:
-        llm_budget(SimpleNamespace(config={"llm": llm}))
+def test_a_bad_budget_stops_the_run_in_one_line_naming_the_key_and_its_variable(variable, value, key):
+    from jobs.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(env={f"REASEQ__LLM__{variable}": value})
     message = str(e.value)
-    assert message.startswith(key) and "\n" not in message and "or null for no cap" in message
+    assert message.startswith(f"setting {key} from REASEQ__LLM__{variable}: ") and "\n" not in message
 
 
 def test_default_config_caps_only_the_local_engine():
-    from jobs.config import load_config
-
-    llm = load_config(env={})["llm"]
-    assert "budget_items" in llm and "budget_minutes" in llm
     # The local engine on a 2-core machine gets its own 3 minutes; a server given by URL no cap.
-    assert llm_budget(SimpleNamespace(config={"llm": {**llm, "backend": "local"}})) == (None, 3.0)
-    assert llm_budget(SimpleNamespace(config={"llm": {**llm, "backend": "openai"}})) == (None, None)
+    assert budget(backend="local") == (None, 3.0)
+    assert budget(backend="openai") == (None, None)
     # llm.budget_* override the local defaults; llm.local.budget_minutes null lifts the local cap.
-    both = {**llm, "backend": "local", "budget_items": 5}
-    assert llm_budget(SimpleNamespace(config={"llm": both})) == (5, 3.0)
-    lifted = {**llm, "backend": "local", "local": {**llm["local"], "budget_minutes": None}}
-    assert llm_budget(SimpleNamespace(config={"llm": lifted})) == (None, None)
+    assert budget(backend="local", budget_items=5) == (5, 3.0)
+    assert budget(backend="local", local={"budget_minutes": None}) == (None, None)
 
 
 def test_run_summary_line():

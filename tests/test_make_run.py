@@ -27,7 +27,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "REASEQ__SYNTHETIC__N_USERS": "150",
         "REASEQ__QUANTIZER__CODEBOOK_SIZE": "16",
         "REASEQ__QUANTIZER__MPQ_CODEBOOK_SIZE": "16",
-        "REASEQ_SHUFFLE_PARTITIONS": "2",
+        "REASEQ__SPARK__SHUFFLE_PARTITIONS": "2",
         "PYTHONPATH": str(ROOT),
     })
     return env

@@ -1,4 +1,4 @@
-"""The nightly DAG run by real Airflow with every task a SparkSubmitOperator (REASEQ_SUBMIT=
+"""The nightly DAG run by real Airflow with every task a SparkSubmitOperator (REASEQ__AIRFLOW__SUBMIT=
 spark-submit, the `make run SPARK_MASTER=…` path) against a Spark standalone cluster (one master, two
 1-core workers on 127.0.0.1, started from pyspark's own spark-class), for the chain ingest_catalog →
 reason_items → embed_items (`--tasks`: Airflow marks the DAG's other tasks successful without running
@@ -52,9 +52,9 @@ def _env(lake: Path) -> dict[str, str]:
         "REASEQ__LAKEHOUSE": str(lake / "lakehouse"),
         "REASEQ__ARTIFACTS": str(lake / "artifacts"),
         "REASEQ__REPORTS": str(lake / "reports"),
-        "REASEQ_SHUFFLE_PARTITIONS": "2",
-        "REASEQ_EXECUTOR_MEMORY": "768m",  # the workers offer 1g each
-        "REASEQ_DRIVER_MEMORY": "1g",
+        "REASEQ__SPARK__SHUFFLE_PARTITIONS": "2",
+        "REASEQ__SPARK__EXECUTOR_MEMORY": "768m",  # the workers offer 1g each
+        "REASEQ__SPARK__DRIVER_MEMORY": "1g",
         "PYTHONPATH": str(ROOT),
     })
     return env

@@ -1,4 +1,4 @@
-"""The cluster path's wiring, without a cluster: with REASEQ_SUBMIT=spark-submit every nightly task is the
+"""The cluster path's wiring, without a cluster: with REASEQ__AIRFLOW__SUBMIT=spark-submit every nightly task is the
 Spark provider's SparkSubmitOperator over the stage's own file, and the command its hook builds is the one
 `python -m jobs.spark_cluster submit` runs. (tests/test_spark_cluster.py runs it against a real cluster.)"""
 
@@ -18,7 +18,7 @@ MASTER = "spark://127.0.0.1:7999"
 def submit_bag(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    monkeypatch.setenv("REASEQ_SUBMIT", "spark-submit")
+    monkeypatch.setenv("REASEQ__AIRFLOW__SUBMIT", "spark-submit")
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_REASEQ", f"{MASTER}?deploy-mode=client")
     from airflow.models import DagBag
 
@@ -72,7 +72,7 @@ def test_the_hook_builds_the_same_command_as_the_cluster_cli(submit_bag):
 def test_submit_mode_parses_without_heavy_imports():
     code = (
         "import os, runpy, sys\n"
-        "os.environ['REASEQ_SUBMIT'] = 'spark-submit'\n"
+        "os.environ['REASEQ__AIRFLOW__SUBMIT'] = 'spark-submit'\n"
         f"runpy.run_path({str(ROOT / 'dags' / 'reaseq_nightly.py')!r})\n"
         "heavy = [m for m in ('pyspark', 'torch', 'great_expectations', 'deltalake') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -84,8 +84,9 @@ def test_submit_mode_parses_without_heavy_imports():
 def test_an_unknown_submit_mode_is_a_clear_error(monkeypatch):
     from jobs.submit import submit_mode
 
-    monkeypatch.setenv("REASEQ_SUBMIT", "yarn-please")
-    with pytest.raises(ValueError, match="REASEQ_SUBMIT='yarn-please': choose one of inprocess, spark-submit"):
+    monkeypatch.setenv("REASEQ__AIRFLOW__SUBMIT", "yarn-please")
+    with pytest.raises(ValueError, match="airflow.submit='yarn-please' from REASEQ__AIRFLOW__SUBMIT: "
+                       "Input should be 'inprocess' or 'spark-submit'"):
         submit_mode()
 
 
