@@ -233,17 +233,17 @@ def _spark_session():
     """The process's Spark session (Delta configured), or SqlError saying the setup is missing."""
     setup = "the spark engine needs the setup `make setup` does (pyspark, a JDK 17, Delta's jars cached)"
     try:
-        from jobs.spark import get_spark
+        from pyspark.sql import SparkSession
+
+        from feature_store.spark import delta_conf, delta_session
     except ImportError as e:
         raise SqlError(f"{setup}: {e}; or use --engine duckdb") from None
     try:
-        from pyspark.sql import SparkSession
-
-        extra = {}
+        conf = delta_conf(app_name="reaseq-sql")
         if SparkSession.getActiveSession() is None:
             # A private warehouse folder, so CREATE DATABASE leaves no spark-warehouse/ in the cwd.
-            extra["spark.sql.warehouse.dir"] = tempfile.mkdtemp(prefix="reaseq-sql-warehouse-")
-        return get_spark(app_name="reaseq-sql", extra=extra)
+            conf["spark.sql.warehouse.dir"] = tempfile.mkdtemp(prefix="reaseq-sql-warehouse-")
+        return delta_session(conf)
     except Exception as e:  # jars not cached (RuntimeError), no Java (PySparkRuntimeError), ...
         raise SqlError(f"{setup}: {_first_line(str(e))}; or use --engine duckdb") from None
 

@@ -1,4 +1,6 @@
-"""Real Airflow for people: API server (UI + REST), scheduler and DAG processor on SQLite, in the foreground.
+"""The private Airflow every command uses (its environment, binary and migrated SQLite DB: `airflow_env`,
+`ensure_airflow_db`, used by `run` and `backfill` too), and real Airflow for people: API server (UI + REST),
+scheduler and DAG processor on SQLite, in the foreground.
 
     python -m jobs.cli airflow [--host 127.0.0.1] [--port 8080]      (make airflow [AIRFLOW_PORT=8080])
 
@@ -16,7 +18,9 @@ Unlike `airflow standalone`, no triggerer is started (no DAG here defers), the A
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -24,8 +28,62 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.config import PROJECT_ROOT
+
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 USER = "admin"
+
+
+# ---------------------------------------------------------------- the private Airflow every command uses
+
+
+def airflow_env(home: Path | None = None) -> dict[str, str]:
+    home = home or Path(os.environ.get("AIRFLOW_HOME", PROJECT_ROOT / ".airflow"))
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "GX_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "NO_PROXY": "*",
+        # A person at the terminal wants a failure now, not after Airflow's retry delays.
+        "REASEQ__AIRFLOW__TASK_RETRIES": os.environ.get("REASEQ__AIRFLOW__TASK_RETRIES", "0"),
+    })
+    home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
+
+
+def ensure_airflow_db(env: dict[str, str]) -> None:
+    home = Path(env["AIRFLOW_HOME"])
+    stamp = home / ".migrated"
+    if not stamp.exists():
+        _check([airflow_bin(), "db", "migrate"], env, "airflow db migrate")
+        stamp.write_text(dt.datetime.now(dt.UTC).isoformat())
+    _check([airflow_bin(), "pools", "set", "llm", "4", "bounds concurrent LLM fan-out tasks"], env, "pool llm")
+
+
+def _check(cmd: list[str], env: dict[str, str], what: str) -> None:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
+        raise SystemExit(f"{what} failed (exit {p.returncode}):\n{tail}")
+
+
+# ---------------------------------------------------------------- the long-running server
 
 
 def server_env(base: dict[str, str], host: str, port: int) -> dict[str, str]:
@@ -106,9 +164,6 @@ def _stop_all(procs: dict[str, subprocess.Popen], grace: float = 20.0) -> None:
 
 
 def serve(host: str, port: int, startup_timeout: float = 300.0) -> int:
-    from jobs.cli import airflow_bin, airflow_env, ensure_airflow_db
-    from jobs.config import PROJECT_ROOT
-
     if port_in_use(host, port):
         print(f"{host}:{port} is already in use: stop what listens there or pick another port "
               f"(make airflow AIRFLOW_PORT=…)", file=sys.stderr)

@@ -33,57 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.airflow_server import airflow_bin, airflow_env, ensure_airflow_db, serve
 from jobs.config import PROJECT_ROOT, ConfigError, load_config, load_settings, resolve_path
 from jobs.sources import DATASETS
 from jobs.stages import PIPELINE
 
 DAG_ID = "reaseq_nightly"
-
-
-def airflow_env(home: Path | None = None) -> dict[str, str]:
-    home = home or Path(os.environ.get("AIRFLOW_HOME", PROJECT_ROOT / ".airflow"))
-    env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
-        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        "GX_ANALYTICS_ENABLED": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "NO_PROXY": "*",
-        # A person at the terminal wants a failure now, not after Airflow's retry delays.
-        "REASEQ__AIRFLOW__TASK_RETRIES": os.environ.get("REASEQ__AIRFLOW__TASK_RETRIES", "0"),
-    })
-    home.mkdir(parents=True, exist_ok=True)
-    return env
-
-
-def airflow_bin() -> str:
-    return str(Path(sys.executable).with_name("airflow"))
-
-
-def ensure_airflow_db(env: dict[str, str]) -> None:
-    home = Path(env["AIRFLOW_HOME"])
-    stamp = home / ".migrated"
-    if not stamp.exists():
-        _check([airflow_bin(), "db", "migrate"], env, "airflow db migrate")
-        stamp.write_text(dt.datetime.now(dt.UTC).isoformat())
-    _check([airflow_bin(), "pools", "set", "llm", "4", "bounds concurrent LLM fan-out tasks"], env, "pool llm")
-
-
-def _check(cmd: list[str], env: dict[str, str], what: str) -> None:
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
-        raise SystemExit(f"{what} failed (exit {p.returncode}):\n{tail}")
 
 
 # Airflow's structured log lines: "<ts> [level] message [logger] loc=…". Show our stages' lines, the
@@ -528,8 +483,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "backfill":
         return run_backfill(args.start, args.end, args.dataset, args.data, args.quiet, args.spark_master)
     if args.cmd == "airflow":
-        from jobs.airflow_server import serve
-
         return serve(args.host, args.port)
     if args.cmd == "requeue-llm":
         from jobs import dead_letter

@@ -13,13 +13,14 @@ runs wherever it was submitted, unchanged.
 
 from __future__ import annotations
 
+from feature_store.spark import SUBMIT_OWNS
 from jobs.config import PROJECT_ROOT
 
 CONN_ID = "spark_reaseq"
 CONN_ENV = "AIRFLOW_CONN_SPARK_REASEQ"
 MODES = ("inprocess", "spark-submit")
 # spark-submit takes these as its own options, not as --conf.
-OWN_OPTIONS = ("spark.master", "spark.app.name", "spark.jars", "spark.jars.packages", "spark.driver.memory")
+OWN_OPTIONS = SUBMIT_OWNS
 
 
 def submit_mode() -> str:

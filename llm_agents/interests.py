@@ -18,7 +18,7 @@ no Spark and no embedding, only the agent:
   the share of paths naming it times `RANK_DECAY` ** its mean rank; there is no majority cut, since
   different plausible interests are the point, but agreement still ranks first.
 - Backends: `openai` through the same retry, repair, circuit-breaker and token accounting as the
-  item agents (runner._Run), and `offline`, a deterministic heuristic (`offline_interests`): the
+  item agents (runner.FanOut), and `offline`, a deterministic heuristic (`offline_interests`): the
   complements (weight 1) and substitutes (weight 0.5) of the recent items' knowledge, decayed by
   `RECENCY_DECAY` per step back in time, minus what the history covers. Offline rows say
   model = `offline-interests-v1`.
@@ -43,8 +43,9 @@ from typing import Any
 
 from .backend import Backend
 from .config import LLMConfig
+from .offline import product_type, relations, singular
 from .prompts import _REPAIR_TEMPLATE, _USER_TEMPLATE, SYSTEM_PROMPT, Agent, _safe_json, build_messages
-from .runner import _ItemFailed, _new_loop, _Run, _Tally, make_backend
+from .runner import FanOut, ItemFailed, Tally, make_backend, new_loop
 from .schemas import MAX_PHRASE, InterestsAnswer, voted_fields, wire_schema
 from .types import HistoryItem, InterestsResult, ItemInput, UserHistory
 
@@ -164,8 +165,6 @@ def normalise(phrase: str) -> str:
 
 def phrase_key(phrase: str) -> str:
     """What two phrases must share to be the same interest: their words, each in singular."""
-    from .offline import singular
-
     return " ".join(singular(w) for w in _WORD.findall(phrase.lower()))
 
 
@@ -183,8 +182,6 @@ def _as_item(it: HistoryItem) -> ItemInput:
 
 
 def _product_type(it: HistoryItem) -> str:
-    from .offline import product_type
-
     return it.product_type or product_type(_as_item(it))
 
 
@@ -211,8 +208,6 @@ def offline_interests(history: list[HistoryItem]) -> dict[str, Any]:
     offline vocabulary's relations of its title and categories. Phrases the history covers are
     dropped; the rest are ranked by total weight (first seen, most recent first, breaks ties).
     """
-    from .offline import relations
-
     recent = recent_items(history)
     covered = covered_keys(recent)
     scores: dict[str, float] = {}
@@ -292,14 +287,14 @@ def merge_answers(
 # -- orchestration -------------------------------------------------------------------------------
 
 
-class _InterestsRun(_Run):
+class _InterestsRun(FanOut):
     """The item agents' request machinery (semaphore, retries, repair, circuit) for one agent per user."""
 
     def __init__(self, config: LLMConfig, backend: Backend, rng: random.Random | None = None):
         super().__init__(config, backend, rng)
         self.model = interests_model_name(config)
 
-    def _result(self, user_id: str, status: str, tally: _Tally, started: float, **kw: Any) -> InterestsResult:
+    def _result(self, user_id: str, status: str, tally: Tally, started: float, **kw: Any) -> InterestsResult:
         return InterestsResult(
             user_id=user_id,
             prompt_version=INTERESTS_PROMPT_VERSION,
@@ -314,7 +309,7 @@ class _InterestsRun(_Run):
 
     async def user(self, user: UserHistory) -> InterestsResult:
         started = time.perf_counter()
-        tally = _Tally()
+        tally = Tally()
         items = recent_items(user.items)
         if not items:
             return self._result(user.user_id, "skipped", tally, started, error="no_history: no item with a title")
@@ -323,7 +318,7 @@ class _InterestsRun(_Run):
             paths = await self._sample(
                 tally, INTERESTS, None, messages, None, history=items, subject=f"user {user.user_id}"
             )
-        except _ItemFailed as f:
+        except ItemFailed as f:
             return self._result(user.user_id, "failed", tally, started, error=f.reason, raw=f.raw)
         interests, weights, covered = merge_answers(paths, self.cfg.samples_k, items)
         traces = {
@@ -346,7 +341,7 @@ class _InterestsRun(_Run):
         )
 
     async def run_users(self, users: list[UserHistory], progress: Progress | None) -> list[InterestsResult]:
-        """Every user through runner._Run._pool: the same workers, circuit and error handling as items."""
+        """Every user through runner.FanOut._pool: the same workers, circuit and error handling as items."""
         completed = await self._pool(users, self.user, "user_id", progress)
         total = len(users)
         counts: dict[str, int] = {}
@@ -378,7 +373,7 @@ async def infer_interests_async(
     if not histories:
         return []
     own = backend is None
-    backend = backend or make_backend(config)
+    backend = backend or make_backend(config, {"interests": lambda request: offline_interests(request.history or [])})
     try:
         return await _InterestsRun(config, backend, rng).run_users(list(histories), progress)
     finally:
@@ -392,7 +387,7 @@ def infer_interests(
     """Synchronous entry for Spark tasks and scripts; same order as the input."""
 
     def go() -> list[InterestsResult]:
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
             return runner.run(infer_interests_async(histories, config, progress))
 
     try:

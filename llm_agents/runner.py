@@ -58,7 +58,7 @@ CATALOG = "catalog"
 _REPAIRABLE = frozenset({"invalid_json", "schema_violation", "truncated", "empty_content"})
 
 
-class _ItemFailed(Exception):
+class ItemFailed(Exception):
     def __init__(self, code: str, agent: str, detail: str, raw: str | None):
         super().__init__(f"{code}: {agent}: {detail}")
         self.reason = f"{code}: {agent}: {detail}"
@@ -74,7 +74,7 @@ class _Fatal(Exception):
 
 
 @dataclass
-class _Tally:
+class Tally:
     tokens_in: int = 0
     tokens_out: int = 0
     llm_calls: int = 0
@@ -114,11 +114,12 @@ class _Circuit:
             self.event.set()
 
 
-def make_backend(config: LLMConfig) -> Backend:
+def make_backend(config: LLMConfig, offline_answerers: dict | None = None) -> Backend:
+    """The backend of `config`; `offline_answerers`: the offline heuristic of agents not about one item."""
     if config.backend == "offline":
         from .offline import OfflineBackend
 
-        return OfflineBackend()
+        return OfflineBackend(offline_answerers)
     from .http_backend import OpenAIBackend
 
     return OpenAIBackend(config)
@@ -148,7 +149,7 @@ def _problem(
         return None, BackendError(code, detail[:600], retryable=True, raw=content[:MAX_RAW])
 
 
-class _Run:
+class FanOut:
     def __init__(self, config: LLMConfig, backend: Backend, rng: random.Random | None = None):
         self.cfg = config
         self.backend = backend
@@ -174,7 +175,7 @@ class _Run:
 
     async def _sample(
         self,
-        tally: _Tally,
+        tally: Tally,
         agent: Agent,
         item: ItemInput | None,
         messages: list[dict[str, str]],
@@ -241,7 +242,7 @@ class _Run:
                         self.circuit.failed(e)
                     if 2 * len(paths) > k:
                         return paths  # a majority of paths arrived; the vote counts the rest as dissent
-                    raise _ItemFailed(e.code, agent.name, e.detail, e.raw) from None
+                    raise ItemFailed(e.code, agent.name, e.detail, e.raw) from None
                 log.debug("retrying %s for %s after %s", agent.name, subject or getattr(item, "item_id", None), e.code)
                 outgoing = messages
                 await self._backoff(failures, e.retry_after)
@@ -273,7 +274,7 @@ class _Run:
             if failures > self.cfg.max_retries:
                 if 2 * len(paths) > k:
                     return paths
-                raise _ItemFailed(problem.code, agent.name, problem.detail, problem.raw)
+                raise ItemFailed(problem.code, agent.name, problem.detail, problem.raw)
             if not repaired and problem.code in _REPAIRABLE and prompt is None:
                 # A chat model is shown its rejected answer once; a base model (completion profile)
                 # cannot follow such a note, so it simply samples again.
@@ -286,7 +287,7 @@ class _Run:
 
     async def _agent(
         self,
-        tally: _Tally,
+        tally: Tally,
         agent: Agent,
         item: ItemInput,
         item_block: str,
@@ -304,14 +305,14 @@ class _Run:
 
     async def item(self, item: ItemInput) -> KnowledgeResult:
         started = time.perf_counter()
-        tally = _Tally()
+        tally = Tally()
         block = render_item(item)
         agents = upstream_for(item)
         try:
             upstream = await _all([self._agent(tally, a, item, block) for a in agents])
             context = {a.name: cons.values for a, (_, cons) in zip(agents, upstream, strict=True)}
             final_paths, final = await self._agent(tally, RECONCILER, item, block, context)
-        except _ItemFailed as f:
+        except ItemFailed as f:
             return KnowledgeResult(
                 item_id=item.item_id,
                 content_hash=item.content_hash,
@@ -565,13 +566,13 @@ async def reason_items_async(
     own = backend is None
     backend = backend or make_backend(config)
     try:
-        return await _Run(config, backend, rng).run(list(items), progress, deadline)
+        return await FanOut(config, backend, rng).run(list(items), progress, deadline)
     finally:
         if own:
             await backend.aclose()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_loop() -> asyncio.AbstractEventLoop:
     try:  # uvloop roughly halves the per-request client overhead; optional
         import uvloop
 
@@ -593,7 +594,7 @@ def reason_items(
     """
 
     def go() -> list[KnowledgeResult]:
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
             return runner.run(reason_items_async(items, config, progress, deadline=deadline))
 
     try:

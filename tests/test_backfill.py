@@ -61,7 +61,7 @@ def _backfill(tmp_path: Path, *args: str, timeout: int = 2400, root: Path = ROOT
 def _code_snapshot(dest: Path) -> Path:
     """A copy of the code the pipeline runs, so both replays run the same code even when the checkout is
     edited meanwhile (model versions hash code defaults: an edit between the replays is not a replay)."""
-    for pkg in ("jobs", "models", "feature_store", "llm_agents", "dags", "conf"):
+    for pkg in ("jobs", "models", "feature_store", "llm_agents", "dags"):
         shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 

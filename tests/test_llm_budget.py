@@ -24,7 +24,7 @@ import pytest
 from jobs import cli, report
 from jobs.reason_items import llm_budget
 from llm_agents import LLMConfig, reason_items, reason_items_async
-from llm_agents.runner import _Run
+from llm_agents.runner import FanOut
 
 try:
     from test_llm_agents import make_items
@@ -95,7 +95,7 @@ def test_pool_returns_the_started_inputs_in_order_and_still_checks_each_result()
     async def pool(handle, deadline):
         # Under a deadline, two workers (two request slots, k=1): they take inputs at 0 s and 0.5 s; at
         # 1.0 s the deadline (0.75 s) has passed, so four inputs started.
-        return await _Run(LLMConfig(max_concurrency=2), _Slow(0.0))._pool(inputs, handle, "item_id", None, deadline)
+        return await FanOut(LLMConfig(max_concurrency=2), _Slow(0.0))._pool(inputs, handle, "item_id", None, deadline)
 
     done = asyncio.run(pool(slow, time.time() + 0.75))
     assert [r.item_id for r in done] == ["x0", "x1", "x2", "x3"]
