@@ -71,15 +71,16 @@ class RunData:
         except NotAvailable as exc:
             self.runs_error = str(exc)
         far = dt.datetime.max.replace(tzinfo=dt.UTC)
-        self.tasks = sorted((r for r in self.all_runs if r["run_id"] == run_id),
+        near = dt.datetime.min.replace(tzinfo=dt.UTC)
+        rows = [r for r in self.all_runs if r["run_id"] == run_id]
+        # One run id per day: a second attempt of the day (another `make run`, another dataset) rewrites
+        # the rows of the tasks it ran and leaves the others' from the earlier attempt. The report is
+        # the latest attempt's, named by Airflow's run id; the rows of earlier attempts are counted.
+        self.attempt = _attempt(max(rows, key=lambda r: r["started_at"] or near)) if rows else None
+        self.earlier = [r for r in rows if _attempt(r) != self.attempt]
+        self.tasks = sorted((r for r in rows if _attempt(r) == self.attempt),
                             key=lambda r: (r["started_at"] or far, r["task"]))
-        self._metrics: dict[str, dict] = {}
-        for r in self.tasks:
-            try:
-                m = json.loads(r["metrics"] or "{}")
-            except ValueError:
-                m = {}
-            self._metrics[r["task"]] = m if isinstance(m, dict) else {}
+        self._metrics: dict[str, dict] = {r["task"]: _metrics_of(r) for r in self.tasks}
 
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         try:
@@ -98,6 +99,19 @@ class RunData:
 
     def metrics(self, task: str) -> dict:
         return self._metrics.get(task, {})
+
+
+def _metrics_of(row: dict) -> dict:
+    try:
+        m = json.loads(row["metrics"] or "{}")
+    except ValueError:
+        m = {}
+    return m if isinstance(m, dict) else {}
+
+
+def _attempt(row: dict) -> str | None:
+    """Airflow's run id of the attempt that wrote the row (None: run outside Airflow)."""
+    return _metrics_of(row).get("airflow_run_id")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -693,10 +707,16 @@ def _header(data: RunData) -> str:
     failed = [r["task"] for r in t if r["status"] != "success"]
     state = "no tasks recorded" if not t else (_badge("success") + f" all {len(t)} tasks" if not failed else
                                               _badge("failed") + " " + _e(", ".join(failed)))
-    items = [("run", _e(data.run_id)), ("dataset", _e(dataset)), ("ds", _e(ds or "?")), ("DAG", _e(dag)),
-             ("state", state), ("stage time", _e(_fmt_s(sum(r["seconds"] or 0 for r in t)) if t else "–")),
-             ("lakehouse", _e(data.root))]
-    return '<p class="meta">' + " &nbsp;·&nbsp; ".join(f"{k} <b>{v}</b>" for k, v in items) + "</p>"
+    items = [("run", _e(data.run_id)), ("attempt", _e(data.attempt or "outside Airflow")), ("dataset", _e(dataset)),
+             ("ds", _e(ds or "?")), ("DAG", _e(dag)), ("state", state),
+             ("stage time", _e(_fmt_s(sum(r["seconds"] or 0 for r in t)) if t else "–")), ("lakehouse", _e(data.root))]
+    meta = '<p class="meta">' + " &nbsp;·&nbsp; ".join(f"{k} <b>{v}</b>" for k, v in items) + "</p>"
+    if data.earlier:
+        tasks = ", ".join(sorted(r["task"] for r in data.earlier))
+        meta += (f'<p class="na">This day had an earlier attempt: its records of {len(data.earlier)} task(s) '
+                 f"({_e(tasks)}) are left out of the tasks, timings and metrics here. The tables below are the "
+                 "lakehouse as it stands now, which those tasks wrote.</p>")
+    return meta
 
 
 def build_report(root: str, run_id: str, out_dir: Path, *, reports_dir: Path | str | None = None) -> Path:

@@ -239,6 +239,25 @@ def test_partial_and_unreadable_tables(tmp_path):
     assert "No validation results" in text
 
 
+def test_a_second_attempt_of_the_day_is_reported_alone(tmp_path):
+    """A good run, then a failed `make run` of another dataset the same day: one run id, two attempts. The
+    report is the failed attempt's (its state, its timings); the earlier attempt's records are named, not mixed."""
+    root = tmp_path / "lakehouse"
+    good = [task(RUN, name, minute, 60.0, metrics={"airflow_run_id": "manual__good"})
+            for minute, name in enumerate(("ingest_catalog", "ingest_interactions", "validate_bronze", "publish"))]
+    failed = task(RUN, "ingest_catalog", 57, 3.0, status="failed",
+                  metrics={"airflow_run_id": "manual__broken", "error": "SourceError: amazon-json: not JSON"})
+    write(root, "ops.pipeline_runs", [failed] + good[1:])  # the MERGE on (run_id, task) replaced ingest_catalog's row
+    data = report.RunData(str(root), RUN)
+    assert data.attempt == "manual__broken" and [r["task"] for r in data.tasks] == ["ingest_catalog"]
+    assert sorted(r["task"] for r in data.earlier) == ["ingest_interactions", "publish", "validate_bronze"]
+    text = report.build_report(str(root), RUN, tmp_path / "out", reports_dir=tmp_path).read_text()
+    assert "attempt <b>manual__broken</b>" in text and "failed</span> ingest_catalog" in text
+    assert "earlier attempt: its records of 3 task(s) (ingest_interactions, publish, validate_bronze)" in text
+    assert "3.0 s of stage time, wall time 3.0 s" in text  # not 57 minutes across both attempts
+    assert "<td>publish" not in text
+
+
 def test_coverage_is_for_the_runs_prompt_version(tmp_path):
     root = tmp_path / "lakehouse"
     write(root, "ops.pipeline_runs", [task(RUN, "reason_items", 0, 5.0, metrics={
