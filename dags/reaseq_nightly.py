@@ -16,7 +16,7 @@ from airflow.sdk import Asset, Param, dag, task
 from feature_store.assets import gold_asset_uris
 from jobs.callbacks import on_failure
 from jobs.config import load_settings
-from jobs.stages import PIPELINE
+from jobs.stages import PIPELINE, edges
 from jobs.submit import CONN_ID, submit_mode, submit_settings
 
 STAGES = PIPELINE
@@ -61,7 +61,6 @@ def _run_stage(name: str, **context) -> dict:
     doc_md=__doc__,
 )
 def reaseq_nightly():
-    previous = None
     steps = {}
     for name in STAGES:
         kwargs = {"task_id": name}
@@ -73,9 +72,11 @@ def reaseq_nightly():
             step = _submit_operator(name, **kwargs)
         else:
             step = task(**kwargs)(_stage_callable(name))()
-        if previous is not None:
-            previous >> step
-        previous = steps[name] = step
+        steps[name] = step
+    # What each stage reads and writes decides what it waits for (jobs/stages.py): the two ingests run
+    # side by side, the rest waits for the knowledge (every gold table keys items by semantic ID).
+    for up, down in edges():
+        steps[up] >> steps[down]
     # The local LLM engine is held from just before the first stage that asks it to just after the
     # last (the beyond-log stage asks it when beyond_log.method is llm); the teardown runs on success
     # and failure alike and stops only an engine this run started. Not in spark-submit mode: the

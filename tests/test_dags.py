@@ -36,7 +36,13 @@ def test_dagbag_loads_without_errors_and_mirrors_the_pipeline(tmp_path, monkeypa
     dag = bag.dags.get("reaseq_nightly")
     assert dag is not None
     stages = [t.task_id for t in dag.topological_sort() if not t.task_id.startswith("llm_engine_")]
-    assert stages == PIPELINE
+    assert sorted(stages) == sorted(PIPELINE)
+    # The graph is the lineage's (jobs/stages.py): the two ingests side by side, then one line.
+    assert dag.get_task("ingest_catalog").upstream_task_ids == dag.get_task("ingest_interactions").upstream_task_ids \
+        == set()
+    assert dag.get_task("validate_bronze").upstream_task_ids == {"ingest_catalog", "ingest_interactions"}
+    assert dag.get_task("embed_items").upstream_task_ids == {"reason_items"}
+    assert dag.get_task("publish").upstream_task_ids == {"validate_gold"}
     # The local engine is a setup/teardown pair around the stages that ask the LLM: the teardown runs
     # whatever became of them, and waits for both LLM stages before stopping the engine.
     up, down = dag.get_task("llm_engine_up"), dag.get_task("llm_engine_down")

@@ -79,3 +79,26 @@ def test_no_files_import_each_other_in_a_loop():
         if node not in state:
             visit(node, [node])
     assert not loops, "files that import each other in a loop:\n" + "\n".join(loops)
+
+
+def test_each_stage_declares_every_table_its_module_names():
+    """jobs/stages.py's lineage decides the DAG's edges: a stage reading a table it does not declare could
+    run before the table is written."""
+    import re
+
+    from jobs.stages import LINEAGE
+
+    table = re.compile(r"[\"']((?:bronze|silver|gold)\.[a-z_]+)[\"']")
+    # Written by the runtime for every stage, not by the stage's own code.
+    everywhere = {"silver.quarantine", "ops.pipeline_runs"}
+    # Named as the source_table of quarantine rows (items whose embeddings cannot get an ID), not read.
+    about = {"train_quantizer": {"gold.item_semantic_ids"}}
+    missing = {}
+    for stage, (reads, writes) in LINEAGE.items():
+        named = set(table.findall((ROOT / "jobs" / f"{stage}.py").read_text()))
+        if stage == "infer_beyond_log":  # its LLM method lives in its own module
+            named |= set(table.findall((ROOT / "jobs" / "beyond_llm.py").read_text()))
+        undeclared = named - set(reads) - set(writes) - everywhere - about.get(stage, set())
+        if undeclared:
+            missing[stage] = sorted(undeclared)
+    assert not missing, f"tables named in a stage's module but not in its lineage: {missing}"
