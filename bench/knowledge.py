@@ -133,7 +133,7 @@ def llm_config(method: str, args, base_url: str | None = None, model: str | None
 
 
 def answer(items: list, config, what: str) -> tuple[list, float]:
-    from jobs.context import progress_line
+    from jobs.progress import progress_line
     from llm_agents import reason_items
 
     start, last = time.monotonic(), [0.0]

@@ -64,7 +64,8 @@ from typing import Any
 import numpy as np
 
 from jobs.config import BeyondLogSettings
-from jobs.context import Progress, RunContext
+from jobs.context import RunContext
+from jobs.progress import Progress
 from jobs.runtime import StageFailed, write_quarantine
 
 log = logging.getLogger("reaseq")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,48 +69,3 @@ class RunContext:
 
             self._spark = get_spark(self.config.get("spark", {}).get("master"))
         return self._spark
-
-
-def progress_line(what: str, done: int, total: int, elapsed: float, unit: str = "") -> str:
-    """'what: 15/102 items (15%), 0.12/s, ETA 12 min 5 s': one format for every long loop's progress."""
-    rate = done / max(elapsed, 1e-9)
-    pct = 100.0 * done / total if total else 100.0
-    unit = f" {unit}" if unit else ""
-    return f"{what}: {done:,}/{total:,}{unit} ({pct:.0f}%), {_rate(rate)}/s, ETA {_eta((total - done) / rate if rate else None)}"
-
-
-def _rate(rate: float) -> str:
-    return f"{rate:.2g}" if rate < 10 else f"{rate:.0f}"  # 0.12/s on a slow engine, not 0.1 or 0.0
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-class Progress:
-    """Logs done of total, rate and ETA at most every `every_s` seconds (for long loops in task logs)."""
-
-    def __init__(self, what: str, total: int, every_s: float = 5.0, logger: logging.Logger | None = None):
-        self.what, self.total, self.every_s = what, total, every_s
-        self.log = logger or log
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def __call__(self, done: int, total: int | None = None) -> None:
-        self.done = done
-        if total is not None:
-            self.total = total
-        now = time.monotonic()
-        if now - self.last >= self.every_s or done >= self.total:
-            self.last = now
-            self.log.info(self.line())
-
-    def line(self) -> str:
-        return progress_line(self.what, self.done, self.total, time.monotonic() - self.start)

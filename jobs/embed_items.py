@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-from jobs.context import JobResult, RunContext, progress_line
+from jobs.context import JobResult, RunContext
+from jobs.progress import progress_line
 from jobs.runtime import cli_main, write_quarantine
 
 log = logging.getLogger("reaseq")

@@ -25,7 +25,8 @@ import logging
 import time
 from pathlib import Path
 
-from jobs.context import JobResult, Progress, RunContext
+from jobs.context import JobResult, RunContext
+from jobs.progress import Progress
 from jobs.runtime import cli_main
 
 log = logging.getLogger("reaseq")

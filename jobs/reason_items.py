@@ -47,7 +47,8 @@ import sys
 import time
 
 from jobs import dead_letter
-from jobs.context import JobResult, RunContext, progress_line
+from jobs.context import JobResult, RunContext
+from jobs.progress import progress_line
 from jobs.runtime import StageFailed, cli_main, write_quarantine
 
 log = logging.getLogger("reaseq")

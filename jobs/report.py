@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from feature_store import delta
+from jobs.progress import duration
 
 log = logging.getLogger("reaseq.report")
 
@@ -128,11 +129,7 @@ def _fmt_int(v: Any) -> str:
 
 
 def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    return "–" if seconds is None else duration(seconds, tenths=True)
 
 
 def _short(s: str, n: int = 60) -> str:

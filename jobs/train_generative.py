@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.context import JobResult, RunContext
-from jobs.train_ranker import _fmt_s, _parse_set, write_training_run
+from jobs.progress import EpochProgress, duration, progress_line
+from jobs.train_ranker import _parse_set, write_training_run
 
 log = logging.getLogger("reaseq")
 MODEL_FAMILY = "generative"
@@ -61,48 +62,31 @@ def load_data(root: str, config, versions: dict[str, int] | None = None):
     return pinned, feats, cat, paths, stats
 
 
-class Progress:
-    """Epoch lines with ETA, a line every `every_s` seconds within long epochs and evaluation passes."""
+class _TrainingLog(EpochProgress):
+    """The base training's epochs (ETA to the early stop), the alignment stages' epochs, and the test
+    decode of each inference mode (users, rate, ETA)."""
 
-    def __init__(self, prefix: str, config, eval_users: int = 0, every_s: float = 15.0):
-        self.prefix, self.config, self.every_s, self.eval_users = prefix, config, every_s, eval_users
-        self.last = self.stage_start = time.monotonic()
-        self.epoch_times: list[float] = []
-
-    def step(self, seqs: int, per_epoch: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = seqs / max(now - self.stage_start, 1e-9)
-        total = f"/{per_epoch:,}" if per_epoch else ""
-        log.info("%s: epoch %d, %s%s sequences, %.0f seq/s", self.prefix, len(self.epoch_times) + 1, f"{seqs:,}",
-                 total, rate)
+    def __init__(self, prefix: str, config, eval_users: int = 0):
+        super().__init__(prefix, config.patience, config.select_metric)
+        self.eval_users = eval_users
 
     def epoch(self, rec: dict) -> None:
-        now = time.monotonic()
-        self.epoch_times.append(now - self.stage_start)
-        per = sum(self.epoch_times[-3:]) / len(self.epoch_times[-3:])
-        if rec["stage"] == "base":
-            stop_by = min(rec["max_epochs"], rec["best_epoch"] + self.config.patience)
-        else:
-            stop_by = rec["max_epochs"]
-        log.info("%s: %s epoch %d/%d loss %.4f valid(fixed order) %s %.4f (best %.4f @ %d) %.0fs/epoch, "
-                 "stage ETA %s", self.prefix, rec["stage"], rec["epoch"], rec["max_epochs"], rec["loss"],
-                 self.config.select_metric, rec["valid"], rec["best"], rec["best_epoch"], per,
-                 _fmt_s((stop_by - rec["epoch"]) * per))
-        if rec["epoch"] == rec["max_epochs"] or (rec["stage"] == "base" and rec["epoch"] >= stop_by):
-            self.epoch_times = []
-        self.stage_start = self.last = time.monotonic()
+        eta, _ = self.epoch_done(rec["epoch"], rec["max_epochs"], rec["best_epoch"],
+                                 early_stopping=rec["stage"] == "base")
+        log.info("%s: %s epoch %d/%d loss %.4f valid(fixed order) %s %.4f (best %.4f @ %d) %s/epoch, stage ETA %s",
+                 self.prefix, rec["stage"], rec["epoch"], rec["max_epochs"], rec["loss"], self.select_metric,
+                 rec["valid"], rec["best"], rec["best_epoch"], duration(self.epoch_times[-1]), eta)
+        stop_by = min(rec["max_epochs"], rec["best_epoch"] + self.patience) if rec["stage"] == "base" \
+            else rec["max_epochs"]
+        if rec["epoch"] >= stop_by:
+            self.restart()
 
     def eval(self, what: str, users: int) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s:
             return
-        rate = users / max(now - self.stage_start, 1e-9)
-        left = max(self.eval_users - users, 0) / max(rate, 1e-9)
-        log.info("%s: test decode (%s) %s/%s users, %.0f users/s, ETA %s", self.prefix, what, f"{users:,}",
-                 f"{self.eval_users:,}", rate, _fmt_s(left))
+        log.info("%s: %s", self.prefix, progress_line(f"test decode ({what})", users, self.eval_users,
+                                                     now - self.epoch_start, "users"))
         self.last = now
 
 
@@ -144,7 +128,7 @@ def train(root: str, config, *, ds: dt.date, artifacts: str | None = None, run_i
     log.info("%s: %d items (%d with MPQ tokens, %d sharing a tuple), %d users, tables %s, checkpoints %s", prefix,
              feats.n_items, stats["items_with_mpq"], stats["items_sharing_a_tuple"], stats["users"], pinned.to_json(),
              ckpt)
-    prog = Progress(prefix, config, eval_users=stats["users"] - stats["users_too_short"]) if progress else None
+    prog = _TrainingLog(prefix, config, eval_users=stats["users"] - stats["users_too_short"]) if progress else None
     res = fit_variants(pinned, feats, cat, paths, config, variants,
                        on_epoch=prog.epoch if prog else None, on_step=prog.step if prog else None,
                        on_eval=prog.eval if prog else None, save=checkpoint_saver(ckpt, config, pinned, stats))
@@ -170,8 +154,8 @@ def train(root: str, config, *, ds: dt.date, artifacts: str | None = None, run_i
         write_training_run(root, row)
     for v, r in res.items():
         log.info("%s: %-15s test recall@10 %.4f ndcg@10 %.4f | %.0f users/s | train %s", prefix, v,
-                 r["test"]["recall@10"], r["test"]["ndcg@10"], r["users_per_second"], _fmt_s(r["train_seconds"]))
-    log.info("%s: done in %s%s", prefix, _fmt_s(seconds),
+                 r["test"]["recall@10"], r["test"]["ndcg@10"], r["users_per_second"], duration(r["train_seconds"]))
+    log.info("%s: done in %s%s", prefix, duration(seconds),
              f"; recorded in ops.training_runs as {run_id}" if record else "")
     return {**row, "metrics": metrics, "config": conf, "table_versions": {"root": root, **pinned.versions}}
 

@@ -117,7 +117,7 @@ def run(ctx: RunContext) -> JobResult:
 
 
 def _progress():
-    from jobs.context import Progress
+    from jobs.progress import Progress
 
     bars: dict[str, Progress] = {}
 

@@ -26,17 +26,13 @@ import time
 from typing import Any
 
 from jobs.context import JobResult, RunContext
+from jobs.progress import EpochProgress, duration, rate
 from models.variants import VARIANTS
 
 VARIANT_NAMES = list(VARIANTS)  # the training DAG's parameter and --help (no torch import)
 
 log = logging.getLogger("reaseq")
 MODEL_NAME = "sasrec-ranker-v1"
-
-
-def _fmt_s(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def default_run_id(ds: dt.date, variant: str, seed: int) -> str:
@@ -138,40 +134,18 @@ def load_data(root: str, config, versions: dict[str, int] | None = None, artifac
     return pinned, feats, beyond, stats
 
 
-class _ProgressLog:
-    """Epoch lines, and within long epochs a line every `every_s` seconds."""
+def _epoch_logger(prefix: str, config):
+    """on_step / on_epoch callbacks of `fit` that log progress (jobs/progress.py's format)."""
+    prog = EpochProgress(prefix, config.patience, config.select_metric)
 
-    def __init__(self, prefix: str, config, every_s: float = 15.0):
-        self.prefix, self.config, self.every_s = prefix, config, every_s
-        self.start = self.last = time.monotonic()
-        self.epoch_times: list[float] = []
-        self.epoch = 1
-        self.epoch_start = time.monotonic()
+    def epoch_done(rec: dict) -> None:
+        eta, eta_max = prog.epoch_done(rec["epoch"], rec["max_epochs"], rec["best_epoch"])
+        metric = config.select_metric
+        log.info("%s: epoch %d/%d loss %.4f valid %s %.4f (best %.4f @ %d) %s seq/s ETA %s (at most %s)",
+                 prefix, rec["epoch"], rec["max_epochs"], rec["loss"], metric, rec["valid"][metric], rec["best"],
+                 rec["best_epoch"], rate(rec["sequences_per_second"]), eta, eta_max)
 
-    def step(self, seqs: int, per_epoch: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = seqs / max(now - self.epoch_start, 1e-9)
-        total = f"/{per_epoch:,}" if per_epoch else ""
-        log.info("%s: epoch %d, %s%s sequences, %.0f seq/s", self.prefix, self.epoch, f"{seqs:,}", total, rate)
-
-    def epoch_done(self, rec: dict) -> None:
-        now = time.monotonic()
-        self.epoch_times.append(now - self.epoch_start)
-        per_epoch = sum(self.epoch_times) / len(self.epoch_times)
-        # Early stopping ends the run at best_epoch + patience unless validation improves again.
-        stop_by = min(rec["max_epochs"], rec["best_epoch"] + self.config.patience)
-        eta, eta_max = (stop_by - rec["epoch"]) * per_epoch, (rec["max_epochs"] - rec["epoch"]) * per_epoch
-        metric = self.config.select_metric
-        log.info(
-            "%s: epoch %d/%d loss %.4f valid %s %.4f (best %.4f @ %d) %.0f seq/s ETA %s (at most %s)",
-            self.prefix, rec["epoch"], rec["max_epochs"], rec["loss"], metric, rec["valid"][metric], rec["best"],
-            rec["best_epoch"], rec["sequences_per_second"], _fmt_s(eta), _fmt_s(eta_max),
-        )
-        self.epoch += 1
-        self.epoch_start = self.last = time.monotonic()
+    return prog.step, epoch_done
 
 
 def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: bool = True,
@@ -188,9 +162,8 @@ def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: 
     prefix = f"train_ranker[{config.variant} s{config.seed}]"
     log.info("%s: %d items, %d users (%d too short to evaluate), tables %s", prefix, feats.n_items,
              stats["users"], stats["users_too_short"], pinned.to_json())
-    prog = _ProgressLog(prefix, config) if progress else None
-    model, res = fit(feats, make_streams(pinned, feats, config, beyond), config,
-                 on_epoch=prog.epoch_done if prog else None, on_step=prog.step if prog else None)
+    on_step, on_epoch = _epoch_logger(prefix, config) if progress else (None, None)
+    model, res = fit(feats, make_streams(pinned, feats, config, beyond), config, on_epoch=on_epoch, on_step=on_step)
     seconds = time.perf_counter() - t0
     metrics = {
         "test": res.test, "valid": res.valid, "best_epoch": res.best_epoch, "epochs": res.epochs,
@@ -218,7 +191,7 @@ def train(root: str, config, *, ds: dt.date, run_id: str | None = None, record: 
         write_training_run(root, row)
     t = res.test
     log.info("%s: done in %s, best epoch %d of %d; test recall@10 %.4f ndcg@10 %.4f (valid recall@10 %.4f)%s",
-             prefix, _fmt_s(seconds), res.best_epoch, res.epochs, t["recall@10"], t["ndcg@10"],
+             prefix, duration(seconds), res.best_epoch, res.epochs, t["recall@10"], t["ndcg@10"],
              res.valid.get("recall@10", float("nan")), f"; recorded in ops.training_runs as {run_id}" if record else "")
     return {**row, "metrics": metrics, "config": conf, "table_versions": {"root": root, **pinned.versions}}
 
