@@ -322,12 +322,6 @@ def _semantic_ids(ctx: RunContext):
             .filter(F.col("codebook_version") == version).select("item_id", "rq_codes"))
 
 
-def _backend_error(exc: Exception) -> str | None:
-    """The BackendUnavailable message inside a Spark-wrapped worker error, if that is what it is."""
-    lines = [x for x in str(exc).splitlines() if "BackendUnavailable: " in x]
-    return lines[-1].split("BackendUnavailable: ", 1)[-1].strip() if lines else None
-
-
 def infer(ctx: RunContext, seqs, top_n: int):
     """One row per user of `seqs` (gold.user_sequences), OUTPUT_DDL columns; see the module docstring."""
     return infer_detailed(ctx, seqs, top_n).frame
@@ -340,6 +334,7 @@ def infer_detailed(ctx: RunContext, seqs, top_n: int) -> InferOutput:
     from feature_store import delta
     from jobs.reason_items import llm_config
     from llm_agents import INTERESTS_PROMPT_VERSION, interests_model_name, model_name
+    from llm_agents.config import unavailable_message
     from llm_agents.interests import HISTORY_ITEMS
     from models.embedder import EmbedderConfig
 
@@ -390,7 +385,7 @@ def infer_detailed(ctx: RunContext, seqs, top_n: int) -> InferOutput:
             .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
         )
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
-        message = _backend_error(exc)
+        message = unavailable_message(exc)
         if message:
             raise StageFailed(message) from None
         raise

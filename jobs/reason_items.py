@@ -357,9 +357,10 @@ def run(ctx: RunContext) -> JobResult:
             .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
         )
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
-        lines = [x for x in str(exc).splitlines() if "BackendUnavailable: " in x]
-        if lines:
-            raise StageFailed(lines[-1].split("BackendUnavailable: ", 1)[-1].strip()) from None
+        from llm_agents.config import unavailable_message
+
+        if (message := unavailable_message(exc)) is not None:
+            raise StageFailed(message) from None
         raise
     finally:
         todo.unpersist()

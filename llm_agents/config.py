@@ -29,6 +29,13 @@ class BackendUnavailable(RuntimeError):
         self.completed = completed or []
 
 
+def unavailable_message(exc: BaseException) -> str | None:
+    """The message of a BackendUnavailable raised inside a Spark worker, which reaches the driver only as
+    text inside Spark's own exception; None when `exc` is something else."""
+    lines = [x for x in str(exc).splitlines() if f"{BackendUnavailable.__name__}: " in x]
+    return lines[-1].split(f"{BackendUnavailable.__name__}: ", 1)[-1].strip() if lines else None
+
+
 class LLMConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -47,15 +47,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.configs import DiffusionConfig  # noqa: F401  (defined there; re-exported)
+from models.device import resolve_device
 
 MODEL_FAMILY = "masked-diffusion-v2"  # bump when a change makes old checkpoints unloadable or different
 MIN_STEPS_PER_EPOCH = 30
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

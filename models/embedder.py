@@ -24,9 +24,9 @@ def _local_model(device: str):
 
 
 def _device() -> str:
-    import torch
+    from models.device import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto").type
 
 
 def embed_texts(texts: list[str], config: EmbedderConfig) -> np.ndarray:

@@ -58,14 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import GenerativeConfig  # noqa: F401  (defined there; re-exported)
-from models.ranker import (
-    Block,
-    _autocast,
-    metrics_from_ranks,
-    rank_of_target,
-    resolve_device,
-    seed_everything,
-)
+from models.device import resolve_device
+from models.ranker import Block, _autocast, metrics_from_ranks, rank_of_target, seed_everything
 from models.ranker_data import CATALOG, DataError, ItemFeatures, Pinned, SequenceStream
 
 MODEL_VERSION = "reg4rec-generative-v1"

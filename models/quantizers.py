@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from models.configs import _MPQ_DEDUP_FIELDS, QuantizerConfig  # noqa: F401  (defined there; re-exported)
+from models.device import resolve_device
 from models.mpq import MPQ, dedup_tuples
 from models.rq import RQVAE, RQKMeans, dedup_last_level, train_loop
 from models.sid_metrics import add_collision_digit, codebook_metrics
@@ -99,14 +100,6 @@ class TrainedQuantizers:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @contextmanager

@@ -56,19 +56,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import RankerConfig  # noqa: F401  (defined there; re-exported)
+from models.device import resolve_device
 from models.ranker_data import BeyondLogContexts, ItemFeatures, SequenceStream
 from models.variants import FAMILIES, VARIANTS  # noqa: F401  (re-exported: callers import them from here)
 
 MODEL_VERSION = "sasrec-tied-composite-v4"  # v4: catalog and LLM-knowledge families apart
 KS = (5, 10, 20)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device cuda asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
