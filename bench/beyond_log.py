@@ -14,7 +14,11 @@ and test targets); each method proposes 10 items the input does not contain, and
 
 Methods: `diffusion` (models.diffusion trained here on the training prefixes with the pipeline's
 configuration; train_seconds and inference users_per_second recorded), `popularity` (most frequent
-items of the training prefixes), `random` (uniform over the catalog, seeded). Writes
+items of the training prefixes), `random` (uniform over the catalog, seeded), and with --llm-users N
+`llm`: the pipeline's LLM method (`beyond_log.method: llm`, jobs/beyond_llm.py through Spark) with a
+language model's interests, on N seeded evaluation users: the embedded engine's Gemma 3 270M by default,
+or any OpenAI-compatible server (--llm-url, --llm-model). Its users see only their training prefix, as
+the others; every method is also scored on those N users (`on_llm_users`), the fair comparison. Writes
 bench/results/beyond_log.json ({"<dataset>": {"diffusion": {...}, "popularity": {...}, "random": {...}}}),
 beyond_log_meta.json (machine, date, configuration, ratios), beyond_log.md (the table) and
 beyond_log.png (hit rates per method). All methods run in one process on
@@ -48,19 +52,31 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override the configured training epochs")
-    return p.parse_args(argv)
+    p.add_argument("--llm-users", type=int, default=0,
+                   help="also the LLM method on this many seeded evaluation users (0: off, the default; "
+                   "~4 s per user on the local engine on 2 cores)")
+    p.add_argument("--llm-url", default=os.environ.get("LLM_URL") or None,
+                   help="an OpenAI-compatible /v1 URL for the LLM method (default: the local engine)")
+    p.add_argument("--llm-model", default=os.environ.get("LLM_MODEL") or None, help="the served model name")
+    a = p.parse_args(argv)
+    if a.llm_url and not a.llm_model:
+        p.error("--llm-url needs --llm-model")
+    return a
 
 
-def evaluation_users(sequences, vocab):
-    """(input item indices, validation index, test index) of users with both targets and an input."""
+def evaluation_users(sequences, vocab, ids: list | None = None):
+    """(input item indices, validation index, test index) of users with both targets and an input;
+    `ids`, when given, receives (user id, item ids) of each of them, in the same order."""
     out = []
-    for _, items in sequences:
+    for user_id, items in sequences:
         if not items or len(items) < 3:
             continue
         inp, _ = vocab.encode(items[:-2])
         valid, test = vocab.index(items[-2]), vocab.index(items[-1])
         if inp:
             out.append((inp, valid, test))
+            if ids is not None:
+                ids.append((user_id, items))
     return out
 
 
@@ -94,6 +110,45 @@ def random_recs(users, n_items, seed=0) -> list[list[int]]:
     return recs
 
 
+def llm_recs(root: str, base: Path, picked: list[tuple[str, list[str]]], vocab, args) -> tuple[list[list[int]], dict]:
+    """The pipeline's LLM method on the picked users: their history without the validation and test
+    targets (the stage itself drops the last event as the test target, so it is given items[:-1])."""
+    from jobs.beyond_llm import infer_detailed
+    from jobs.context import RunContext
+
+    llm = ({"backend": "openai", "base_url": args.llm_url, "model": args.llm_model} if args.llm_url else
+           {"backend": "local", "local": {"budget_minutes": None}})
+    overrides = {"lakehouse": root, "artifacts": str(base / "artifacts"), "beyond_log": {"method": "llm"},
+                 "llm": {**llm, "samples_k": 1, "partitions": 2}}
+
+    def run() -> tuple[dict, float, str]:
+        ctx = RunContext.create(overrides=overrides)
+        seqs = ctx.spark.createDataFrame([(u, items[:-1]) for u, items in picked],
+                                         "user_id string, item_ids array<string>")
+        start = time.perf_counter()
+        out = infer_detailed(ctx, seqs, TOP_N)
+        rows = {r["user_id"]: r for r in out.frame.select("user_id", "item_ids", "status", "model_version").collect()}
+        return rows, time.perf_counter() - start, next(iter(rows.values()))["model_version"] if rows else "?"
+
+    if args.llm_url:
+        rows, seconds, model = run()
+    else:
+        from llm_agents import local_engine
+
+        with local_engine.engine("bench-beyond", slots=8):
+            rows, seconds, model = run()
+    recs = []
+    for user_id, _ in picked:
+        r = rows.get(user_id)
+        idx = [vocab.index(i) for i in ((r["item_ids"] or []) if r else [])]
+        recs.append([i for i in idx if i is not None][:TOP_N])
+    statuses: dict[str, int] = {}
+    for r in rows.values():
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return recs, {"model_version": model, "seconds": round(seconds, 1),
+                  "users_per_second": round(len(picked) / seconds, 3), "status": statuses}
+
+
 def run_dataset(name: str, args) -> dict:
     import torch
 
@@ -108,7 +163,8 @@ def run_dataset(name: str, args) -> dict:
     vocab = load_vocab(root, codebook)
     sequences = load_sequences(root)
     train_seqs, _ = training_prefixes(vocab, sequences)
-    users = evaluation_users(sequences, vocab)
+    ids: list = []
+    users = evaluation_users(sequences, vocab, ids)
     # the pipeline's configuration, as the nightly job would train it
     cfg = diffusion_config(RunContext.create(overrides={"lakehouse": root}))
     cfg.device, cfg.threads = "auto", args.threads
@@ -133,6 +189,21 @@ def run_dataset(name: str, args) -> dict:
     pop = hit_rates(popularity(train_seqs, users, len(vocab.item_ids)), users)
     rnd = hit_rates(random_recs(users, len(vocab.item_ids)), users)
     res = {"diffusion": diff, "popularity": pop, "random": rnd}
+    if args.llm_users:
+        import random
+
+        picked = sorted(random.Random(0).sample(range(len(users)), min(args.llm_users, len(users))))
+        log(f"{name}: the LLM method on {len(picked)} seeded evaluation users ...")
+        recs, info = llm_recs(root, base, [ids[k] for k in picked], vocab, args)
+        sample = [users[k] for k in picked]
+        res["llm"] = {**hit_rates(recs, sample), **info}
+        everyone = {"diffusion": [r.item_idx for r in inferred],
+                    "popularity": popularity(train_seqs, users, len(vocab.item_ids)),
+                    "random": random_recs(users, len(vocab.item_ids))}
+        res["on_llm_users"] = {m: hit_rates([v[k] for k in picked], sample) for m, v in everyone.items()}
+        res["on_llm_users"]["llm"] = hit_rates(recs, sample)
+        log(f"{name}: on the {len(picked)} users: " + ", ".join(
+            f"{m} {r['hit_rate_at_10']:.4f}" for m, r in res["on_llm_users"].items()))
     meta = {"items": len(vocab.item_ids), "users": len(sequences), "codebook_version": codebook,
             "config": dict(cfg.__dict__),
             "diffusion_over_popularity": round(diff["hit_rate_at_10"] / max(pop["hit_rate_at_10"], 1e-9), 3)}
@@ -150,6 +221,13 @@ def table(results: dict, meta: dict) -> str:
             lines.append(f"| {ds} | {m} | {r['hit_rate_at_10']:.4f} | {r['next_item_hit_rate_at_10']:.4f} | "
                          f"{r.get('train_seconds', '')} | {r.get('users_per_second', '')} |")
         lines.append(f"| {ds} | diffusion / popularity | {meta[ds]['diffusion_over_popularity']:.2f}x | | | |")
+        if "on_llm_users" in res:
+            n = res["llm"]["users"]
+            for m, r in res["on_llm_users"].items():
+                extra = f" ({res['llm']['model_version']})" if m == "llm" else ""
+                lines.append(f"| {ds}, {n} sampled users | {m}{extra} | {r['hit_rate_at_10']:.4f} | "
+                             f"{r['next_item_hit_rate_at_10']:.4f} | | "
+                             f"{res['llm']['users_per_second'] if m == 'llm' else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,12 +260,17 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     results, meta = {}, {}
+    # A run over some datasets keeps the others' results and meta from the files it rewrites.
+    if (args.out / "beyond_log.json").exists() and (args.out / "beyond_log_meta.json").exists():
+        results = json.loads((args.out / "beyond_log.json").read_text())
+        meta = json.loads((args.out / "beyond_log_meta.json").read_text()).get("datasets", {})
+        results = {k: v for k, v in results.items() if k in meta}
     for name in args.datasets:
         if not available(name):
             log(f"{name}: data not found under ../shared/data, skipped")
             continue
         results[name], meta[name] = run_dataset(name, args)
-    if not results:
+    if not any(name in results for name in args.datasets):
         log("no dataset available: nothing measured")
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
