@@ -61,6 +61,7 @@ from models.configs import GenerativeConfig  # noqa: F401  (defined there; re-ex
 from models.device import resolve_device
 from models.ranker import Block, _autocast, metrics_from_ranks, rank_of_target, seed_everything
 from models.ranker_data import CATALOG, DataError, ItemFeatures, Pinned, SequenceStream
+from models.training import EarlyStopping
 
 MODEL_VERSION = "reg4rec-generative-v1"
 VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
@@ -483,7 +484,7 @@ def train_base(cat: TokenCatalog, streams: dict[str, SequenceStream], config: Ge
     fp16 = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     train = streams["train"]
-    best, best_epoch, best_state, bad, history, train_time = -1.0, 0, None, 0, [], 0.0
+    stopper, history, train_time = EarlyStopping(config.patience), [], 0.0
     per_epoch = 0
     stopped = False
     for epoch in range(1, config.max_epochs + 1):
@@ -508,23 +509,18 @@ def train_base(cat: TokenCatalog, streams: dict[str, SequenceStream], config: Ge
         seconds = time.perf_counter() - t0
         train_time += seconds
         score = _select(model, cat, streams, config, device)
-        if score > best:
-            best, best_epoch, bad = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-        rec = {"stage": "base", "epoch": epoch, "loss": total / max(positions, 1), "valid": score, "best": best,
-               "best_epoch": best_epoch, "train_seconds": seconds, "sequences": seqs,
+        stopper.update(epoch, score, model)
+        rec = {"stage": "base", "epoch": epoch, "loss": total / max(positions, 1), "valid": score,
+               "best": stopper.best, "best_epoch": stopper.best_epoch, "train_seconds": seconds, "sequences": seqs,
                "max_epochs": config.max_epochs}
         history.append(rec)
         if on_epoch is not None:
             on_epoch(rec)
-        if bad >= config.patience:
+        if stopper.should_stop:
             stopped = True
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model, StageResult(best_epoch, len(history), best, history, train_time, stopped)
+    stopper.restore(model)
+    return model, StageResult(stopper.best_epoch, len(history), stopper.best, history, train_time, stopped)
 
 
 # ---------------------------------------------------------------- PARS and MSRA

@@ -44,7 +44,6 @@ present; seeded (torch, numpy and the shuffle buffer).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from torch import nn
 from models.configs import RankerConfig  # noqa: F401  (defined there; re-exported)
 from models.device import resolve_device
 from models.ranker_data import BeyondLogContexts, ItemFeatures, SequenceStream
+from models.training import EarlyStopping
 from models.variants import FAMILIES, VARIANTS  # noqa: F401  (re-exported: callers import them from here)
 
 MODEL_VERSION = "sasrec-tied-composite-v4"  # v4: catalog and LLM-knowledge families apart
@@ -334,7 +334,7 @@ def fit(feats: ItemFeatures, streams: dict[str, SequenceStream], config: RankerC
     fp16 = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     train = streams["train"]
-    best, best_epoch, best_state, bad = -1.0, 0, None, 0
+    stopper = EarlyStopping(config.patience)
     history: list[dict] = []
     train_time = 0.0
     sequences = 0
@@ -378,26 +378,20 @@ def fit(feats: ItemFeatures, streams: dict[str, SequenceStream], config: RankerC
         sequences += seqs
         epoch_sequences = seqs
         valid, n_valid = evaluate(model, streams["valid"], device, config.amp, config.exclude_history)
-        score = valid[config.select_metric]
-        improved = score > best
-        if improved:
-            best, best_epoch, bad = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
+        stopper.update(epoch, valid[config.select_metric], model)
         rec = {"epoch": epoch, "loss": total / max(positions, 1), "train_seconds": seconds,
-               "sequences_per_second": seqs / max(seconds, 1e-9), "valid": valid, "best_epoch": best_epoch,
-               "best": best, "max_epochs": config.max_epochs, "elapsed": train_time}
+               "sequences_per_second": seqs / max(seconds, 1e-9), "valid": valid, "best_epoch": stopper.best_epoch,
+               "best": stopper.best, "max_epochs": config.max_epochs, "elapsed": train_time}
         history.append(rec)
         if on_epoch is not None:
             on_epoch(rec)
-        if bad >= config.patience:
+        if stopper.should_stop:
             stopped_early = True
             break
         if max_seconds is not None and train_time >= max_seconds:
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore(model)
+    best_epoch = stopper.best_epoch
     test, n_test = evaluate(model, streams["test"], device, config.amp, config.exclude_history)
     valid_best = history[best_epoch - 1]["valid"] if best_epoch else {}
     counts = {s: dict(streams[s].last_counts) for s in streams}
