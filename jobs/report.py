@@ -8,597 +8,29 @@ per-field confidence, codebook utilization and collisions, the history of runs, 
 links to the quality gates' JSON results. The page is plain HTML with inline CSS and PNG plots next to
 it (relative links, no JS, no external assets), so the folder can be copied, zipped or served as is.
 A plot whose inputs are missing says so in one line instead of failing the report.
+
+Reading is jobs/report_data.py, the plots jobs/report_plots.py, the page the Jinja2 template
+jobs/templates/report.html.j2 (autoescaped); this module puts them together and is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import html
 import json
-import logging
 import os
 import sys
 import time
 import urllib.parse
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import pyarrow as pa
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from feature_store import delta
-from jobs.progress import duration
+from jobs.report_data import NotAvailable, RunData  # noqa: F401  (re-exported for callers and tests)
+from jobs.report_plots import PLOTS, SECTIONS, _fmt_int, _fmt_s, _render, _semantic_table, _short  # noqa: F401
 
-log = logging.getLogger("reaseq.report")
-
-DPI = 100
-WIDTH = 9.0  # inches: 900 px at DPI
-STATUS_COLOURS = {"success": "#2e7d32", "failed": "#c62828"}
-OTHER_COLOUR = "#f9a825"
-BAR = "#1565c0"
-BAR2 = "#90caf9"
-# Every image the report can write; stale ones from an earlier build are removed.
-PLOTS = ("rows_per_table.png", "quarantine.png", "stage_timings.png", "llm.png", "knowledge_coverage.png",
-         "field_confidence.png", "semantic_ids.png", "history.png")
-
-
-class NotAvailable(Exception):
-    """A plot's inputs are missing: the message is shown in place of the plot."""
-
-
-@dataclass
-class Section:
-    title: str
-    caption: str = ""
-    image: str | None = None
-    note: str | None = None
-
-
-# ---------------------------------------------------------------- reading
-
-
-class RunData:
-    """The run's rows of ops.pipeline_runs, their metrics, and tolerant reads of the other tables."""
-
-    def __init__(self, root: str, run_id: str):
-        self.root, self.run_id = root, run_id
-        self.all_runs: list[dict] = []
-        self.runs_error: str | None = None
-        try:
-            self.all_runs = self.read("ops.pipeline_runs").to_pylist()
-        except NotAvailable as exc:
-            self.runs_error = str(exc)
-        far = dt.datetime.max.replace(tzinfo=dt.UTC)
-        near = dt.datetime.min.replace(tzinfo=dt.UTC)
-        rows = [r for r in self.all_runs if r["run_id"] == run_id]
-        # One run id per day: a second attempt of the day (another `make run`, another dataset) rewrites
-        # the rows of the tasks it ran and leaves the others' from the earlier attempt. The report is
-        # the latest attempt's, named by Airflow's run id; the rows of earlier attempts are counted.
-        self.attempt = _attempt(max(rows, key=lambda r: r["started_at"] or near)) if rows else None
-        self.earlier = [r for r in rows if _attempt(r) != self.attempt]
-        self.tasks = sorted((r for r in rows if _attempt(r) == self.attempt),
-                            key=lambda r: (r["started_at"] or far, r["task"]))
-        self._metrics: dict[str, dict] = {r["task"]: _metrics_of(r) for r in self.tasks}
-
-    def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
-        try:
-            present = delta.exists(name, self.root)
-        except Exception as exc:
-            raise NotAvailable(f"{name} could not be opened ({type(exc).__name__}: {exc})") from None
-        if not present:
-            raise NotAvailable(f"{name} has not been written yet")
-        try:
-            return delta.read_arrow(name, self.root, columns=columns, filter=filter)
-        except Exception as exc:
-            raise NotAvailable(f"{name} could not be read ({type(exc).__name__}: {_first_line(exc)})") from None
-
-    def task(self, name: str) -> dict | None:
-        return next((r for r in self.tasks if r["task"] == name), None)
-
-    def metrics(self, task: str) -> dict:
-        return self._metrics.get(task, {})
-
-
-def _metrics_of(row: dict) -> dict:
-    try:
-        m = json.loads(row["metrics"] or "{}")
-    except ValueError:
-        m = {}
-    return m if isinstance(m, dict) else {}
-
-
-def _attempt(row: dict) -> str | None:
-    """Airflow's run id of the attempt that wrote the row (None: run outside Airflow)."""
-    return _metrics_of(row).get("airflow_run_id")
-
-
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0][:300] if s else ""
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-
-def _fmt_int(v: Any) -> str:
-    return "–" if v is None else f"{int(v):,}"
-
-
-def _fmt_s(seconds: float | None) -> str:
-    return "–" if seconds is None else duration(seconds, tenths=True)
-
-
-def _short(s: str, n: int = 60) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-# ---------------------------------------------------------------- plotting helpers
-
-
-def _figure(height: float, width: float = WIDTH, layout: str | None = "constrained", **subplots):
-    """A figure on the Agg canvas (no pyplot, no global backend switch) and its axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(**subplots)
-
-
-def _save(fig, out_dir: Path, name: str) -> str:
-    fig.savefig(out_dir / name, format="png")
-    return name
-
-
-def _barh(ax, labels: list[str], values: list[float], colours=None, fmt=_fmt_int) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ys = range(len(labels))
-    ax.barh(ys, values, color=colours or BAR)
-    ax.set_yticks(list(ys), labels)
-    ax.invert_yaxis()  # first item on top
-    top = max(values, default=0) or 1
-    for y, v in zip(ys, values, strict=True):
-        ax.text(v + top * 0.01, y, fmt(v), va="center", fontsize=8)
-    ax.set_xlim(0, top * 1.15)
-    if fmt is _fmt_int:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
-        ax.xaxis.set_major_formatter(lambda v, _: f"{v:,.0f}")
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.tick_params(axis="y", labelsize=9)
-
-
-# ---------------------------------------------------------------- sections
-
-
-def plot_rows_per_table(data: RunData, out_dir: Path) -> Section:
-    from feature_store.catalog import TABLES
-
-    names, rows, missing = [], [], []
-    for name in TABLES:
-        try:
-            if not delta.exists(name, data.root):
-                missing.append(name)
-                continue
-            t = delta.delta_table(name, data.root)
-            rows.append(t.to_pyarrow_dataset().count_rows())
-            names.append(f"{name} (v{t.version()})")
-        except Exception as exc:
-            log.warning("report: %s unreadable: %s", name, exc)
-            missing.append(f"{name} (unreadable)")
-    if not rows:
-        raise NotAvailable(f"no Delta table under {data.root}")
-    fig, ax = _figure(0.32 * len(rows) + 0.9)
-    _barh(ax, names, rows)
-    ax.set_xlabel("rows (newest version)")
-    tail = f"; not written: {', '.join(missing)}" if missing else ""
-    return Section("Rows per table", f"Rows in each table's newest Delta version (version in brackets), "
-                   f"{sum(rows):,} in all{tail}.", _save(fig, out_dir, "rows_per_table.png"))
-
-
-def plot_quarantine(data: RunData, out_dir: Path) -> Section:
-    import pyarrow.compute as pc
-
-    title = "Quarantine by reason"
-    try:
-        q = data.read("silver.quarantine", columns=["source_table", "reason", "run_id"])
-    except NotAvailable as exc:
-        return Section(title, note=f"None: {exc}, so nothing was ever quarantined.")
-    mine = q.filter(pc.field("run_id") == data.run_id)
-    if mine.num_rows == 0:
-        return Section(title, note=f"None: no row was quarantined in this run "
-                                   f"({q.num_rows:,} rows from other runs are in silver.quarantine).")
-    counts = Counter(f"{t}: {(r or '').split(':', 1)[0]}" for t, r in
-                     zip(mine["source_table"].to_pylist(), mine["reason"].to_pylist(), strict=True))
-    top = counts.most_common(25)
-    fig, ax = _figure(0.32 * len(top) + 0.9)
-    _barh(ax, [_short(k, 70) for k, _ in top], [v for _, v in top], colours="#ef6c00")
-    ax.set_xlabel("rows quarantined in this run")
-    more = f"; {len(counts) - len(top)} smaller reasons not shown" if len(counts) > len(top) else ""
-    return Section(title, f"{mine.num_rows:,} rows quarantined in this run by table and reason code "
-                   f"(text before the first ':'){more}.", _save(fig, out_dir, "quarantine.png"))
-
-
-def plot_stage_timings(data: RunData, out_dir: Path) -> Section:
-    if not data.tasks:
-        raise NotAvailable(data.runs_error or f"no task of run {data.run_id} in ops.pipeline_runs")
-    labels = [r["task"] for r in data.tasks]
-    secs = [r["seconds"] or 0.0 for r in data.tasks]
-    colours = [STATUS_COLOURS.get(r["status"], OTHER_COLOUR) for r in data.tasks]
-    fig, ax = _figure(0.32 * len(labels) + 1.0)
-    _barh(ax, labels, secs, colours, fmt=lambda v: f"{v:.1f} s")
-    ax.set_xlabel("seconds")
-    statuses = sorted({r["status"] for r in data.tasks})
-    if statuses != ["success"]:
-        from matplotlib.patches import Patch
-
-        ax.legend(handles=[Patch(color=STATUS_COLOURS.get(s, OTHER_COLOUR), label=s) for s in statuses],
-                  loc="lower right", fontsize=8)
-    starts = [r["started_at"] for r in data.tasks if r["started_at"]]
-    ends = [r["ended_at"] for r in data.tasks if r["ended_at"]]
-    wall = f", wall time {_fmt_s((max(ends) - min(starts)).total_seconds())} from first start to last end" \
-        if starts and ends else ""
-    return Section("Stage timings", f"Seconds per stage in start order (green: success, red: failed); "
-                   f"{_fmt_s(sum(secs))} of stage time{wall}.", _save(fig, out_dir, "stage_timings.png"))
-
-
-def _budget_text(m: dict) -> str:
-    """"24 answered, 2,976 wait in the backlog (budget 24 items)", or "" for a record without the counts."""
-    if "backlog" not in m:
-        return ""
-    caps = [c for c in (_num(m.get("budget_items")) and f"{int(m['budget_items']):,} items",
-                        _num(m.get("budget_minutes")) and f"{float(m['budget_minutes']):g} minutes") if c]
-    budget = f" (budget {' and '.join(caps)}" + ("; time ran out" if m.get("budget_stop") == "minutes" else "") + ")" \
-        if caps else ""
-    backlog = int(m.get("backlog") or 0)
-    wait = f"{backlog:,} wait in the backlog for the next run" if backlog else "the backlog is empty"
-    return f"{_fmt_int(m.get('answered'))} answered, {wait}{budget}"
-
-
-LLM_COLOURS = {"work_set": BAR, "answered": STATUS_COLOURS["success"], "backlog": OTHER_COLOUR, "llm_calls": BAR2,
-               "tokens_in": BAR, "tokens_out": BAR2}
-
-
-def plot_llm(data: RunData, out_dir: Path) -> Section:
-    if data.task("reason_items") is None:
-        raise NotAvailable("reason_items has no row for this run in ops.pipeline_runs")
-    m = data.metrics("reason_items")
-    # The offline heuristic answers through the same orchestration but is no LLM: its answers are not
-    # "LLM calls", and the budget does not apply to it.
-    heuristic = str(m.get("model", "")).startswith("offline-")
-    calls = "heuristic answers" if heuristic else "LLM calls"
-    title = "Heuristic answers and tokens" if heuristic else "LLM calls and tokens"
-    keys = {"work_set": "items in work set", "answered": "items answered", "backlog": "items in the backlog",
-            "llm_calls": calls, "tokens_in": "tokens in (prompt)", "tokens_out": "tokens out (completion)"}
-    have = {k: _num(m.get(k)) for k in keys if _num(m.get(k)) is not None}
-    if not have:
-        raise NotAvailable("reason_items recorded no llm_calls, tokens or work_set in its metrics")
-    who = f"{m.get('model', '?')} (prompt {m.get('prompt_version', '?')})"
-    if not any(have.values()):
-        return Section(title, note=f"No {'heuristic' if heuristic else 'LLM'} work in this run: 0 of "
-                       f"{_fmt_int(m.get('catalog'))} catalog items needed knowledge from {who}, 0 {calls} "
-                       f"(an unchanged rerun with an empty backlog makes none).")
-    fig, axes = _figure(2.2, ncols=2)
-    groups = (("work_set", "answered", "backlog", "llm_calls"), ("tokens_in", "tokens_out"))
-    for ax, group in zip(axes, groups, strict=True):
-        present = [k for k in group if k in have]
-        if present:
-            _barh(ax, [keys[k] for k in present], [have[k] for k in present],
-                  colours=[LLM_COLOURS[k] for k in present])
-        else:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", color="#666")
-    work, calls_n = have.get("work_set"), have.get("llm_calls")
-    # Tokens per item over the items that were sent (the backlog cost nothing); older records lack it.
-    sent = _num(m.get("attempted"))
-    sent = work if sent is None else sent
-    parts = [f"reason_items with {who}"]
-    if work is not None:
-        parts.append(f"{int(work):,} of {_fmt_int(m.get('catalog'))} catalog items needed knowledge")
-    budget = _budget_text(m)
-    if budget:
-        parts.append(budget)
-    if calls_n is not None:
-        parts.append(f"{int(calls_n):,} {calls}")
-    if "tokens_in" in have or "tokens_out" in have:
-        per = f" ({have.get('tokens_in', 0) / sent:,.0f} in / {have.get('tokens_out', 0) / sent:,.0f} out per item)" \
-            if sent else ""
-        parts.append(f"{_fmt_int(have.get('tokens_in'))} tokens in, {_fmt_int(have.get('tokens_out'))} out{per}")
-    elif work == 0:
-        parts.append("no tokens (nothing to do)")
-    return Section(title, "; ".join(parts) + ".", _save(fig, out_dir, "llm.png"))
-
-
-def _knowledge_version(data: RunData, k: pa.Table) -> tuple[str, str]:
-    """The (prompt_version, model) that reason_items used in this run, else the newest in the table.
-
-    The run's own pair wins even when the table has no row for it (every item failed): coverage is then 0,
-    which is the truth, rather than the coverage of an older prompt.
-    """
-    m = data.metrics("reason_items")
-    if isinstance(m.get("prompt_version"), str) and isinstance(m.get("model"), str):
-        return m["prompt_version"], m["model"]
-    if k.num_rows == 0:
-        raise NotAvailable("silver.item_knowledge is empty")
-    g = k.group_by(["prompt_version", "model"]).aggregate([("ds", "max"), ("item_id", "count")]).to_pylist()
-    best = max(g, key=lambda r: (r["ds_max"] or dt.date.min, r["item_id_count"]))
-    return best["prompt_version"], best["model"]
-
-
-def _knowledge(data: RunData) -> tuple[pa.Table, str, str]:
-    import pyarrow.compute as pc
-
-    k = data.read("silver.item_knowledge",
-                  columns=["item_id", "content_hash", "prompt_version", "model", "ds", "field_confidence"])
-    pv, model = _knowledge_version(data, k)
-    return k.filter((pc.field("prompt_version") == pv) & (pc.field("model") == model)), pv, model
-
-
-def plot_knowledge_coverage(data: RunData, out_dir: Path) -> Section:
-    items = data.read("bronze.catalog_items", columns=["item_id", "content_hash"])
-    if items.num_rows == 0:
-        raise NotAvailable("bronze.catalog_items is empty")
-    k, pv, model = _knowledge(data)
-    keys = k.select(["item_id", "content_hash"]).group_by(["item_id", "content_hash"]).aggregate([])
-    covered = items.join(keys, ["item_id", "content_hash"], join_type="left semi").num_rows
-    any_content = items.join(keys.select(["item_id"]).group_by("item_id").aggregate([]), "item_id",
-                             join_type="left semi").num_rows
-    stale, n = any_content - covered, items.num_rows
-    missing = n - covered - stale
-    fig, ax = _figure(1.6)
-    left = 0
-    for v, colour, label in ((covered, "#2e7d32", "current content"), (stale, OTHER_COLOUR, "older content only"),
-                             (missing, "#c62828", "none")):
-        ax.barh([0], [v / n], left=left, color=colour, label=f"{label}: {v:,}")
-        if v / n > 0.06:
-            ax.text(left + v / n / 2, 0, f"{v / n:.1%}", ha="center", va="center", color="white", fontsize=9)
-        left += v / n
-    ax.set_xlim(0, 1)
-    ax.set_yticks([])
-    ax.set_xlabel("share of current bronze items with a knowledge row")
-    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
-    ax.spines[["top", "right", "left"]].set_visible(False)
-    return Section("Knowledge coverage", f"{covered:,} of {n:,} current items ({covered / n:.1%}) have knowledge "
-                   f"for their current content from {model} with prompt {pv}; {stale:,} only for older content, "
-                   f"{missing:,} none.", _save(fig, out_dir, "knowledge_coverage.png"))
-
-
-def _map_entries(col: pa.ChunkedArray) -> tuple[list[str], Any]:
-    """Flatten a map<string, double> column into parallel keys and values (slice-safe)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    keys, values = [], []
-    for chunk in col.chunks:
-        t = chunk.type
-        flat = pc.list_flatten(chunk.cast(pa.list_(pa.struct([t.key_field, t.item_field]))))
-        keys.extend(flat.field(0).to_pylist())
-        values.append(flat.field(1).to_numpy(zero_copy_only=False))
-    vals = np.concatenate(values) if values else np.empty(0)
-    return keys, vals.astype(float)
-
-
-def plot_field_confidence(data: RunData, out_dir: Path) -> Section:
-    import numpy as np
-
-    k, pv, model = _knowledge(data)
-    keys, values = _map_entries(k["field_confidence"])
-    ok = ~np.isnan(values)
-    if not ok.any():
-        raise NotAvailable(f"no field_confidence values for {model} / {pv}")
-    keys_arr = np.array(keys, dtype=object)[ok]
-    values = values[ok]
-    counts = Counter(keys_arr.tolist())
-    fields = [f for f, _ in counts.most_common(16)]
-    ncols = 4
-    nrows = -(-len(fields) // ncols)
-    # A fixed grid instead of constrained layout: with 16 small axes the layout solver costs seconds.
-    fig, axes = _figure(1.55 * nrows + 0.35, nrows=nrows, ncols=ncols, squeeze=False, sharex=True, sharey=True,
-                        layout=None)
-    fig.subplots_adjust(left=0.07, right=0.99, top=1 - 0.45 / (1.55 * nrows + 0.35),
-                        bottom=0.3 / (1.55 * nrows + 0.35), hspace=0.75, wspace=0.12)
-    bins = np.linspace(0, 1, 11)
-    for ax, f in zip(axes.flat, fields, strict=False):
-        v = np.clip(values[keys_arr == f], 0, 1)
-        ax.hist(v, bins=bins, weights=np.full(len(v), 100.0 / len(v)), color=BAR)
-        ax.set_title(f"{_short(f, 30)}\nn={len(v):,}, mean {v.mean():.2f}", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.spines[["top", "right"]].set_visible(False)
-    ax.set_ylim(0, 105)
-    for row in axes:
-        row[0].set_ylabel("% of values", fontsize=7)
-    for ax in list(axes.flat)[len(fields):]:
-        ax.set_axis_off()
-    more = f"; the {len(fields)} most frequent of {len(counts)} fields" if len(counts) > len(fields) else ""
-    return Section("Per-field confidence", f"Distribution of field_confidence (share of sampled reasoning paths "
-                   f"that agreed, 0.1 bins) per field, as % of the field's values; {k.num_rows:,} knowledge rows "
-                   f"of {model} / {pv}{more}.", _save(fig, out_dir, "field_confidence.png"))
-
-
-def _semantic_table(data: RunData, version: str | None) -> tuple[str, dict]:
-    """Distinct codes per RQ level / MPQ expert and the residual collision rate in gold.item_semantic_ids."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    t = data.read("gold.item_semantic_ids", columns=["codebook_version", "rq_codes", "mpq_tokens", "ds"])
-    if t.num_rows == 0:
-        raise NotAvailable("gold.item_semantic_ids is empty")
-    versions = set(t["codebook_version"].to_pylist())
-    if version not in versions:
-        g = t.group_by("codebook_version").aggregate([("ds", "max"), ("rq_codes", "count")]).to_pylist()
-        version = max(g, key=lambda r: (r["ds_max"] or dt.date.min, r["rq_codes_count"]))["codebook_version"]
-    t = t.filter(pc.field("codebook_version") == version)
-    out: dict[str, Any] = {"n": t.num_rows}
-    for col, key in (("rq_codes", "rq_distinct"), ("mpq_tokens", "mpq_distinct")):
-        arr = t[col]
-        lengths = pc.list_value_length(arr).drop_null()
-        width = pc.min(lengths).as_py() if len(lengths) else 0
-        out[key] = [pc.count_distinct(pc.list_element(arr, i)).as_py() for i in range(width or 0)]
-        if col == "rq_codes" and width and len(lengths) == t.num_rows:
-            if pc.max(lengths).as_py() == width:  # the usual case: every item has L + 1 codes
-                codes = pc.list_flatten(arr).to_numpy().astype(np.int64).reshape(-1, width)
-            else:
-                codes = np.array([row[:width] for row in arr.to_pylist()], dtype=np.int64)
-            out["rq_width"] = width
-            out["rq_codes_matrix"] = codes
-    return version, out
-
-
-def plot_semantic_ids(data: RunData, out_dir: Path) -> Section:
-    import numpy as np
-
-    train, assign = data.metrics("train_quantizer"), data.metrics("assign_semantic_ids")
-    q = {**(train.get("quality") or {}), **(assign.get("quality") or {})}
-    version = assign.get("codebook_version") or train.get("codebook_version")
-    try:
-        version, tab = _semantic_table(data, version)
-    except NotAvailable as exc:
-        if not q:
-            raise NotAvailable(f"train_quantizer / assign_semantic_ids recorded no quality metrics and {exc}") from None
-        tab, table_note = {}, f" ({exc})"
-    else:
-        table_note = ""
-    levels = int(q.get("rq_levels") or max(tab.get("rq_width", 1) - 1, 0))
-    k_rq, k_mpq = q.get("rq_codebook_size"), q.get("mpq_codebook_size")
-    labels = [f"RQ L{i + 1}" for i in range(levels)]
-    experts = len(q.get("mpq_utilization") or tab.get("mpq_distinct") or [])
-    labels += [f"MPQ E{i + 1}" for i in range(experts)]
-    if not labels:
-        raise NotAvailable("no codebook levels in the metrics or the table")
-
-    def per_label(rq: list | None, mpq: list | None) -> list[float]:
-        rq, mpq = list(rq or []), list(mpq or [])
-        return [(_num(rq[i]) if i < len(rq) else None) or np.nan for i in range(levels)] + \
-               [(_num(mpq[i]) if i < len(mpq) else None) or np.nan for i in range(experts)]
-
-    util_metrics = per_label(q.get("rq_utilization"), q.get("mpq_utilization"))
-    distinct = per_label(tab.get("rq_distinct", [])[:levels], tab.get("mpq_distinct"))
-    sizes = [k_rq] * levels + [k_mpq] * experts
-    util_table = [d / k if k and not np.isnan(d) else np.nan for d, k in zip(distinct, sizes, strict=True)]
-    perplexity = per_label(q.get("rq_perplexity"), q.get("mpq_perplexity"))
-
-    # Collision rates (% of items): nearest codes, after the de-dup step, and in the gold table.
-    coll: list[tuple[str, float]] = []
-    for label, key, invert in (("RQ nearest", "rq_collision_rate_nearest", False),
-                               ("RQ after fix", "rq_collision_rate", False),
-                               ("MPQ nearest", "mpq_tuple_unique_rate_nearest", True),
-                               ("MPQ after fix", "mpq_tuple_unique_share", True)):
-        v = _num(q.get(key))
-        if v is not None:
-            coll.append((label, 100 * ((1 - v) if invert else v)))
-    mat = tab.get("rq_codes_matrix")
-    if mat is not None and levels and mat.shape[1] >= levels:
-        _, inverse, counts = np.unique(mat[:, :levels], axis=0, return_inverse=True, return_counts=True)
-        coll.append(("RQ gold table", 100 * float((counts[inverse.ravel()] > 1).mean())))
-
-    fig, axes = _figure(3.2, ncols=3, width_ratios=[1.3, 1.3, 1])
-    x = np.arange(len(labels))
-    ax = axes[0]
-    ax.bar(x - 0.2, util_metrics, 0.4, color=BAR, label="metrics")
-    ax.bar(x + 0.2, util_table, 0.4, color=BAR2, label="gold table")
-    for xi, d, u in zip(x, distinct, util_table, strict=True):
-        if not np.isnan(d):
-            ax.text(xi + 0.2, (0 if np.isnan(u) else u) + 0.02, f"{int(d)}", rotation=90, ha="center",
-                    va="bottom", fontsize=7)
-    ax.set_ylim(0, 1.45)
-    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.set_title("codebook utilization (share of codes used)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
-    ax2 = axes[1]
-    ax2.bar(x, perplexity, 0.6, color=BAR)
-    for k in {s for s in sizes if s}:
-        ax2.axhline(k, color="#888", linestyle="--", linewidth=0.8)
-    ax2.set_title("perplexity (dashed: codebook size)", fontsize=9)
-    for a in (ax, ax2):
-        a.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-        a.spines[["top", "right"]].set_visible(False)
-    ax3 = axes[2]
-    if coll:
-        ax3.bar(range(len(coll)), [v for _, v in coll], color=["#ef6c00" if "nearest" in n else BAR for n, _ in coll])
-        ax3.set_xticks(range(len(coll)), [n for n, _ in coll], rotation=45, ha="right", fontsize=8)
-        for i, (_, v) in enumerate(coll):
-            ax3.text(i, v, f"{v:.1f}%", ha="center", va="bottom", fontsize=7)
-        ax3.set_ylim(0, max(max(v for _, v in coll) * 1.2, 1))
-        ax3.spines[["top", "right"]].set_visible(False)
-    else:
-        ax3.set_axis_off()
-        ax3.text(0.5, 0.5, "no collision figures", ha="center", va="center", color="#666")
-    ax3.set_title("collision rate (% of items)", fontsize=9)
-    method = q.get("rq_method") or (train.get("config") or {}).get("rq_method") or "RQ"
-    shape = f"{levels}×{k_rq or '?'}" + (f", MPQ {experts}×{k_mpq or '?'}" if experts else "")
-    n = tab.get("n") or q.get("n_items")
-    return Section("Semantic IDs: codebooks and collisions",
-                   f"Codebook {version or '?'} ({method}, {shape}), {_fmt_int(n)} items: share of codes used per "
-                   f"level/expert (metrics and distinct codes in gold.item_semantic_ids, counts on the bars), "
-                   f"perplexity, and items sharing all L codes (RQ) or their MPQ tuple{table_note}.",
-                   _save(fig, out_dir, "semantic_ids.png"))
-
-
-def plot_history(data: RunData, out_dir: Path) -> Section:
-    if not data.all_runs:
-        raise NotAvailable(data.runs_error or "ops.pipeline_runs is empty")
-    runs: dict[str, dict] = {}
-    for r in data.all_runs:
-        e = runs.setdefault(r["run_id"], {"start": None, "seconds": 0.0, "failed": False})
-        if r["started_at"] and (e["start"] is None or r["started_at"] < e["start"]):
-            e["start"] = r["started_at"]
-        e["seconds"] += r["seconds"] or 0.0
-        e["failed"] |= r["status"] != "success"
-    if len(runs) < 2:
-        return Section("History", note="Skipped: ops.pipeline_runs holds a single run; the history appears "
-                                       "from the second run on.")
-    pts = sorted(((e["start"], rid, e) for rid, e in runs.items() if e["start"]), key=lambda p: p[0])
-    if len(pts) < 2:
-        raise NotAvailable("runs have no start times")
-    minutes = max(e["seconds"] for _, _, e in pts) > 300
-    scale, unit = (60.0, "minutes") if minutes else (1.0, "seconds")
-    xs = [p[0] for p in pts]
-    ys = [p[2]["seconds"] / scale for p in pts]
-    fig, ax = _figure(2.8)
-    ax.plot(xs, ys, marker="o", color=BAR, linewidth=1.2)
-    bad = [(x, y) for x, y, p in zip(xs, ys, pts, strict=True) if p[2]["failed"]]
-    if bad:
-        ax.scatter(*zip(*bad, strict=True), color=STATUS_COLOURS["failed"], zorder=3, label="had a failed task")
-    cur = [(x, y) for x, y, p in zip(xs, ys, pts, strict=True) if p[1] == data.run_id]
-    if cur:
-        ax.scatter(*zip(*cur, strict=True), s=120, facecolors="none", edgecolors="black", zorder=4,
-                   label="this run")
-    ax.set_ylabel(f"stage time ({unit})")
-    ax.set_ylim(0, max(ys) * 1.15 or 1)
-    ax.legend(fontsize=8, loc="best")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.autofmt_xdate()
-    return Section("History", f"Total stage time per run over time (run start, UTC), {len(pts)} runs in "
-                   f"ops.pipeline_runs; red: a task failed, circled: this run.", _save(fig, out_dir, "history.png"))
-
-
-SECTIONS: list[tuple[str, Callable[[RunData, Path], Section]]] = [
-    ("Rows per table", plot_rows_per_table),
-    ("Quarantine by reason", plot_quarantine),
-    ("Stage timings", plot_stage_timings),
-    ("LLM calls and tokens", plot_llm),
-    ("Knowledge coverage", plot_knowledge_coverage),
-    ("Per-field confidence", plot_field_confidence),
-    ("Semantic IDs: codebooks and collisions", plot_semantic_ids),
-    ("History", plot_history),
-]
-
-
-def _render(title: str, fn: Callable[[RunData, Path], Section], data: RunData, out_dir: Path) -> Section:
-    try:
-        return fn(data, out_dir)
-    except NotAvailable as exc:
-        return Section(title, note=f"Not available: {exc}.")
-    except Exception as exc:  # a plot must never take the report down
-        log.warning("report: %s failed", title, exc_info=True)
-        return Section(title, note=f"Not available: {type(exc).__name__}: {_first_line(exc)}.")
-
-
-# ---------------------------------------------------------------- HTML
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#222;margin:0;background:#fafafa}
@@ -618,37 +50,9 @@ nav a{margin-right:10px}footer{color:#888;font-size:12px;margin-top:30px}
 """
 
 
-def _e(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def _badge(status: str | None) -> str:
-    s = status or "unknown"
-    cls = s if s in STATUS_COLOURS else "other"
-    return f'<span class="st {cls}">{_e(s)}</span>'
-
-
 def _href(target: Path, out_dir: Path) -> str:
     rel = os.path.relpath(target.resolve(), out_dir.resolve())
     return urllib.parse.quote(Path(rel).as_posix())
-
-
-def _tasks_html(data: RunData) -> str:
-    if not data.tasks:
-        return f'<p class="na">Not available: {_e(data.runs_error or "no task of this run in ops.pipeline_runs")}.</p>'
-    rows = []
-    for r in data.tasks:
-        start = r["started_at"].astimezone(dt.UTC).strftime("%H:%M:%S") if r["started_at"] else "–"
-        err = data.metrics(r["task"]).get("error")
-        err_html = f'<div class="err">{_e(_short(str(err), 300))}</div>' if err else ""
-        rows.append(
-            f"<tr><td>{_e(r['task'])}{err_html}</td><td>{_badge(r['status'])}</td><td>{start}</td>"
-            f'<td class="n">{_e(_fmt_s(r["seconds"]))}</td><td class="n">{_fmt_int(r["rows_in"])}</td>'
-            f'<td class="n">{_fmt_int(r["rows_out"])}</td><td class="n">{_fmt_int(r["rows_quarantined"])}</td></tr>'
-        )
-    head = ('<tr><th>task</th><th>state</th><th>started (UTC)</th><th class="n">time</th><th class="n">rows in</th>'
-            '<th class="n">rows out</th><th class="n">quarantined</th></tr>')
-    return f"<table>{head}{''.join(rows)}</table>"
 
 
 def validation_dir(data: RunData, reports_dir: Path | None) -> Path | None:
@@ -660,60 +64,35 @@ def validation_dir(data: RunData, reports_dir: Path | None) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
-def _validation_html(data: RunData, reports_dir: Path | None, out_dir: Path) -> str:
+def _validation(data: RunData, reports_dir: Path | None, out_dir: Path) -> dict:
+    """The quality gates' results: per table its verdict and links to the summary and GX JSON."""
     vdir = validation_dir(data, reports_dir)
-    files = sorted(vdir.glob("*.json")) if vdir else []
-    if not files:
-        return '<p class="na">No validation results for this run (the quality gates write them under ' \
-               f'reports/{_e(data.run_id)}/validation/).</p>'
     tables: dict[str, dict[str, Path]] = {}
-    for f in files:
+    for f in sorted(vdir.glob("*.json")) if vdir else []:
         name, kind = (f.name[: -len(".gx.json")], "gx") if f.name.endswith(".gx.json") else (f.stem, "summary")
         tables.setdefault(name, {})[kind] = f
     rows = []
     for name, kinds in sorted(tables.items()):
-        verdict = "–"
+        success, verdict = None, "–"
         if "summary" in kinds:
             try:
                 s = json.loads(kinds["summary"].read_text())
-                failed = len(s.get("failed") or [])
-                evaluated = s.get("evaluated")
-                verdict = (_badge("success") if s.get("success") else _badge("failed")) + \
-                    f" {(evaluated or 0) - failed} of {_e(evaluated)} expectations passed"
+                failed, evaluated = len(s.get("failed") or []), s.get("evaluated")
+                success, verdict = bool(s.get("success")), f"{(evaluated or 0) - failed} of {evaluated} expectations passed"
             except (OSError, ValueError, TypeError, AttributeError):
                 verdict = "unreadable"
-        links = " · ".join(f'<a href="{_href(kinds[k], out_dir)}">{label}</a>'
-                           for k, label in (("summary", "summary JSON"), ("gx", "GX result JSON")) if k in kinds)
-        rows.append(f"<tr><td>{_e(name)}</td><td>{verdict}</td><td>{links}</td></tr>")
-    return (f"<p class=meta>From {_e(vdir)}.</p><table><tr><th>table</th><th>result</th><th>files</th></tr>"
-            f"{''.join(rows)}</table>")
+        links = [(label, _href(kinds[k], out_dir)) for k, label in (("summary", "summary JSON"), ("gx", "GX result JSON"))
+                 if k in kinds]
+        rows.append({"table": name, "success": success, "verdict": verdict, "links": links})
+    return {"dir": str(vdir) if vdir else None, "rows": rows}
 
 
-def _section_html(s: Section) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in s.title.lower())
-    body = f'<p class="na">{_e(s.note)}</p>' if s.note or not s.image else \
-        f'<figure><img src="{_e(s.image)}" alt="{_e(s.title)}"><figcaption>{_e(s.caption)}</figcaption></figure>'
-    return f'<h2 id="{slug}">{_e(s.title)}</h2>{body}'
-
-
-def _header(data: RunData) -> str:
-    t = data.tasks
-    dataset = next((r["dataset"] for r in t if r.get("dataset")), "?")
-    dag = next((r["dag_id"] for r in t if r.get("dag_id")), "?")
-    ds = next((r["ds"] for r in t if r.get("ds")), None)
-    failed = [r["task"] for r in t if r["status"] != "success"]
-    state = "no tasks recorded" if not t else (_badge("success") + f" all {len(t)} tasks" if not failed else
-                                              _badge("failed") + " " + _e(", ".join(failed)))
-    items = [("run", _e(data.run_id)), ("attempt", _e(data.attempt or "outside Airflow")), ("dataset", _e(dataset)),
-             ("ds", _e(ds or "?")), ("DAG", _e(dag)), ("state", state),
-             ("stage time", _e(_fmt_s(sum(r["seconds"] or 0 for r in t)) if t else "–")), ("lakehouse", _e(data.root))]
-    meta = '<p class="meta">' + " &nbsp;·&nbsp; ".join(f"{k} <b>{v}</b>" for k, v in items) + "</p>"
-    if data.earlier:
-        tasks = ", ".join(sorted(r["task"] for r in data.earlier))
-        meta += (f'<p class="na">This day had an earlier attempt: its records of {len(data.earlier)} task(s) '
-                 f"({_e(tasks)}) are left out of the tasks, timings and metrics here. The tables below are the "
-                 "lakehouse as it stands now, which those tasks wrote.</p>")
-    return meta
+def _tasks(data: RunData) -> list[dict]:
+    return [{"task": r["task"], "status": r["status"],
+             "error": _short(str(err), 300) if (err := data.metrics(r["task"]).get("error")) else None,
+             "started": r["started_at"].astimezone(dt.UTC).strftime("%H:%M:%S") if r["started_at"] else "–",
+             "time": _fmt_s(r["seconds"]), "rows_in": _fmt_int(r["rows_in"]), "rows_out": _fmt_int(r["rows_out"]),
+             "quarantined": _fmt_int(r["rows_quarantined"])} for r in data.tasks]
 
 
 def build_report(root: str, run_id: str, out_dir: Path, *, reports_dir: Path | str | None = None) -> Path:
@@ -733,23 +112,24 @@ def build_report(root: str, run_id: str, out_dir: Path, *, reports_dir: Path | s
         (out_dir / name).unlink(missing_ok=True)
     data = RunData(root, run_id)
     sections = [_render(title, fn, data, out_dir) for title, fn in SECTIONS]
-    nav = " ".join(f'<a href="#{"".join(c if c.isalnum() else "-" for c in s.title.lower())}">{_e(s.title)}</a>'
-                   for s in sections)
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = "".join([
-        f"<h1>Pipeline run report</h1>{_header(data)}<nav>{nav} <a href=\"#tasks\">Tasks</a> "
-        f'<a href="#validation">Validation</a></nav>',
-        *(_section_html(s) for s in sections),
-        f'<h2 id="tasks">Tasks</h2>{_tasks_html(data)}',
-        f'<h2 id="validation">Validation results</h2>{_validation_html(data, Path(reports_dir), out_dir)}',
-        f"<footer>Generated {now} by jobs/report.py in {time.monotonic() - t0:.1f} s from the Delta tables "
-        f"under {_e(root)} (Arrow reads).</footer>",
-    ])
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Run {_e(run_id)}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
-            f"<body><main>{body}</main></body></html>\n")
+    t = data.tasks
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=False, lstrip_blocks=False)
+    page = env.get_template("report.html.j2").render(
+        css=CSS, run_id=run_id, root=root, attempt=data.attempt, runs_error=data.runs_error,
+        dataset=next((r["dataset"] for r in t if r.get("dataset")), "?"),
+        dag=next((r["dag_id"] for r in t if r.get("dag_id")), "?"),
+        ds=next((r["ds"] for r in t if r.get("ds")), None) or "?",
+        failed=[r["task"] for r in t if r["status"] != "success"], tasks=_tasks(data),
+        stage_time=_fmt_s(sum(r["seconds"] or 0 for r in t)) if t else "–",
+        earlier=sorted(r["task"] for r in data.earlier),
+        sections=[{"slug": "".join(c if c.isalnum() else "-" for c in s.title.lower()), "title": s.title,
+                   "image": s.image, "caption": s.caption, "note": s.note} for s in sections],
+        validation=_validation(data, Path(reports_dir), out_dir),
+        generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), seconds=f"{time.monotonic() - t0:.1f}",
+    )
     index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
+    index.write_text(page + "\n", encoding="utf-8")
     return index
 
 
