@@ -118,7 +118,7 @@ def sample(dataset: str, n: int, seed: int) -> tuple[list, dict[str, dict]]:
 
 
 def llm_config(method: str, args, base_url: str | None = None, model: str | None = None):
-    from jobs.reason_items import LOCAL_ENGINE_SETTINGS
+    from jobs.llm import LOCAL_ENGINE_SETTINGS
     from llm_agents import LLMConfig
 
     common = {"samples_k": args.samples_k, "temperature": 0.3 if args.samples_k > 1 else None}

@@ -8,20 +8,10 @@ unique and stable for that version; MPQ gives one unordered token per expert.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from jobs.codebooks import checkpoint_dir, current_version, load_embeddings
 from jobs.context import JobResult, RunContext
 from jobs.runtime import cli_main
-
-
-def current_version(ctx: RunContext) -> str:
-    pinned = ctx.config["quantizer"]["codebook_version"]
-    if pinned:
-        return pinned
-    latest = Path(ctx.artifacts) / "quantizers" / "LATEST"
-    if not latest.exists():
-        raise RuntimeError(f"no trained quantizer under {latest.parent}: run train_quantizer first")
-    return latest.read_text().strip()
 
 
 def run(ctx: RunContext) -> JobResult:
@@ -29,7 +19,6 @@ def run(ctx: RunContext) -> JobResult:
 
     from feature_store import delta
     from feature_store.catalog import ITEM_SEMANTIC_IDS
-    from jobs.train_quantizer import checkpoint_dir, load_embeddings
     from models.quantizers import assign, load_checkpoint
 
     version = current_version(ctx)

@@ -310,7 +310,7 @@ def _semantic_ids(ctx: RunContext):
     from pyspark.sql import functions as F
 
     from feature_store import delta
-    from jobs.assign_semantic_ids import current_version
+    from jobs.codebooks import current_version
 
     if not delta.exists("gold.item_semantic_ids", ctx.root):
         return None
@@ -332,7 +332,7 @@ def infer_detailed(ctx: RunContext, seqs, top_n: int) -> InferOutput:
     from pyspark.sql import functions as F
 
     from feature_store import delta
-    from jobs.reason_items import llm_config
+    from jobs.llm import llm_config
     from llm_agents import INTERESTS_PROMPT_VERSION, interests_model_name, model_name
     from llm_agents.config import unavailable_message
     from llm_agents.interests import HISTORY_ITEMS

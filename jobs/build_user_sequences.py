@@ -16,7 +16,7 @@ def run(ctx: RunContext) -> JobResult:
     from pyspark.sql import functions as F
 
     from feature_store import delta
-    from jobs.assign_semantic_ids import current_version
+    from jobs.codebooks import current_version
 
     spark = ctx.spark
     max_len = ctx.config["sequences"]["max_len"]

@@ -74,7 +74,7 @@ def run(ctx: RunContext) -> JobResult:
     from pyspark.sql import functions as F
 
     from feature_store import delta
-    from jobs.reason_items import llm_config
+    from jobs.llm import llm_config
     from llm_agents import PROMPT_VERSION, model_name
     from models.embedder import EmbedderConfig
 

@@ -10,15 +10,7 @@ import pyarrow as pa
 
 from jobs.context import JobResult, RunContext
 from jobs.runtime import cli_main, write_quarantine
-from jobs.sources import load_source
-
-
-def source_options(ctx: RunContext) -> dict:
-    return dict(ctx.config.get("synthetic") or {}) if ctx.dataset == "synthetic" else {}
-
-
-def load(ctx: RunContext):
-    return load_source(ctx.dataset, ctx.config.get("data"), until=ctx.ds, options=source_options(ctx))
+from jobs.sources import load_for_run as load
 
 
 def run(ctx: RunContext) -> JobResult:

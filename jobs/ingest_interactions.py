@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.context import JobResult, RunContext
-from jobs.ingest_catalog import load
 from jobs.runtime import cli_main, write_quarantine
+from jobs.sources import load_for_run as load
 
 
 def run(ctx: RunContext) -> JobResult:

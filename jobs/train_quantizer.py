@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.codebooks import checkpoint_dir, load_embeddings
 from jobs.context import JobResult, RunContext
 from jobs.runtime import cli_main, write_quarantine
 
@@ -44,41 +45,6 @@ def codebook_version(config_hash: str, embedder: str, table_version: int, ids: l
     h.update("\n".join(ids).encode())
     h.update(np.ascontiguousarray(mat, dtype=np.float32).tobytes())
     return f"cb-{h.hexdigest()[:12]}"
-
-
-def checkpoint_dir(ctx: RunContext, version: str) -> Path:
-    return Path(ctx.artifacts) / "quantizers" / version
-
-
-def load_embeddings(ctx: RunContext, embedder: str, version: int | None = None):
-    """Current catalog items' embeddings as (item_ids, matrix, bad rows) from a pinned table version."""
-    import pyarrow.compute as pc
-
-    from feature_store import delta
-
-    emb = delta.read_arrow("silver.item_embeddings", ctx.root, version=version,
-                           columns=["item_id", "embedder", "embedding", "dim"],
-                           filter=pc.field("embedder") == embedder)
-    current = set(delta.read_arrow("bronze.catalog_items", ctx.root, columns=["item_id"])["item_id"].to_pylist())
-    ids, vecs, bad = [], [], []
-    dims = [len(v) for v in emb["embedding"].to_pylist() if v is not None]
-    expected = max(set(dims), key=dims.count) if dims else 0
-    for item_id, vec in zip(emb["item_id"].to_pylist(), emb["embedding"].to_pylist(), strict=True):
-        if item_id not in current:
-            continue
-        if vec is None or len(vec) != expected:
-            bad.append((item_id, f"wrong_dimension: {0 if vec is None else len(vec)} != {expected}"))
-            continue
-        arr = np.asarray(vec, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            bad.append((item_id, "non_finite_embedding: NaN or inf values"))
-            continue
-        ids.append(item_id)
-        vecs.append(arr)
-    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-    ids = [ids[i] for i in order]
-    mat = np.stack([vecs[i] for i in order]) if vecs else np.zeros((0, expected), np.float32)
-    return ids, mat, bad
 
 
 def run(ctx: RunContext) -> JobResult:

@@ -112,7 +112,7 @@ def load_data(root: str, config, versions: dict[str, int] | None = None, artifac
                                           config.read_batch_rows)
     beyond = published
     if config.use_beyond_log and config.beyond_log_point_in_time:
-        from jobs.infer_beyond_log import PointInTimeUnavailable, point_in_time_contexts
+        from jobs.point_in_time import PointInTimeUnavailable, point_in_time_contexts
 
         if artifacts is None:
             raise PointInTimeUnavailable("point-in-time beyond-log contexts need the artifacts folder that holds "

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from jobs.context import JobResult, RunContext
+from jobs.quality import gate
 from jobs.runtime import cli_main
-from jobs.validate_bronze import gate
 
 TABLES = ("gold.item_semantic_ids", "gold.user_sequences", "gold.user_augmented_behaviors", "gold.user_features")
 

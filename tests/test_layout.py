@@ -102,3 +102,14 @@ def test_each_stage_declares_every_table_its_module_names():
         if undeclared:
             missing[stage] = sorted(undeclared)
     assert not missing, f"tables named in a stage's module but not in its lineage: {missing}"
+
+
+def test_no_stage_imports_another_stage():
+    """What stages share lives in modules of its own (jobs/llm.py, codebooks.py, quality.py, sources/),
+    so a stage can change without reaching into another."""
+    from jobs.stages import PIPELINE
+
+    stages = {f"jobs.{s}" for s in PIPELINE}
+    edges = graph()
+    wrong = sorted(f"{s} imports {t}" for s in stages for t in edges[s] if t in stages)
+    assert not wrong, "\n".join(wrong)

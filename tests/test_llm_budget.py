@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pytest
 
 from jobs import cli, report
-from jobs.reason_items import llm_budget
+from jobs.llm import llm_budget
 from llm_agents import LLMConfig, reason_items, reason_items_async
 from llm_agents.runner import FanOut
 

@@ -573,13 +573,8 @@ def test_copy_bonus_raises_exactly_the_context_items_by_rank():
 
 
 def test_point_in_time_contexts_come_from_a_model_that_never_saw_their_targets(pit_lake):
-    from jobs.infer_beyond_log import (
-        fingerprint,
-        load_sequences,
-        load_vocab,
-        point_in_time_contexts,
-        training_prefixes,
-    )
+    from jobs.infer_beyond_log import fingerprint, load_sequences, load_vocab, training_prefixes
+    from jobs.point_in_time import point_in_time_contexts
     from models import diffusion as D
 
     root, artifacts = pit_lake
@@ -611,7 +606,7 @@ def test_point_in_time_contexts_come_from_a_model_that_never_saw_their_targets(p
 
 
 def test_point_in_time_training_run_and_its_clear_errors(pit_lake, lake):
-    from jobs.infer_beyond_log import PointInTimeUnavailable
+    from jobs.point_in_time import PointInTimeUnavailable
     from jobs.train_ranker import load_data, train
 
     root, artifacts = pit_lake

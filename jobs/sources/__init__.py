@@ -87,3 +87,10 @@ def load_source(
             f"{name}: {where}unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
             "report it as a loader bug with this dataset"
         ) from e
+
+
+def load_for_run(ctx) -> SourceBatch:
+    """The configured dataset as of the run's day (`ctx`: a jobs.context.RunContext): what both ingest
+    stages read; the synthetic generator takes the `synthetic` settings."""
+    options = dict(ctx.config["synthetic"]) if ctx.dataset == "synthetic" else {}
+    return load_source(ctx.dataset, ctx.config["data"], until=ctx.ds, options=options)
