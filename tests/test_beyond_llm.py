@@ -122,8 +122,11 @@ def test_sampled_answers_are_merged_by_agreement_and_covered_phrases_dropped():
     ]
     interests, weights, covered = merge_answers(paths, 3, [DRILL, TENT])
     assert interests == ["sleeping bag", "camping stove", "lantern"]  # "tents" and "drill" are covered
-    assert weights[0] == pytest.approx(1.0) and weights[1] == pytest.approx(2 / 3 * 0.95 ** 1.5, abs=1e-6)
-    assert weights[2] == pytest.approx(2 / 3 * 0.95 ** 2, abs=1e-6)
+    # Every path named "sleeping bag" first: full agreement at the top place weighs 1. The stove and the
+    # lantern are each named by 2 of 3 paths, which caps them below 2/3; the stove sits higher in the
+    # lists that name it, so it weighs more.
+    assert weights[0] == pytest.approx(1.0)
+    assert 2 / 3 > weights[1] > weights[2] > 0
     assert {"drill", "tent", "power drill"} <= set(covered)
 
 
