@@ -5,6 +5,7 @@ Spark is imported lazily so that Arrow-only consumers (training jobs, analysts) 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from feature_store.catalog import TableSpec, get
+
+log = logging.getLogger("reaseq")
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
@@ -83,6 +86,13 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
     return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in target.fields])
 
 
+# Delta's optimistic concurrency: a commit that lost a race to another writer of the same files fails with
+# one of these (io.delta.exceptions.*); the MERGE is an upsert on the key, so running it again is safe.
+CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+             "ConcurrentTransactionException", "MetadataChangedException", "ProtocolChangedException")
+CONFLICT_RETRIES = 5
+
+
 def merge(
     spark: SparkSession,
     df: DataFrame,
@@ -99,7 +109,29 @@ def merge(
     `delete_unmatched` makes the MERGE a sync: target rows the source does not have are deleted,
     all of them (True) or those matching a SQL condition on the target `t` (e.g. "t.ds <= '2026-11-22'"),
     so the covered part of the table ends up exactly equal to the source.
+
+    Stages that run side by side (the two ingests) write the same tables (silver.quarantine,
+    ops.pipeline_runs): a commit that loses the race is retried, up to CONFLICT_RETRIES times with a
+    short jittered wait, and the conflict is raised only if it persists.
     """
+    import random
+    import time
+
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            return _merge_once(spark, df, name, root, partition_values, delete_unmatched)
+        except Exception as exc:
+            conflict = next((c for c in CONFLICTS if c in f"{type(exc).__name__}: {exc}"), None)
+            if conflict is None or attempt == CONFLICT_RETRIES:
+                raise
+            wait = min(5.0, 0.2 * 2**attempt) * (0.5 + random.random())
+            log.info("%s: the commit lost a race to another writer (%s); merging again in %.1f s", name, conflict, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None, partition_values: list | None,
+                delete_unmatched: bool | str) -> dict:
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 

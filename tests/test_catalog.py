@@ -1,9 +1,10 @@
 """The table catalog: every DESIGN.md table is there, keys are in the schemas, Spark accepts them,
-and the generated docs/tables.md is in sync."""
+and the generated docs/tables.md is in sync; a MERGE that loses a commit race is merged again."""
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from feature_store import catalog, docs
 
@@ -62,3 +63,34 @@ def test_unknown_table_error_lists_known_tables():
 def test_docs_are_in_sync_with_the_catalog():
     assert docs.DOC.read_text() == docs.render(), "run `python -m feature_store.docs`"
     assert isinstance(catalog.CATALOG_ITEMS.schema, pa.Schema)
+
+
+def test_a_commit_that_loses_a_race_is_merged_again_and_a_lasting_conflict_is_raised(monkeypatch):
+    from feature_store import delta
+
+    calls = []
+
+    def flaky(*args):
+        calls.append(args[2])
+        if len(calls) < 3:
+            raise RuntimeError("[DELTA_CONCURRENT_APPEND] io.delta.exceptions.ConcurrentAppendException: files "
+                               "were added to the root of the table by a concurrent update")
+        return {"version": 7}
+
+    monkeypatch.setattr(delta, "_merge_once", flaky)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert delta.merge(None, None, "silver.quarantine") == {"version": 7} and len(calls) == 3
+
+    def always(*args):
+        raise RuntimeError("io.delta.exceptions.ConcurrentAppendException: again")
+
+    monkeypatch.setattr(delta, "_merge_once", always)
+    with pytest.raises(RuntimeError, match="ConcurrentAppendException"):
+        delta.merge(None, None, "silver.quarantine")
+
+    def other(*args):
+        raise ValueError("silver.quarantine: source has duplicate keys")
+
+    monkeypatch.setattr(delta, "_merge_once", other)
+    with pytest.raises(ValueError, match="duplicate keys"):  # not a conflict: raised at once
+        delta.merge(None, None, "silver.quarantine")

@@ -184,3 +184,31 @@ def test_models_trained_on_the_nightly_tables_beat_popularity(nightly):
     generative_recall = generative["metrics"]["variants"]["fixed_order"]["test"]["recall@10"]
     assert ranker_recall > 1.5 * popular, (ranker_recall, popular)
     assert generative_recall > 1.5 * popular, (generative_recall, popular)
+
+
+def test_merges_racing_into_one_table_all_land(ctx_factory, spark):
+    """Stages that run side by side (the two ingests) write the same tables: every racing commit lands,
+    the losers of Delta's optimistic concurrency merged again."""
+    import threading
+
+    from jobs.runtime import write_quarantine
+
+    ctx = ctx_factory()
+    write_quarantine(ctx, [{"source_table": "t", "key": "seed", "stage": "s", "reason": "r", "payload": None}])
+    errors = []
+
+    def writer(k: int) -> None:
+        try:
+            write_quarantine(ctx, [{"source_table": "t", "key": f"w{k}-{i}", "stage": "s", "reason": "r",
+                                    "payload": None} for i in range(3)])
+        except Exception as exc:  # pragma: no cover - the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    keys = set(delta.read_arrow("silver.quarantine", ctx.root)["key"].to_pylist())
+    assert keys == {"seed"} | {f"w{k}-{i}" for k in range(4) for i in range(3)}

@@ -258,3 +258,4 @@ def test_the_spark_engine_answers_like_duckdb(lake, spark):
     with pytest.raises(fsql.SqlError) as e:
         fsql.query("SELECT * FROM silver.nope", root=lake, engine="spark")
     assert "silver.nope" in str(e.value) and "\n" not in str(e.value)
+
