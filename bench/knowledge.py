@@ -165,19 +165,22 @@ def answers_path(out: Path, dataset: str, method: str) -> Path:
     return out / "knowledge_answers" / f"{dataset}.{method}.jsonl.gz"
 
 
-def save_answers(path: Path, answers: list, model: str, seconds: float) -> None:
-    """One JSON line per item (its whole KnowledgeResult), after a header line naming the model."""
+def save_answers(path: Path, answers: list, model: str, seconds: float, items: int | None = None,
+                 seed: int | None = None) -> None:
+    """One JSON line per item (its whole KnowledgeResult), after a header line naming the model and the
+    sample (items, seed) the answers are for."""
     import gzip
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write(json.dumps({"model": model, "seconds": seconds}) + "\n")
+        f.write(json.dumps({"model": model, "seconds": seconds, "items": items, "seed": seed}) + "\n")
         for r in answers:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
 
 
-def load_answers(path: Path) -> tuple[list, str, float]:
+def load_answers(path: Path, items: int | None = None, seed: int | None = None) -> tuple[list, str, float]:
+    """The kept answers; with `items`/`seed`, a SystemExit when they were kept for another sample."""
     import gzip
     import json
 
@@ -186,6 +189,10 @@ def load_answers(path: Path) -> tuple[list, str, float]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         head = json.loads(f.readline())
         answers = [KnowledgeResult(**json.loads(line)) for line in f if line.strip()]
+    for key, want in (("items", items), ("seed", seed)):
+        if want is not None and head.get(key) is not None and head[key] != want:
+            raise SystemExit(f"{path} holds answers for --{key} {head[key]}, not {want}: rescore with "
+                             f"--{key} {head[key]}, or run the method again")
     return answers, head["model"], head["seconds"]
 
 
@@ -397,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     # A run over some datasets keeps the others' results (one dataset per night fits; both may not).
     results: dict = {k: v for k, v in json.loads(previous.read_text()).items() if k != "meta"} \
         if previous.exists() else {}
-    skipped = {}
+    skipped, measured = {}, 0
     for ds in args.datasets:
         if not DATASETS[ds][1].exists():
             skipped[ds] = f"{DATASETS[ds][1]} not found"
@@ -412,17 +419,18 @@ def main(argv: list[str] | None = None) -> int:
                 if not kept.exists():
                     log(f"{ds} {method}: no kept answers at {kept}; run without --rescore first")
                     continue
-                answers, model, seconds = load_answers(kept)
+                answers, model, seconds = load_answers(kept, args.items, args.seed)
             else:
                 answers, seconds, model = run_method(method, items, args, ds)
-                save_answers(kept, answers, model, seconds)
+                save_answers(kept, answers, model, seconds, args.items, args.seed)
+            measured += 1
             results[ds][method] = {"model": model, "scores": score(ds, answers, truth, sim), "cost": cost(answers, seconds),
                                    "date": utc_now(), "items": args.items, "seed": args.seed}
             s = results[ds][method]["scores"]
             log(f"{ds} {method} ({model}): F1 {s['f1']:.3f} (P {s['precision']:.3f}, R {s['recall']:.3f}), "
                 f"{seconds:.0f}s")
-    if not results:
-        log("no dataset available: nothing measured")
+    if not measured:
+        log("nothing measured (no dataset available, or no kept answers to rescore): results left as they were")
         return 1
     meta = {"date": utc_now(), "machine": machine_info(), "items": args.items, "seed": args.seed,
             "samples_k": args.samples_k, "methods": args.methods, "similar_threshold": SIMILAR,

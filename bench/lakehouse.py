@@ -35,7 +35,9 @@ _FINGERPRINT_PATHS = (
     "models/embedder.py", "models/quantizers.py", "models/rq.py", "models/mpq.py", "models/diffusion.py",
 )
 # Consumers living in jobs/ (trainers) do not change the features.
-_FINGERPRINT_SKIP = ("jobs/train_ranker.py", "jobs/train_generative.py", "jobs/cli.py", "jobs/report.py")
+_FINGERPRINT_SKIP = ("jobs/train_ranker.py", "jobs/train_generative.py", "jobs/cli.py", "jobs/report.py",
+                     "jobs/report_data.py", "jobs/report_plots.py", "jobs/progress.py", "jobs/point_in_time.py",
+                     "jobs/airflow_server.py", "jobs/spark_cluster.py", "jobs/callbacks.py")
 
 
 def root_for(name: str) -> Path:

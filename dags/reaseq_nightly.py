@@ -75,7 +75,8 @@ def reaseq_nightly():
         steps[name] = step
     # What each stage reads and writes decides what it waits for (jobs/stages.py): the two ingests run
     # side by side, the rest waits for the knowledge (every gold table keys items by semantic ID).
-    for up, down in edges():
+    # On s3a:// (Delta's default S3 LogStore: one writer at a time) they run one after the other.
+    for up, down in edges(concurrent_commits=not SETTINGS.lakehouse.startswith("s3a://")):
         steps[up] >> steps[down]
     # The local LLM engine is held from just before the first stage that asks it to just after the
     # last (the beyond-log stage asks it when beyond_log.method is llm); the teardown runs on success

@@ -26,7 +26,7 @@ from jobs.train_ranker import VARIANT_NAMES as VARIANTS
     catchup=False,
     max_active_runs=1,
     default_args={
-        "retries": load_settings().airflow.task_retries,
+        "retries": load_settings().airflow.training_retries,
         "retry_delay": timedelta(minutes=5),
         "on_failure_callback": on_failure,  # one line: task, day, run, why, what next
     },

@@ -118,6 +118,12 @@ def delta_conf(master: str = "local[*]", app_name: str = "reaseq", with_jars: bo
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # Sized for the tables of one machine (the SQL CLI uses these as they are; the pipeline's sessions
+        # replace them with its `spark` settings): no UI port, few shuffle and Delta snapshot partitions.
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "4",
+        "spark.default.parallelism": "4",
+        "spark.databricks.delta.snapshotPartitions": "2",
         "spark.ui.showConsoleProgress": "false",
         "spark.python.worker.reuse": "true",
         # Python workers must run the pipeline's virtualenv, not whatever python3 is on PATH.

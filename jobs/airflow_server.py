@@ -102,6 +102,10 @@ def server_env(base: dict[str, str], host: str, port: int) -> dict[str, str]:
         # The DAG processor looks for new or changed files every 30 s instead of 5 minutes.
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": env.get("AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "30"),
     })
+    # A scheduler retries as the settings say (airflow.task_retries), unlike `make run`, where a person
+    # waits and airflow_env() sets 0; a value the operator gave is kept.
+    if "REASEQ__AIRFLOW__TASK_RETRIES" not in os.environ:
+        env.pop("REASEQ__AIRFLOW__TASK_RETRIES", None)
     return env
 
 

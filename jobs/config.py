@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime as dt
 import difflib
 import inspect
 import os
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from jobs.sources.base import DEFAULT_MAX_DESCRIPTION_CHARS, DEFAULT_MAX_DESCRIPTION_TOKENS
 from jobs.sources.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
 from models.configs import DiffusionConfig, EmbedderConfig, GenerativeConfig, QuantizerConfig, RankerConfig
 
@@ -59,6 +61,12 @@ RETIRED_ENV = {
 
 # Strict: a count given as `true` or `2.5` is refused, not read as 1 or cut to 2.
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+# Finite: `.inf` minutes is no budget (say null for none).
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+# The LLM section's single-underscore scheme of earlier versions: any REASEQ_LLM_<KEY> names REASEQ__LLM__<KEY>.
+RETIRED_LLM_PREFIX = "REASEQ_LLM_"
 
 
 class ConfigError(ValueError):
@@ -69,13 +77,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class SourceSettings(Section):
+    """What every dataset loader does to the text it reads."""
+
+    max_description_tokens: PositiveInt = Field(
+        DEFAULT_MAX_DESCRIPTION_TOKENS, description="descriptions cut to this many tokens of the embedder's tokenizer")
+    max_description_chars: PositiveInt = Field(
+        DEFAULT_MAX_DESCRIPTION_CHARS, description="and first to this many characters (a ceiling against huge text)")
+
+
 class SyntheticSettings(Section):
     """The synthetic catalog and users (dataset: synthetic)."""
 
     n_items: PositiveInt = Field(SYNTHETIC_DEFAULTS["n_items"], description="catalog items")
     n_users: PositiveInt = Field(SYNTHETIC_DEFAULTS["n_users"], description="users with interactions")
     seed: StrictInt = Field(SYNTHETIC_DEFAULTS["seed"], description="the same seed gives the same catalog and logs")
-    end_date: str = Field(str(SYNTHETIC_DEFAULTS["end_date"]), description="last day of the interactions")
+    end_date: dt.date = Field(SYNTHETIC_DEFAULTS["end_date"], description="last day of the interactions (YYYY-MM-DD)")
     days: PositiveInt = Field(SYNTHETIC_DEFAULTS["days"], description="days of interactions before end_date")
 
 
@@ -96,7 +113,9 @@ class AirflowSettings(Section):
     """How the DAGs are scheduled and how their tasks run."""
 
     schedule: str = Field("0 2 * * *", description='the nightly cron (UTC), or "none" for manual runs only')
-    task_retries: StrictInt = Field(2, ge=0, description="per task; `make run` sets 0 (a person at the terminal wants the failure now)")
+    task_retries: StrictInt = Field(2, ge=0, description="per task of the nightly DAG; `make run` sets 0 (a person at "
+                                    "the terminal wants the failure now)")
+    training_retries: StrictInt = Field(1, ge=0, description="per task of the training DAGs (hours of work each)")
     submit: Literal["inprocess", "spark-submit"] = Field(
         "inprocess", description="inprocess: each task runs its stage in the task's process (local Spark); "
         "spark-submit: each task submits it to the cluster of the spark_reaseq connection")
@@ -187,6 +206,7 @@ class Settings(Section):
     reports: str = Field("reports", description="run reports, validation reports and logs")
     dataset: Literal["synthetic", "amazon-json", "movielens"] = "synthetic"
     data: str | None = Field(None, description="the folder or file of amazon-json / movielens")
+    source: SourceSettings = Field(default_factory=SourceSettings)
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
@@ -238,9 +258,10 @@ def _env_layer(env: dict) -> dict[tuple, tuple[Any, str]]:
 def load_settings(overrides: dict | None = None, env: dict | None = None) -> Settings:
     """The validated settings of this environment; ConfigError (one line) when any layer is wrong."""
     env = os.environ if env is None else env
-    retired = sorted(k for k in env if k in RETIRED_ENV)
+    retired = sorted(k for k in env if k in RETIRED_ENV or k.startswith(RETIRED_LLM_PREFIX))
     if retired:
-        raise ConfigError(f"{retired[0]} is no longer read: set {RETIRED_ENV[retired[0]]} instead"
+        new = [RETIRED_ENV.get(k) or "REASEQ__LLM__" + k.removeprefix(RETIRED_LLM_PREFIX) for k in retired]
+        raise ConfigError(f"{retired[0]} is no longer read: set {new[0]} instead"
                           + (f" (also {', '.join(retired[1:])})" if len(retired) > 1 else ""))
     merged: dict = {}
     origins: dict[tuple, str] = {}

@@ -67,5 +67,5 @@ class RunContext:
         if self._spark is None:
             from jobs.spark import get_spark
 
-            self._spark = get_spark(self.config.get("spark", {}).get("master"))
+            self._spark = get_spark(settings=self.config["spark"])
         return self._spark

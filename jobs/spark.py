@@ -53,9 +53,10 @@ def s3a_conf() -> dict[str, str]:
 
 
 def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict | None = None,
-               with_jars: bool = True) -> dict[str, str]:
-    """The settings every session gets; also what spark-submit receives as --conf in a cluster."""
-    spark = load_config()["spark"]
+               with_jars: bool = True, settings: dict | None = None) -> dict[str, str]:
+    """The settings every session gets; also what spark-submit receives as --conf in a cluster.
+    `settings`: the run's `spark` section (a run context's, with its overrides); else this environment's."""
+    spark = settings or load_config()["spark"]
     conf = delta_conf(master or spark["master"], app_name, with_jars)
     conf.update({
         "spark.sql.shuffle.partitions": str(spark["shuffle_partitions"]),
@@ -79,9 +80,11 @@ def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict 
     return conf
 
 
-def get_spark(master: str | None = None, app_name: str = "reaseq", extra: dict | None = None):
+def get_spark(master: str | None = None, app_name: str = "reaseq", extra: dict | None = None,
+              settings: dict | None = None):
     """Return the process's Spark session, creating it with Delta configured on first use."""
-    return delta_session(spark_conf(master, app_name, extra), load_config()["spark"]["log_level"])
+    settings = settings or load_config()["spark"]
+    return delta_session(spark_conf(master, app_name, extra, settings=settings), settings["log_level"])
 
 
 def main(argv: list[str] | None = None) -> int:

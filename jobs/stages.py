@@ -24,9 +24,11 @@ LINEAGE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "embed_items": (("bronze.catalog_items", "silver.item_knowledge", "silver.item_embeddings"),
                     ("silver.item_embeddings",)),
     "train_quantizer": (("bronze.catalog_items", "silver.item_embeddings"), ("artifact:codebooks",)),
-    "assign_semantic_ids": (("silver.item_embeddings", "artifact:codebooks"), ("gold.item_semantic_ids",)),
-    "build_user_sequences": (("bronze.interactions", "gold.item_semantic_ids"), ("gold.user_sequences",)),
-    "infer_beyond_log": (("gold.user_sequences", "gold.item_semantic_ids", "silver.item_knowledge",
+    "assign_semantic_ids": (("bronze.catalog_items", "silver.item_embeddings", "artifact:codebooks"),
+                            ("gold.item_semantic_ids",)),
+    "build_user_sequences": (("bronze.interactions", "gold.item_semantic_ids", "artifact:codebooks"),
+                             ("gold.user_sequences",)),
+    "infer_beyond_log": (("gold.user_sequences", "gold.item_semantic_ids", "artifact:codebooks", "silver.item_knowledge",
                           "silver.item_embeddings", "bronze.catalog_items"),
                          ("gold.user_augmented_behaviors", "artifact:diffusion")),
     "build_user_features": (("bronze.catalog_items", "bronze.interactions", "silver.item_knowledge",
@@ -54,10 +56,18 @@ def upstream(stage: str) -> set[str]:
     return deps
 
 
-def edges() -> list[tuple[str, str]]:
+def edges(concurrent_commits: bool = True) -> list[tuple[str, str]]:
     """(upstream, downstream) pairs with the ones implied by others left out (the transitive reduction),
-    so the Airflow graph shows each dependency once."""
+    so the Airflow graph shows each dependency once.
+
+    `concurrent_commits=False` runs stages that would otherwise run side by side one after the other: on
+    an object store without a multi-writer Delta LogStore (s3a:// with the default one), two drivers
+    committing to one table at once are not safe, and every stage writes silver.quarantine and
+    ops.pipeline_runs."""
     direct = {s: upstream(s) for s in PIPELINE}
+    if not concurrent_commits:
+        for earlier, later in zip(PIPELINE, PIPELINE[1:], strict=False):
+            direct[later] = direct[later] | {earlier}
 
     def reaches(a: str, b: str, skip: tuple[str, str]) -> bool:
         todo, seen = [b], set()

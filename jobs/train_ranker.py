@@ -10,7 +10,7 @@ so rerunning a day rewrites its row. Settings: models.ranker.RankerConfig's defa
 section of the configuration (REASEQ__RANKER__<KEY>, e.g. REASEQ__RANKER__MAX_EPOCHS=20), then the flags.
 Progress lines (epoch, loss, validation Recall@10, sequences/s, ETA) go to the `reaseq` logger.
 Variants with the beyond-log context (`+beyond_log`, `all`) first rebuild it as of the validation cut and
-the last training target (jobs.infer_beyond_log.point_in_time_contexts): the first run on a lakehouse
+the last training target (jobs.point_in_time.point_in_time_contexts): the first run on a lakehouse
 trains that as-of diffusion model (cached under artifacts/diffusion/), later runs reuse it.
 """
 
@@ -88,7 +88,7 @@ def load_data(root: str, config, versions: dict[str, int] | None = None, artifac
 
     Beyond-log: the published map (gold.user_augmented_behaviors) and, when the variant uses it in
     point-in-time mode, the as-of inferences for the validation and training targets
-    (jobs.infer_beyond_log.point_in_time_contexts, which needs the published model's checkpoint under
+    (jobs.point_in_time.point_in_time_contexts, which needs the published model's checkpoint under
     `artifacts`).
     """
     from models.ranker_data import (

@@ -28,7 +28,7 @@ comes from, and whether a language model's knowledge adds anything over the cata
   (gold.user_augmented_behaviors) was made from every event but the test target, so it scores the test
   target only; the validation target is scored with an inference made as of the validation cut and
   the last training target with one made as of its own cut, each by a model that never saw that target
-  (jobs.infer_beyond_log.point_in_time_contexts; `BeyondLogContexts`). A context is visible to the last
+  (jobs.point_in_time.point_in_time_contexts; `BeyondLogContexts`). A context is visible to the last
   position only, the one whose target it was made for; the other training positions learn without it.
   With `beyond_log_point_in_time=false` the published inference is the context of every position and
   split (it has seen each training target's future), so it is dropped at random in training

@@ -505,7 +505,7 @@ class BeyondLogContexts:
     """Beyond-log context per split (user_id -> item indices), each made without seeing its split's target.
 
     test: the published table (every event but the test target); valid and train: the point-in-time
-    inferences of jobs.infer_beyond_log.point_in_time_contexts (as of the validation cut and of the last
+    inferences of jobs.point_in_time.point_in_time_contexts (as of the validation cut and of the last
     training target). A train context belongs to the last training position only.
     """
 

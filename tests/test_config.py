@@ -37,6 +37,17 @@ def test_layers_defaults_then_file_then_environment_then_the_runs_parameters(tmp
     assert s.llm.local.budget_minutes is None and s.spark.ui is True
 
 
+def test_values_parse_as_their_types_and_infinity_is_no_budget():
+    import datetime as dt
+
+    s = load_settings(env={"REASEQ__SYNTHETIC__END_DATE": "2026-11-20", "REASEQ__SOURCE__MAX_DESCRIPTION_TOKENS": "128"})
+    assert s.synthetic.end_date == dt.date(2026, 11, 20) and s.source.max_description_tokens == 128
+    assert "budget_minutes" in error(env={"REASEQ__LLM__BUDGET_MINUTES": ".inf"})
+    # Any variable of the retired single-underscore LLM scheme names its replacement, not only known keys.
+    assert error(env={"REASEQ_LLM_SAMPLES_K": "1"}) == \
+        "REASEQ_LLM_SAMPLES_K is no longer read: set REASEQ__LLM__SAMPLES_K instead"
+
+
 def test_a_models_section_is_that_models_own_config_class():
     from models.diffusion import DiffusionConfig
     from models.ranker import RankerConfig

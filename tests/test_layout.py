@@ -113,3 +113,11 @@ def test_no_stage_imports_another_stage():
     edges = graph()
     wrong = sorted(f"{s} imports {t}" for s in stages for t in edges[s] if t in stages)
     assert not wrong, "\n".join(wrong)
+
+
+def test_on_an_object_store_the_stages_commit_one_after_another():
+    """s3a:// with Delta's default LogStore takes one writer at a time: no two stages side by side."""
+    from jobs.stages import PIPELINE, edges
+
+    assert ("ingest_catalog", "validate_bronze") in edges() and ("ingest_interactions", "validate_bronze") in edges()
+    assert edges(concurrent_commits=False) == list(zip(PIPELINE, PIPELINE[1:], strict=False))

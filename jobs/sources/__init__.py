@@ -91,6 +91,8 @@ def load_source(
 
 def load_for_run(ctx) -> SourceBatch:
     """The configured dataset as of the run's day (`ctx`: a jobs.context.RunContext): what both ingest
-    stages read; the synthetic generator takes the `synthetic` settings."""
-    options = dict(ctx.config["synthetic"]) if ctx.dataset == "synthetic" else {}
+    stages read; every loader takes the `source` settings, the synthetic generator also `synthetic`."""
+    options = dict(ctx.config["source"])
+    if ctx.dataset == "synthetic":
+        options.update(ctx.config["synthetic"])
     return load_source(ctx.dataset, ctx.config["data"], until=ctx.ds, options=options)
