@@ -159,3 +159,13 @@ def test_airflow_serves_the_dags_runs_a_triggered_run_and_stops_cleanly(tmp_path
     assert not leftovers, [(p.pid, p.cmdline()[:3]) for p in leftovers]
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+
+
+def test_the_scheduler_retries_as_the_settings_say_and_make_run_does_not(monkeypatch):
+    from jobs.airflow_server import airflow_env, server_env
+
+    monkeypatch.delenv("REASEQ__AIRFLOW__TASK_RETRIES", raising=False)
+    assert airflow_env()["REASEQ__AIRFLOW__TASK_RETRIES"] == "0"  # make run: a person waits for the failure
+    assert "REASEQ__AIRFLOW__TASK_RETRIES" not in server_env(airflow_env(), "127.0.0.1", 8080)  # the default: 2
+    monkeypatch.setenv("REASEQ__AIRFLOW__TASK_RETRIES", "5")
+    assert server_env(airflow_env(), "127.0.0.1", 8080)["REASEQ__AIRFLOW__TASK_RETRIES"] == "5"
