@@ -155,8 +155,8 @@ bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
 bench-lakehouse: setup ## build the real datasets' feature lakehouses the consumer benchmarks read (cached)
 	@$(PY) -m bench.lakehouse
 
-bench-beyond: setup ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data
-	@$(PY) -m bench.beyond_log
+bench-beyond: setup $(if $(LLM_USERS),llm-engine) ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data [LLM_USERS=200: also the LLM method on that many users, local engine or LLM_URL= LLM_MODEL=]
+	@$(PY) -m bench.beyond_log $(if $(LLM_USERS),--llm-users $(LLM_USERS)) $(if $(LLM_URL),--llm-url "$(LLM_URL)" --llm-model "$(LLM_MODEL)")
 
 bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses
 	@$(PY) -m bench.ranker
