@@ -57,7 +57,7 @@ from torch import nn
 from models.configs import RankerConfig  # noqa: F401  (defined there; re-exported)
 from models.device import resolve_device
 from models.ranker_data import BeyondLogContexts, ItemFeatures, SequenceStream
-from models.training import EarlyStopping
+from models.training import EarlyStopping, optimizer_step
 from models.variants import FAMILIES, VARIANTS  # noqa: F401  (re-exported: callers import them from here)
 
 MODEL_VERSION = "sasrec-tied-composite-v4"  # v4: catalog and LLM-knowledge families apart
@@ -358,12 +358,7 @@ def fit(feats: ItemFeatures, streams: dict[str, SequenceStream], config: RankerC
                 mask = tgt != 0
                 logits = model.scores(h[mask], table, model.context_rows(ctx, mask))
                 loss = F.cross_entropy(logits, tgt[mask])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(model, opt, loss, scaler)
             n_pos = int(mask.sum())
             total += float(loss.detach()) * n_pos
             positions += n_pos

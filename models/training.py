@@ -1,10 +1,21 @@
-"""Early stopping on a validation score, shared by the ranker and the generative model's base training."""
+"""What the ranker and the generative model share in training: one optimiser step, and early stopping on a
+validation score."""
 
 from __future__ import annotations
 
 import copy
 
 from torch import nn
+
+
+def optimizer_step(model: nn.Module, opt, loss, scaler) -> None:
+    """Backward through the (mixed-precision) scaler, gradients clipped to norm 1, one step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
 
 
 class EarlyStopping:

@@ -16,9 +16,10 @@ from models.configs import GenerativeConfig  # noqa: F401  (defined there; re-ex
 from models.generative.catalog import TokenCatalog
 from models.generative.decode import _chunks, banned_matrix, beam_search, dense_scores
 from models.generative.model import GenerativeRecommender, token_loss
-from models.generative.optim import StageResult, _optimizer, _select, _step
+from models.generative.optim import StageResult, _optimizer, _select
 from models.ranker import _autocast
 from models.ranker_data import CATALOG, ItemFeatures, Pinned, SequenceStream
+from models.training import optimizer_step
 
 # ---------------------------------------------------------------- PARS and MSRA
 
@@ -243,7 +244,7 @@ def align(model: GenerativeRecommender, cat: TokenCatalog, streams: dict[str, Se
                 tgt = cands[:, 0]
                 sft = token_loss(model, h, cat.codes[tgt], config.subsets_per_position)
                 loss = loss + config.pars_sft_weight * sft
-            _step(model, opt, loss, scaler)
+            optimizer_step(model, opt, loss, scaler)
             total += float(loss.detach())
             pairs += n_pairs
             steps += 1

@@ -1,5 +1,5 @@
-"""What every training stage of the generative model shares: the optimiser, one step, the validation
-score that selects a model, and a stage's result."""
+"""What every training stage of the generative model shares: the optimiser, the validation score that
+selects a model, and a stage's result (one step is models.training.optimizer_step, as the ranker's)."""
 
 from __future__ import annotations
 
@@ -27,15 +27,6 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
         (no_decay if prm.ndim < 2 or "norm" in name or "_ln" in name or name.endswith("bias") else decay).append(prm)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-
-def _step(model, opt, loss, scaler):
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(opt)
-    scaler.update()
 
 
 def _select(model, cat, streams, config, device) -> float:

@@ -17,10 +17,10 @@ from models.generative.align import Example, align, alignment_examples, user_seq
 from models.generative.catalog import TokenCatalog
 from models.generative.decode import evaluate
 from models.generative.model import INFERENCE_MODES, VARIANTS, GenerativeRecommender, token_loss
-from models.generative.optim import StageResult, _optimizer, _select, _step
+from models.generative.optim import StageResult, _optimizer, _select
 from models.ranker import _autocast, seed_everything
 from models.ranker_data import ItemFeatures, Pinned, SequenceStream
-from models.training import EarlyStopping
+from models.training import EarlyStopping, optimizer_step
 
 
 def train_base(cat: TokenCatalog, streams: dict[str, SequenceStream], config: GenerativeConfig,
@@ -47,7 +47,7 @@ def train_base(cat: TokenCatalog, streams: dict[str, SequenceStream], config: Ge
                 hs = model.encode(inp)
                 mask = (tgt != 0) & cat.has_tokens[tgt]
                 loss = token_loss(model, hs[mask].float(), cat.codes[tgt[mask]], config.subsets_per_position)
-            _step(model, opt, loss, scaler)
+            optimizer_step(model, opt, loss, scaler)
             n_pos = int(mask.sum())
             total += float(loss.detach()) * n_pos
             positions += n_pos
