@@ -81,14 +81,15 @@ def _server_stats(base_url: str, reset: bool = False) -> dict:
         return json.loads(r.read())
 
 
-def _ctx(root: Path, n_items: int, base_url: str, concurrency: int, partitions: int, ds: str):
+def _ctx(root: Path, n_items: int, base_url: str, concurrency: int, partitions: int, ds: str,
+         commit_every: int | None = None):
     from jobs.context import RunContext
 
     return RunContext.create(ds=ds, run_id=f"bench__{ds}", overrides={
         "lakehouse": str(root / "lakehouse"), "artifacts": str(root / "artifacts"), "reports": str(root / "reports"),
         "synthetic": {"n_items": n_items, "n_users": 50, "seed": 3},
         "llm": {"backend": "openai", "base_url": base_url, "model": "fake-model", "max_concurrency": concurrency,
-                "partitions": partitions, "timeout_s": 30},
+                "partitions": partitions, "timeout_s": 30, "commit_every_items": commit_every},
     })
 
 
@@ -108,18 +109,20 @@ def _failure_reasons(ctx) -> dict[str, int]:
     return out
 
 
-def _fanout(tmp: Path, items: int, base_url: str, capacity: int, latency: float, note: str) -> dict:
-    """One catalog through reason_items, measured by the job (wall time) and by the server (window)."""
+def _fanout(tmp: Path, items: int, base_url: str, capacity: int, latency: float, note: str,
+            commit_every: int | None = None) -> dict:
+    """One catalog through reason_items, measured by the job (wall time) and by the server (window).
+    `commit_every`: llm.commit_every_items (null: the stage's default for a server given by URL)."""
     from jobs.runtime import execute
 
     # Oversubscribe the server a little: requests queue there instead of waiting on the client,
     # which hides the client's own turnaround (what vLLM's scheduler queue does too).
     partitions = max(2, os.cpu_count() or 2)
     inflight = int(capacity * 1.5)
-    ctx = _ctx(tmp, items, base_url, inflight, partitions, "2026-11-22")
+    ctx = _ctx(tmp, items, base_url, inflight, partitions, "2026-11-22", commit_every)
     execute("ingest_catalog", ctx)
-    print(f"bench-llm: reasoning {items} items, {partitions} partitions x {inflight // partitions} in flight",
-          flush=True)
+    print(f"bench-llm: reasoning {items} items, {partitions} partitions x {inflight // partitions} in flight "
+          f"({note})", flush=True)
     _server_stats(base_url, reset=True)
     res = execute("reason_items", ctx).metrics
     served = _server_stats(base_url)
@@ -186,6 +189,10 @@ def run(items: int, capacity: int, latency: float, out: Path, naive_items: int, 
             rerun = execute("reason_items", ctx).metrics
             scale = (_fanout(tmp / "scale", scale_items, base_url, capacity, latency, "Python workers warm")
                      if scale_items else None)
+            # The same catalog committed once at the end: what committing in chunks while the next chunk's
+            # requests run costs in server utilisation.
+            one_commit = (_fanout(tmp / "scale1", scale_items, base_url, capacity, latency, "one commit",
+                                  commit_every=scale_items) if scale_items else None)
 
             naive_ctx = _ctx(tmp / "naive", naive_items, base_url, 1, 1, "2026-11-22")
             execute("ingest_catalog", naive_ctx)
@@ -245,6 +252,13 @@ def run(items: int, capacity: int, latency: float, out: Path, naive_items: int, 
             "scale_job_seconds": scale["job_s"],
             "scale_spark_fixed_s": round(scale["job_s"] - scale["window_s"], 2),
             "scale_ok_items": scale["metrics"]["ok"],
+            "scale_commit_every_items": scale["metrics"]["commit_every_items"],
+            "scale_chunks": scale["metrics"]["chunks"],
+            "scale_one_commit_efficiency": round(one_commit["achieved_rps"] / capacity_rps, 4),
+            "scale_one_commit_job_efficiency": round(one_commit["job_achieved_rps"] / capacity_rps, 4),
+            "scale_one_commit_job_seconds": one_commit["job_s"],
+            # Job seconds committed in chunks / committed once, on the same catalog in one run.
+            "scale_chunked_commit_time_ratio": round(scale["job_s"] / one_commit["job_s"], 3),
         })
     if engine is not None:
         result = {"engine": engine, **result}

@@ -101,6 +101,7 @@ def merge(
     *,
     partition_values: list | None = None,
     delete_unmatched: bool | str = False,
+    keys_unique: bool = False,
 ) -> dict:
     """Upsert `df` into the table on its key; a rerun with the same rows leaves the same table.
 
@@ -109,6 +110,8 @@ def merge(
     `delete_unmatched` makes the MERGE a sync: target rows the source does not have are deleted,
     all of them (True) or those matching a SQL condition on the target `t` (e.g. "t.ds <= '2026-11-22'"),
     so the covered part of the table ends up exactly equal to the source.
+    `keys_unique`: the caller built the rows itself with unique keys (a run record, quarantine rows), so
+    the duplicate-key check, a Spark job of its own, is skipped.
 
     Stages that run side by side (the two ingests) write the same tables (silver.quarantine,
     ops.pipeline_runs): a commit that loses the race is retried, up to CONFLICT_RETRIES times with a
@@ -119,7 +122,7 @@ def merge(
 
     for attempt in range(CONFLICT_RETRIES + 1):
         try:
-            return _merge_once(spark, df, name, root, partition_values, delete_unmatched)
+            return _merge_once(spark, df, name, root, partition_values, delete_unmatched, keys_unique)
         except Exception as exc:
             conflict = next((c for c in CONFLICTS if c in f"{type(exc).__name__}: {exc}"), None)
             if conflict is None or attempt == CONFLICT_RETRIES:
@@ -131,14 +134,14 @@ def merge(
 
 
 def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None, partition_values: list | None,
-                delete_unmatched: bool | str) -> dict:
+                delete_unmatched: bool | str, keys_unique: bool) -> dict:
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     spec = get(name)
     path = ensure_table(spark, spec, root)
     src = conform(df, spec)
-    dupes = src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
+    dupes = [] if keys_unique else src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
     if dupes:
         sample = [tuple(r[k] for k in spec.key) for r in dupes]
         raise ValueError(f"{name}: source has duplicate keys {spec.key}, e.g. {sample}; deduplicate before merging")
@@ -148,7 +151,7 @@ def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None,
         values = ", ".join(f"'{v}'" for v in partition_values) or "NULL"
         cond += f" AND t.`{col}` IN ({values})"
     target = DeltaTable.forPath(spark, path)
-    if target.history(1).select("version").collect()[0][0] == 0:
+    if _last_commit(spark, target, path)["version"] == 0:
         # Freshly created and empty: an append writes the same rows without MERGE's join.
         src.write.format("delta").mode("append").save(path)
         return {"version": 1, "numTargetRowsInserted": src.count(), "fast_path": "append"}
@@ -164,9 +167,22 @@ def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None,
     elif delete_unmatched:
         m = m.whenNotMatchedBySourceDelete(condition=delete_unmatched)
     m.execute()
-    last = target.history(1).select("operationMetrics", "version").collect()[0]
+    last = _last_commit(spark, target, path)
     metrics = {k: int(v) for k, v in (last["operationMetrics"] or {}).items() if str(v).isdigit()}
     return {"version": int(last["version"]), **metrics}
+
+
+def _last_commit(spark: SparkSession, target, path: str) -> dict:
+    """The table's latest commit: its version and operation metrics. On a local path it is read from the
+    log by delta-rs (milliseconds; through Spark, a job of a fraction of a second, twice per MERGE);
+    elsewhere (s3a://, where delta-rs would need the cluster's credentials) through Spark."""
+    if "://" not in path or path.startswith("file://"):
+        from deltalake import DeltaTable as ArrowTable
+
+        commit = ArrowTable(path).history(1)[0]
+        return {"version": int(commit["version"]), "operationMetrics": commit.get("operationMetrics")}
+    row = target.history(1).select("operationMetrics", "version").collect()[0]
+    return {"version": int(row["version"]), "operationMetrics": row["operationMetrics"]}
 
 
 def read_spark(spark: SparkSession, name: str, root: str | None = None, version: int | None = None) -> DataFrame:

@@ -131,6 +131,9 @@ class LocalEngineSettings(Section):
     budget_minutes: PositiveFloat | None = Field(
         3, description="the engine's nightly fan-out minutes when llm.budget_minutes is null: a few items at "
         "k=3 on 2 cores, so a first make run stays near 20 min")
+    commit_every_items: PositiveInt = Field(
+        25, description="the engine's answers per commit when llm.commit_every_items is null (a few minutes of "
+        "its work on 2 cores)")
 
 
 class LLMSettings(Section):
@@ -159,6 +162,10 @@ class LLMSettings(Section):
         "the rest is the backlog, taken first next run; null = no cap")
     budget_minutes: PositiveFloat | None = Field(
         None, description="minutes of fan-out per run: no item starts after them, items in flight finish; null = no cap")
+    commit_every_items: PositiveInt | None = Field(
+        None, description="answers committed to the tables every this many items, in priority order, while the "
+        "next ones are asked: a run killed midway keeps them and the rerun asks only for the rest; null: 1000 "
+        "(a GPU server), llm.local.commit_every_items on the local engine; the offline heuristic commits once")
     # The client's settings: null keeps llm_agents.LLMConfig's default.
     timeout_s: PositiveFloat | None = Field(None, description="per request; null: the client's default (local: 180)")
     max_retries: StrictInt | None = Field(None, ge=0, le=20, description="per request; null: the client's default")

@@ -73,3 +73,16 @@ def llm_budget(ctx: RunContext) -> tuple[int | None, float | None]:
         items = cfg["local"]["budget_items"] if items is None else items
         minutes = cfg["local"]["budget_minutes"] if minutes is None else minutes
     return items, None if minutes is None else float(minutes)
+
+
+# Answers per commit for a server given by URL: at a few items a second, minutes of work per commit, so
+# the commit (overlapped with the next chunk's requests) is a small share of the run.
+COMMIT_EVERY_ITEMS = 1000
+
+
+def llm_commit_every(ctx: RunContext) -> int:
+    """`llm.commit_every_items`; null: the local engine's own default, else COMMIT_EVERY_ITEMS."""
+    cfg = ctx.config["llm"]
+    if cfg["commit_every_items"] is not None:
+        return int(cfg["commit_every_items"])
+    return int(cfg["local"]["commit_every_items"]) if cfg["backend"] == "local" else COMMIT_EVERY_ITEMS

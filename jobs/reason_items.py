@@ -10,6 +10,14 @@ prompt version and model (counted in ops.llm_attempts): from then on the item is
 to the quarantine as `dead_letter` in every run, until its content, the prompt or the model changes or
 an operator requeues it (`python -m jobs.cli requeue-llm`; see jobs/dead_letter.py).
 
+Committed while it runs. The items sent are cut, in priority order, into chunks of
+`llm.commit_every_items` (1,000 for a server given by URL, 25 on the local engine); each chunk's answers
+are merged into silver.item_knowledge (failures into silver.quarantine and ops.llm_attempts) in a
+background thread while the next chunk's requests run, so the server does not wait for Delta. A run
+killed midway (a lost node, a task timeout, Ctrl-C) keeps every committed chunk: the rerun's work set no
+longer holds those items and asks only for the rest; at most the chunk in flight and the one being
+committed are asked again. The offline heuristic commits once.
+
 A nightly budget and a backlog. A model is the scarce resource of a nightly run, so a run with a
 model-backed backend reasons over the work set in priority order up to `llm.budget_items` items and/or
 `llm.budget_minutes` minutes of fan-out wall clock (null: no cap). The offline heuristic backend is not
@@ -45,10 +53,13 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from jobs import dead_letter
 from jobs.context import JobResult, RunContext
-from jobs.llm import llm_budget, llm_config
+from jobs.llm import llm_budget, llm_commit_every, llm_config
 from jobs.progress import progress_line
 from jobs.runtime import StageFailed, cli_main, write_quarantine
 
@@ -102,12 +113,25 @@ def prioritized(ctx: RunContext, items):
     return items, order
 
 
-def select_for_run(ranked, order, partitions: int, budget_items: int | None):
+def select_for_run(ranked, order, budget_items: int | None):
     """The items a run sends: the first `budget_items` of `ranked` in priority order (all of them without
-    a cap; a top-N in Spark, never collected to the driver), repartitioned by item_id, each partition
-    sorted in priority order so that a deadline cuts its least important items; helper columns dropped."""
-    chosen = ranked if budget_items is None else ranked.orderBy(*order).limit(budget_items)
-    return chosen.repartition(partitions, "item_id").sortWithinPartitions(*order).drop(*PRIORITY_COLUMNS)
+    a cap; a top-N in Spark, never collected to the driver)."""
+    return ranked if budget_items is None else ranked.orderBy(*order).limit(budget_items)
+
+
+def with_chunks(chosen, order, chunk_items: int):
+    """`chosen` with `_chunk`: its rank in priority order, divided by `chunk_items`, so chunk 0 holds the most
+    important items. Ranked on the keys only, by zipWithIndex over a sorted RDD: a distributed sort and one
+    count per partition (a window without a partition would pull the whole work set into one task)."""
+    keys = chosen.select("item_id", *PRIORITY_COLUMNS).orderBy(*order)
+    ranks = keys.rdd.zipWithIndex().map(lambda pair: (pair[0]["item_id"], pair[1] // chunk_items))
+    return chosen.join(chosen.sparkSession.createDataFrame(ranks, "item_id string, _chunk long"), "item_id")
+
+
+def for_fan_out(chunk, order, partitions: int):
+    """A chunk as the fan-out takes it: repartitioned by item_id, each partition in priority order (so a
+    deadline cuts its least important items), helper columns dropped."""
+    return chunk.repartition(partitions, "item_id").sortWithinPartitions(*order).drop(*PRIORITY_COLUMNS, "_chunk")
 
 
 def _partition_fn(config_json: str, schema, deadline: float | None = None):
@@ -214,7 +238,6 @@ def run(ctx: RunContext) -> JobResult:
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    from feature_store import delta
     from llm_agents import PROMPT_VERSION, model_name
 
     spark = ctx.spark
@@ -259,49 +282,134 @@ def run(ctx: RunContext) -> JobResult:
         ranked = ranked.persist(storage)
         n_work = ranked.count()
     # Computed once, counted, then fanned out from the cache (not planned and read a second time).
-    todo = select_for_run(ranked, order, partitions, budget_items).persist(storage)
-    n = todo.count()
+    chosen = select_for_run(ranked, order, budget_items).persist(storage)
+    n = chosen.count()
     if budget_items is None:
         n_work = n
     else:
         ranked.unpersist()
+    # The offline heuristic answers thousands of items a second: one commit at the end is all it needs.
+    chunk_items = n if config.backend == "offline" else min(n, llm_commit_every(ctx))
+    n_chunks = -(-n // chunk_items) if n else 0
+    if n_chunks > 1:
+        ranked_chosen = with_chunks(chosen, order, chunk_items).persist(storage)
+        ranked_chosen.count()
+        chosen.unpersist()
+        chosen = ranked_chosen
     budget = ", ".join(x for x in (budget_items and f"{budget_items} items",
                                    budget_minutes and f"{budget_minutes:g} minutes") if x) or "none"
     log.info("reason_items: %d of %d items need knowledge, %d sent to %s this run in priority order (budget: %s), "
-             "%d skipped as dead-lettered (prompt %s, %d partitions x %d in flight)", n_work, total_items, n, model,
-             budget, len(dead), PROMPT_VERSION, partitions, config.max_concurrency)
+             "%d skipped as dead-lettered (prompt %s, %d partitions x %d in flight, committed every %d items)",
+             n_work, total_items, n, model, budget, len(dead), PROMPT_VERSION, partitions, config.max_concurrency,
+             chunk_items or 0)
     metrics = {"prompt_version": PROMPT_VERSION, "model": model, "work_set": n_work, "scheduled": n,
                "catalog": total_items, "partitions": partitions, "per_partition_concurrency": config.max_concurrency,
                "dead_letter_after": limit, "dead_lettered_skipped": len(dead),
-               "budget_items": budget_items, "budget_minutes": budget_minutes}
+               "budget_items": budget_items, "budget_minutes": budget_minutes, "commit_every_items": chunk_items}
     if n == 0:
-        todo.unpersist()
+        chosen.unpersist()
         write_quarantine(ctx, dead_records)
         _log_dead_letters(dead, [], limit, PROMPT_VERSION, model)
         return JobResult(rows_in=len(dead), rows_out=0, rows_quarantined=len(dead),
                          metrics={**metrics, "llm_calls": 0, "failed": 0, "newly_dead_lettered": 0, "answered": 0,
-                                  "attempted": 0, "backlog": 0, "budget_stop": None})
+                                  "attempted": 0, "backlog": 0, "budget_stop": None, "chunks": 0})
     result_schema = to_arrow_schema(spark.createDataFrame([], RESULT_DDL).schema)
     # Wall clock, not monotonic: the deadline is compared in the Spark workers' own processes.
     deadline = None if budget_minutes is None else time.time() + 60.0 * budget_minutes
+    fan_out = _partition_fn(config.model_dump_json(), result_schema, deadline)
+    totals = ChunkTotals()
     t0 = time.monotonic()
+    # Chunk c is committed in a thread while chunk c+1's requests run, so the server does not wait for
+    # Delta: a kill loses at most the chunk in flight and the one being committed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reason_items-commit") as committer:
+        committing = None
+        try:
+            for c in range(n_chunks):
+                if c and deadline is not None and time.time() >= deadline:
+                    break  # the chunks left are the backlog, as items a partition never started are
+                chunk = chosen if n_chunks == 1 else chosen.filter(F.col("_chunk") == c)
+                results = _ask(for_fan_out(chunk, order, partitions).mapInArrow(fan_out, RESULT_DDL))
+                if committing is not None:
+                    committing.result()
+                committing = committer.submit(_commit, ctx, results, counters, model, limit, totals)
+                if n_chunks > 1:
+                    log.info(progress_line(f"reason_items: chunk {c + 1}/{n_chunks} answered, committing",
+                                           min(n, (c + 1) * chunk_items), n, time.monotonic() - t0, "items"))
+            if committing is not None:
+                committing.result()
+        finally:
+            chosen.unpersist()
+    seconds = time.monotonic() - t0
+    attempted = totals.ok + len(totals.failed)
+    if attempted > n or (deadline is None and attempted != n):
+        raise RuntimeError(f"reason_items accounting broken: {n} items sent, {attempted} results "
+                           f"({totals.ok} ok, {len(totals.failed)} failed)")
+    write_quarantine(ctx, dead_records)
+    _log_dead_letters(dead, sorted(totals.newly_dead), limit, PROMPT_VERSION, model)
+    answers = totals.valid + sum(totals.rejected.values())
+    backlog = n_work - attempted
+    # What stopped the run short of the whole work set: the deadline (items sent but never started),
+    # else the item cap (items never sent); None when the work set was done.
+    stop = "minutes" if attempted < n else "items" if n < n_work else None
+    metrics.update({
+        "ok": totals.ok, "failed": len(totals.failed), "seconds": round(seconds, 2),
+        "items_per_second": round(attempted / seconds, 2) if seconds else None,
+        "tokens_in": totals.tokens_in, "tokens_out": totals.tokens_out, "llm_calls": totals.llm_calls,
+        "newly_dead_lettered": len(totals.newly_dead), "chunks": totals.chunks,
+        # Every answer the model gave, checked on receipt against the agent's schema: the share that
+        # was valid, and why the others were refused (they were repaired or sampled again).
+        "answers": answers, "answers_rejected": dict(totals.rejected),
+        "schema_valid_rate": round(totals.valid / answers, 4) if answers else None,
+        "answered": totals.ok, "attempted": attempted, "backlog": backlog, "budget_stop": stop,
+    })
+    if backlog:
+        log.info("reason_items: %d items answered by %s, %d failed, %d wait in the backlog for the next run "
+                 "(stopped by the %s budget: %s)", totals.ok, model, len(totals.failed), backlog, stop, budget)
+    # Every item attempted ends as a knowledge row or a quarantine row (a failure), every dead letter as a
+    # quarantine row; the backlog (not attempted) is counted in the metrics, not in rows_in.
+    return JobResult(rows_in=attempted + len(dead), rows_out=totals.ok,
+                     rows_quarantined=len(totals.failed) + len(dead), metrics=metrics)
+
+
+def _ask(answers):
+    """The chunk's answers, computed exactly once (checkpointed before anything reads them twice)."""
     try:
-        results = (
-            todo.mapInArrow(_partition_fn(config.model_dump_json(), result_schema, deadline), RESULT_DDL)
-            .localCheckpoint(eager=True)  # the LLM answers are computed exactly once
-        )
+        return answers.localCheckpoint(eager=True)
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
         from llm_agents.config import unavailable_message
 
         if (message := unavailable_message(exc)) is not None:
             raise StageFailed(message) from None
         raise
-    finally:
-        todo.unpersist()
-    seconds = time.monotonic() - t0
-    ok = results.filter(F.col("status") == "ok")
+
+
+@dataclass
+class ChunkTotals:
+    """What the chunks committed so far, summed for the run's metrics."""
+
+    chunks: int = 0
+    ok: int = 0
+    failed: list = field(default_factory=list)
+    newly_dead: list = field(default_factory=list)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    llm_calls: int = 0
+    valid: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+
+def _commit(ctx: RunContext, results, counters, model: str, limit: int, totals: ChunkTotals) -> None:
+    """One chunk's answers into the tables: knowledge rows, quarantine rows for failures, the failure
+    counters (ops.llm_attempts); then its counts into `totals`."""
+    from pyspark.sql import functions as F
+
+    from feature_store import delta
+    from llm_agents import PROMPT_VERSION
+
+    spark = ctx.spark
     knowledge = (
-        ok.withColumn("attributes", F.from_json("attributes_json", "map<string,string>"))
+        results.filter(F.col("status") == "ok")
+        .withColumn("attributes", F.from_json("attributes_json", "map<string,string>"))
         .withColumn("field_confidence", F.from_json("field_confidence_json", "map<string,double>"))
         .withColumn("field_source", F.from_json("field_source_json", "map<string,string>"))
         .withColumn("ds", F.lit(ctx.ds))
@@ -311,10 +419,6 @@ def run(ctx: RunContext) -> JobResult:
     if n_ok:
         delta.merge(spark, knowledge, "silver.item_knowledge", ctx.root)
     failed = results.filter(F.col("status") != "ok").select("item_id", "content_hash", "error", "raw").collect()
-    attempted = n_ok + len(failed)
-    if attempted > n or (deadline is None and attempted != n):
-        raise RuntimeError(f"reason_items accounting broken: {n} items sent, {attempted} results "
-                           f"({n_ok} ok, {len(failed)} failed)")
     write_quarantine(ctx, [
         {
             "source_table": "silver.item_knowledge",
@@ -325,8 +429,8 @@ def run(ctx: RunContext) -> JobResult:
                                    "model": model, "raw": (r["raw"] or "")[:4000]}),
         }
         for r in failed
-    ] + dead_records)
-    # Count this run's failures (and close the counters of keys that succeeded now). Items the deadline
+    ])
+    # Count this chunk's failures (and close the counters of keys that succeeded now). Items the deadline
     # kept from starting have no result row, so their counters are untouched.
     seen = counters.join(results.select("item_id", "content_hash", F.col("status").alias("_now")),
                          ["item_id", "content_hash"], "inner").collect()
@@ -344,35 +448,17 @@ def run(ctx: RunContext) -> JobResult:
 
         delta.merge(spark, spark.createDataFrame(rows, delta.spark_schema(get(dead_letter.TABLE))),
                     dead_letter.TABLE, ctx.root)
-    newly = sorted(r["item_id"] for r in rows if r["status"] == "failing" and 0 < limit <= r["failures"])
-    _log_dead_letters(dead, newly, limit, PROMPT_VERSION, model)
     agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls"), F.sum("answers_valid")).collect()[0]
-    rejected = {r["reason"]: int(r["n"]) for r in (
-        results.select(F.explode(F.from_json("answers_rejected_json", "map<string,int>")).alias("reason", "count"))
-        .groupBy("reason").agg(F.sum("count").alias("n")).collect())}
-    answers = int(agg[3] or 0) + sum(rejected.values())
-    backlog = n_work - attempted
-    # What stopped the run short of the whole work set: the deadline (items sent but never started),
-    # else the item cap (items never sent); None when the work set was done.
-    stop = "minutes" if attempted < n else "items" if n < n_work else None
-    metrics.update({
-        "ok": n_ok, "failed": len(failed), "seconds": round(seconds, 2),
-        "items_per_second": round(attempted / seconds, 2) if seconds else None,
-        "tokens_in": int(agg[0] or 0), "tokens_out": int(agg[1] or 0), "llm_calls": int(agg[2] or 0),
-        "newly_dead_lettered": len(newly),
-        # Every answer the model gave, checked on receipt against the agent's schema: the share that
-        # was valid, and why the others were refused (they were repaired or sampled again).
-        "answers": answers, "answers_rejected": rejected,
-        "schema_valid_rate": round(int(agg[3] or 0) / answers, 4) if answers else None,
-        "answered": n_ok, "attempted": attempted, "backlog": backlog, "budget_stop": stop,
-    })
-    if backlog:
-        log.info("reason_items: %d items answered by %s, %d failed, %d wait in the backlog for the next run "
-                 "(stopped by the %s budget: %s)", n_ok, model, len(failed), backlog, stop, budget)
-    # Every item attempted ends as a knowledge row or a quarantine row (a failure), every dead letter as a
-    # quarantine row; the backlog (not attempted) is counted in the metrics, not in rows_in.
-    return JobResult(rows_in=attempted + len(dead), rows_out=n_ok, rows_quarantined=len(failed) + len(dead),
-                     metrics=metrics)
+    rejected = results.select(F.explode(F.from_json("answers_rejected_json", "map<string,int>")).alias("reason", "n"))
+    totals.rejected.update({r["reason"]: int(r["n"]) for r in rejected.groupBy("reason").agg(F.sum("n").alias("n")).collect()})
+    totals.chunks += 1
+    totals.ok += n_ok
+    totals.failed += failed
+    totals.newly_dead += [r["item_id"] for r in rows if r["status"] == "failing" and 0 < limit <= r["failures"]]
+    totals.tokens_in += int(agg[0] or 0)
+    totals.tokens_out += int(agg[1] or 0)
+    totals.llm_calls += int(agg[2] or 0)
+    totals.valid += int(agg[3] or 0)
 
 
 if __name__ == "__main__":

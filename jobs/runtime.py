@@ -54,7 +54,7 @@ def _record(ctx: RunContext, task: str, status: str, started: dt.datetime, secon
         "ds": ctx.ds,
     }
     df = spark.createDataFrame([row], delta.spark_schema(_spec("ops.pipeline_runs")))
-    delta.merge(spark, df, "ops.pipeline_runs", ctx.root)
+    delta.merge(spark, df, "ops.pipeline_runs", ctx.root, keys_unique=True)  # one row
 
 
 def _spec(name: str):
@@ -132,7 +132,7 @@ def write_quarantine(ctx: RunContext, records: Iterable[dict]) -> int:
         return 0
     spark = ctx.spark
     df = spark.createDataFrame(rows, delta.spark_schema(_spec("silver.quarantine")))
-    delta.merge(spark, df, "silver.quarantine", ctx.root)
+    delta.merge(spark, df, "silver.quarantine", ctx.root, keys_unique=True)  # quarantine_rows numbers repeats
     return len(rows)
 
 

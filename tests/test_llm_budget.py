@@ -268,7 +268,7 @@ def _run_metrics(root: str, run_id: str) -> dict:
 @pytest.mark.spark
 def test_budget_takes_the_highest_priority_items_and_the_next_run_continues(ctx_factory, spark, monkeypatch):
     from feature_store import delta
-    from jobs.reason_items import current_items, prioritized, select_for_run
+    from jobs.reason_items import current_items, for_fan_out, prioritized, select_for_run, with_chunks
     from jobs.runtime import execute
     from tests.fake_openai_server import FakeOpenAIServer
 
@@ -302,11 +302,14 @@ def test_budget_takes_the_highest_priority_items_and_the_next_run_continues(ctx_
 
         # Each partition of what is sent holds its items in priority order.
         ranked, cols = prioritized(ctx, current_items(ctx))
-        parts = select_for_run(ranked, cols, 3, None).select("item_id").rdd.glom().collect()
+        parts = for_fan_out(select_for_run(ranked, cols, None), cols, 3).select("item_id").rdd.glom().collect()
         assert sorted(i for p in parts for (i,) in p) == ids and sum(1 for p in parts if p) > 1
         for p in parts:
             mine = [i for (i,) in p]
             assert mine == [i for i in order if i in set(mine)]
+        # Commits go in chunks of the same order: chunk 0 holds the 7 most important items, and so on.
+        chunks = dict(with_chunks(ranked, cols, 7).select("item_id", "_chunk").collect())
+        assert chunks == {i: rank // 7 for rank, i in enumerate(order)}
 
         # Night 1: the N items of highest priority; the rest waits, nothing is quarantined.
         before = srv.stats["requests"]

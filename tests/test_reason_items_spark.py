@@ -3,18 +3,26 @@
 Reliability (issue 3): with 20% of requests faulted across every kind, every item of a 500-item run
 ends as a knowledge row or a quarantine row with a reason (none lost, none duplicated), and a rerun
 with faults off completes exactly the quarantined items. Incrementality: an unchanged rerun makes no
-call; editing one item's title re-reasons that item only.
+call; editing one item's title re-reasons that item only. Resumability: answers are committed in
+chunks while the stage runs, so a stage killed midway keeps them and its rerun asks only for the rest.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
 
 from feature_store import delta
 from jobs.runtime import execute
+from tests.conftest import SMALL, env_overrides
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.test_llm_agents import ERROR_CODES
 
@@ -34,7 +42,8 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
 ):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with FakeOpenAIServer(capacity=64, latency_s=0.002, faults=FAULTS, stall_s=2, seed=5) as srv:
-        ctx = ctx_factory(synthetic={"n_items": 500, "n_users": 40, "seed": 5}, llm=_llm(srv))
+        # Committed in two chunks of 250: the accounting holds across commits.
+        ctx = ctx_factory(synthetic={"n_items": 500, "n_users": 40, "seed": 5}, llm=_llm(srv, commit_every_items=250))
         execute("ingest_catalog", ctx)
         items = delta.read_arrow("bronze.catalog_items", ctx.root, columns=["item_id"])["item_id"].to_pylist()
         assert len(items) == 500
@@ -51,7 +60,7 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
         for q in quarantine:
             assert q["reason"].split(":")[0] in ERROR_CODES, q["reason"]
             json.loads(q["payload"])
-        assert srv.stats["ok"] > 0
+        assert srv.stats["ok"] > 0 and first.metrics["chunks"] == 2
         codes = sorted(q["reason"].split(":")[0] for q in quarantine)
         print(f"reliability: {len(ok_ids)} knowledge + {len(bad_ids)} quarantined = {len(items)} items; "
               f"reasons {dict((c, codes.count(c)) for c in set(codes))}; server {dict(srv.stats)}")
@@ -117,3 +126,51 @@ def test_a_dead_server_stops_the_stage_with_one_clear_error(ctx_factory, monkeyp
     with pytest.raises(StageFailed, match="unreachable|make serve-llm|offline"):
         execute("reason_items", ctx)
     assert not delta.exists("silver.item_knowledge", ctx.root)
+
+
+def _known(root: str) -> list[str]:
+    from deltalake.exceptions import TableNotFoundError
+
+    try:  # the stage may be creating the table right now: its log folder exists before its first commit
+        return delta.read_arrow("silver.item_knowledge", root, columns=["item_id"])["item_id"].to_pylist()
+    except (delta.TableMissing, TableNotFoundError):
+        return []
+
+
+def test_a_stage_killed_midway_keeps_its_committed_chunks_and_the_rerun_asks_only_for_the_rest(
+    ctx_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    n, chunk = 30, 10
+    catalog = {"n_items": n, "n_users": 20, "seed": 8}
+    # Two service slots at 0.1 s a request: 5 items a second, so the stage can be cut between chunks.
+    with FakeOpenAIServer(capacity=2, latency_s=0.1, injection="fields") as srv:
+        llm = _llm(srv, max_concurrency=4, timeout_s=30, max_retries=2, commit_every_items=chunk)
+        ctx = ctx_factory(synthetic=catalog, llm=llm)
+        execute("ingest_catalog", ctx)
+        root = ctx.root
+        env = {**os.environ, **env_overrides({**SMALL, "llm": {**SMALL["llm"], **llm}, "synthetic": catalog}),
+               "REASEQ__ARTIFACTS": str(tmp_path / "artifacts"), "REASEQ__REPORTS": str(tmp_path / "reports"),
+               "REASEQ__SPARK__SHUFFLE_PARTITIONS": "2", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        stage = subprocess.Popen([sys.executable, "-m", "jobs.reason_items", "--ds", str(ctx.ds), "--lakehouse", root],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not _known(root) and stage.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stage.poll() is None, f"the stage ended before its first commit was seen: {stage.stderr.read()[-3000:]}"
+        os.killpg(stage.pid, signal.SIGKILL)  # the driver, its JVM and its Python workers, as a lost node would
+        stage.wait(timeout=60)
+        committed = _known(root)
+        assert chunk <= len(committed) < n and len(committed) % chunk == 0, len(committed)  # whole chunks only
+        records = delta.read_arrow("ops.pipeline_runs", root, filter=pc.field("task") == "reason_items")
+        assert records.num_rows == 0  # the killed run recorded nothing as done
+
+        before = srv.stats["requests"]
+        ctx.config["llm"]["commit_every_items"] = n  # the rerun's own chunks are not what is checked here
+        rerun = execute("reason_items", ctx)
+        left = n - len(committed)
+        assert rerun.metrics["work_set"] == left and rerun.rows_out == left
+        assert srv.stats["requests"] - before == 4 * left  # 3 agents and the reconciler, per item not committed
+        known = _known(root)
+        assert len(known) == len(set(known)) == n
