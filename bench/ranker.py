@@ -35,6 +35,7 @@ load of the moment. Writes, under --out:
   settings, the ratios of each variant to id_only and to +catalog, and whether `all` reached 1.15 x id_only on Recall@10.
 * ranker.md: the tables printed at the end;
 * ranker.png: test Recall@10 per variant and dataset (error bars: std over seeds), with the ratio to id_only.
+With `--knowledge local` (the lakehouse the local engine's model filled) the files are ranker_local.*.
 
 A dataset whose shared data is absent is skipped with a message (and listed in meta.skipped).
 """
@@ -76,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true",
                    help="read the last completed lakehouse build as it is, even if the pipeline's code changed since "
                    "(default: bench.lakehouse.lakehouse_root, which rebuilds a stale lakehouse first)")
+    p.add_argument("--knowledge", choices=("offline", "local"), default="offline",
+                   help="the lakehouse whose knowledge the variants read: the offline heuristic's (default) or the "
+                   "local engine's model's (built by `python -m bench.lakehouse --knowledge local`; results go to "
+                   "ranker_local.*)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -107,12 +112,13 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     from jobs.train_ranker import load_data
     from models.ranker import RankerConfig, fit, make_streams
 
-    stamp = root_for(name) / "BUILT.json"
+    home = root_for(name, args.knowledge)
+    stamp = home / "BUILT.json"
     if args.reuse and stamp.exists():
-        root = str(root_for(name) / "lakehouse")
+        root = str(home / "lakehouse")
         log(f"{name}: reusing the lakehouse built as {json.loads(stamp.read_text()).get('fingerprint')} ({root})")
     else:
-        root = lakehouse_root(name)
+        root = lakehouse_root(name, knowledge=args.knowledge)
     build = json.loads(stamp.read_text()) if stamp.exists() else {}
     build["matches_current_code"] = build.get("fingerprint") == _fingerprint(SOURCES[name][1])
     settings = {**SETTINGS[name], **overrides}
@@ -128,7 +134,7 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     # One load serves every variant: read what the widest of them needs.
     needs = {"beyond_log", "llm_knowledge"} & set().union(*(USES[v] for v in args.variants))
     load_cfg = RankerConfig(**{**settings, "variant": "all" if needs else "id_only"})
-    pinned, feats, beyond, stats = load_data(root, load_cfg, artifacts=str(root_for(name) / "artifacts"))
+    pinned, feats, beyond, stats = load_data(root, load_cfg, artifacts=str(home / "artifacts"))
     log(f"{name}: {feats.n_items} items, {stats['users']} users ({stats['users_too_short']} too short), "
         f"knowledge for {stats.get('items_with_knowledge')} items from {stats.get('knowledge_sources')}, "
         f"beyond-log for {stats['beyond_log_users']} users "
@@ -236,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": utc_now(), "machine": machine_info(), "threads": args.threads, "seeds": args.seeds,
         "variants": args.variants, "settings": overrides, "datasets": infos, "skipped": skipped,
+        "knowledge": args.knowledge,
         "ratios": {ds: ratios(r) for ds, r in results.items()},
         "ratios_over_catalog": {ds: ratios(r, "+catalog") for ds, r in results.items()}, "seconds": round(time.perf_counter() - start, 1),
         "selection": "early stopping on validation Recall@10; test read once at the best validation epoch",
@@ -244,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     sci = meta["ratios"].get("scientific", {}).get("all")
     if sci and sci.get("recall@10") is not None:
         meta["target"] = {"ratio": sci["recall@10"], "required": TARGET, "met": sci["recall@10"] >= TARGET}
-    write_results(args.out, "ranker", results, meta, markdown(results, meta),
+    # The local model's lakehouse writes beside the offline one, never over it.
+    write_results(args.out, "ranker" if args.knowledge == "offline" else f"ranker_{args.knowledge}", results, meta,
+                  markdown(results, meta),
                   lambda path: recall_bars(results, path, baseline="id_only"), meta["seconds"])
     return 0
 

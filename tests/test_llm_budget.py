@@ -145,6 +145,26 @@ def test_a_bad_budget_stops_the_run_in_one_line_naming_the_key_and_its_variable(
     assert message.startswith(f"setting {key} from REASEQ__LLM__{variable}: ") and "\n" not in message
 
 
+@pytest.mark.parametrize(("llm", "every"), [
+    ({"backend": "openai"}, 1000), ({"backend": "local"}, 25), ({"backend": "local", "local": {"commit_every_items": 7}}, 7),
+    ({"backend": "local", "commit_every_items": 300}, 300), ({"backend": "openai", "commit_every_items": 5}, 5),
+])
+def test_answers_are_committed_every_n_items_by_backend_unless_set(llm, every):
+    from jobs.config import load_config
+    from jobs.llm import llm_commit_every
+
+    assert llm_commit_every(SimpleNamespace(config=load_config({"llm": llm}, env={}))) == every
+
+
+def test_the_bench_lakehouse_of_the_local_model_lifts_the_time_budget_and_keeps_an_item_cap():
+    from bench.lakehouse import llm_settings
+
+    # The whole catalog through the local engine: no deadline (the build is resumable instead), k = 1.
+    assert budget(**llm_settings("local")) == (None, None)
+    assert budget(**llm_settings("local", budget_items=500)) == (500, None)
+    assert budget(**llm_settings("offline")) == (None, None)
+
+
 def test_default_config_caps_only_the_local_engine():
     # The local engine on a 2-core machine gets its own 3 minutes; a server given by URL no cap.
     assert budget(backend="local") == (None, 3.0)
