@@ -116,7 +116,10 @@ def _build(name: str, loader: str, data: Path, base: Path, force: bool, refresh:
     if not force and stamp.exists():
         last = json.loads(stamp.read_text())
         built = last.get("fingerprint")
-        if (built == fp and not (refresh and last.get("backlog"))) or not refresh:
+        # A build that left items without knowledge (the backlog, or failures the next run retries) is
+        # continued by a refresh even when the code is unchanged.
+        unfinished = last.get("backlog") or (last.get("reason_items") or {}).get("failed")
+        if (built == fp and not (refresh and unfinished)) or not refresh:
             if built != fp:
                 log(f"{name}: the feature lakehouse was built by other pipeline code or data; using it as is "
                     f"(`make bench-lakehouse` refreshes it)")

@@ -292,8 +292,10 @@ def run(ctx: RunContext) -> JobResult:
     chunk_items = n if config.backend == "offline" else min(n, llm_commit_every(ctx))
     n_chunks = -(-n // chunk_items) if n else 0
     if n_chunks > 1:
-        ranked_chosen = with_chunks(chosen, order, chunk_items).persist(storage)
-        ranked_chosen.count()
+        # Checkpointed, not cached: each commit writes silver.item_knowledge and ops.llm_attempts, which the
+        # work set reads, and Spark recomputes a cached plan over a table just written, which would redo the
+        # work set (without the committed items, so the ranks would shift) once per chunk.
+        ranked_chosen = with_chunks(chosen, order, chunk_items).localCheckpoint(eager=True)
         chosen.unpersist()
         chosen = ranked_chosen
     budget = ", ".join(x for x in (budget_items and f"{budget_items} items",
@@ -327,6 +329,8 @@ def run(ctx: RunContext) -> JobResult:
             for c in range(n_chunks):
                 if c and deadline is not None and time.time() >= deadline:
                     break  # the chunks left are the backlog, as items a partition never started are
+                if committing is not None and committing.done():
+                    committing.result()  # a failed commit stops the run before more requests are sent
                 chunk = chosen if n_chunks == 1 else chosen.filter(F.col("_chunk") == c)
                 results = _ask(for_fan_out(chunk, order, partitions).mapInArrow(fan_out, RESULT_DDL))
                 if committing is not None:

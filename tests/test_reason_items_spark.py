@@ -152,15 +152,22 @@ def test_a_stage_killed_midway_keeps_its_committed_chunks_and_the_rerun_asks_onl
         env = {**os.environ, **env_overrides({**SMALL, "llm": {**SMALL["llm"], **llm}, "synthetic": catalog}),
                "REASEQ__ARTIFACTS": str(tmp_path / "artifacts"), "REASEQ__REPORTS": str(tmp_path / "reports"),
                "REASEQ__SPARK__SHUFFLE_PARTITIONS": "2", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        log = tmp_path / "stage.log"  # a file, not a pipe nobody reads while the stage runs
         stage = subprocess.Popen([sys.executable, "-m", "jobs.reason_items", "--ds", str(ctx.ds), "--lakehouse", root],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                 start_new_session=True)
+                                 env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
         deadline = time.monotonic() + 600
         while not _known(root) and stage.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert stage.poll() is None, f"the stage ended before its first commit was seen: {stage.stderr.read()[-3000:]}"
-        os.killpg(stage.pid, signal.SIGKILL)  # the driver, its JVM and its Python workers, as a lost node would
+        assert stage.poll() is None, f"the stage ended before its first commit was seen: {log.read_text()[-3000:]}"
+        os.killpg(stage.pid, signal.SIGKILL)  # the driver and its JVM, as a lost node would
         stage.wait(timeout=60)
+        # pyspark's worker daemon puts itself in its own process group, so its workers outlive the kill
+        # until they notice the JVM is gone (within about a second): wait until the server hears nothing.
+        quiet, last = time.monotonic(), srv.stats["requests"]
+        while time.monotonic() - quiet < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if srv.stats["requests"] != last:
+                quiet, last = time.monotonic(), srv.stats["requests"]
         committed = _known(root)
         assert chunk <= len(committed) < n and len(committed) % chunk == 0, len(committed)  # whole chunks only
         records = delta.read_arrow("ops.pipeline_runs", root, filter=pc.field("task") == "reason_items")
