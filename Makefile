@@ -61,7 +61,7 @@ LLM_PORT  ?= 8000
 LLM_SEQS  ?= 64
 VLLM_VENV ?= $(CACHE)/vllm-venv
 
-.PHONY: help setup prepare llm-engine llm-up llm-down run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-ranker bench-generative train train-generative lint format lock clean distclean serve-llm sql report browser
+.PHONY: help setup prepare llm-engine llm-up llm-down run backfill airflow cluster-up cluster-down test bench bench-llm bench-sids bench-beyond bench-lakehouse bench-scale bench-ranker bench-generative train train-generative lint format lock clean distclean serve-llm sql report browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -157,6 +157,9 @@ bench-lakehouse: setup $(if $(filter local,$(KNOWLEDGE)),llm-engine) ## build th
 
 bench-beyond: setup $(if $(LLM_USERS),llm-engine) ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data [LLM_USERS=200: also the LLM method on that many users, local engine or LLM_URL= LLM_MODEL=]
 	@$(PY) -m bench.beyond_log $(if $(LLM_USERS),--llm-users $(LLM_USERS)) $(if $(LLM_URL),--llm-url "$(LLM_URL)" --llm-model "$(LLM_MODEL)")
+
+bench-scale: setup ## every stage at 10,000 and 100,000 synthetic items (~40 min on 2 cores; not in `make bench`) [SIZES=1000000: a million, hours]
+	@$(PY) -m bench.scale $(if $(SIZES),--sizes $(SIZES))
 
 bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse]
 	@$(PY) -m bench.ranker $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE))

@@ -221,8 +221,8 @@ def read_arrow(
 
 def arrow_batches(
     name: str, root: str | None = None, *, version: int | None = None, columns: list[str] | None = None,
-    batch_size: int = 4096,
+    batch_size: int = 4096, filter=None,
 ):
     """Stream a pinned version of a table as Arrow record batches (for training readers)."""
     ds = delta_table(name, root, version).to_pyarrow_dataset()
-    yield from ds.to_batches(columns=columns, batch_size=batch_size)
+    yield from ds.to_batches(columns=columns, batch_size=batch_size, filter=filter)

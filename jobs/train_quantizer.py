@@ -47,6 +47,19 @@ def codebook_version(config_hash: str, embedder: str, table_version: int, ids: l
     return f"cb-{h.hexdigest()[:12]}"
 
 
+def training_sample(ids: list[str], mat: np.ndarray, cap: int | None, seed: int) -> tuple[list[str], np.ndarray]:
+    """At most `cap` rows, a seeded uniform sample kept in item-id order; all of them under the cap.
+
+    Codebooks learn the embedding space's shape, which a few hundred thousand items pin down: k-means
+    and the MPQ epochs cost time linear in the rows, so without a cap a catalog ten times larger trains
+    ten times longer for the same codebooks. Assignment (assign_semantic_ids) still codes every item.
+    """
+    if cap is None or len(ids) <= cap:
+        return ids, mat
+    rows = np.sort(np.random.default_rng(seed).choice(len(ids), size=cap, replace=False))
+    return [ids[i] for i in rows], mat[rows]
+
+
 def run(ctx: RunContext) -> JobResult:
     from feature_store import delta
     from models.quantizers import load_checkpoint, save_checkpoint, train_quantizers
@@ -55,6 +68,8 @@ def run(ctx: RunContext) -> JobResult:
     embedder = embedder_name(ctx)
     table_version = delta.table_version("silver.item_embeddings", ctx.root)
     ids, mat, bad = load_embeddings(ctx, embedder, table_version)
+    n_items = len(ids)
+    ids, mat = training_sample(ids, mat, cfg.max_train_items, cfg.seed)
     version = codebook_version(cfg.config_hash(), embedder, table_version, ids, mat)
     q = write_quarantine(ctx, [
         {"source_table": "gold.item_semantic_ids", "key": i, "stage": "train_quantizer", "reason": r, "payload": None}
@@ -62,13 +77,14 @@ def run(ctx: RunContext) -> JobResult:
     ])
     path = checkpoint_dir(ctx, version)
     meta = {"codebook_version": version, "embeddings_table_version": table_version, "embedder": embedder,
-            "config": json.loads(cfg.model_dump_json()), "items": len(ids)}
+            "config": json.loads(cfg.model_dump_json()), "items": n_items, "trained_on": len(ids)}
     if (path / "meta.json").exists():
         tq = load_checkpoint(path / "quantizers.pt")
         log.info("train_quantizer: %s already trained; reusing it", version)
         reused = True
     else:
-        log.info("train_quantizer: training %s (%s + mpq) on %d items", version, cfg.rq_method, len(ids))
+        log.info("train_quantizer: training %s (%s + mpq) on %d of %d items", version, cfg.rq_method, len(ids),
+                 n_items)
         tq = train_quantizers(mat, cfg, progress=_progress())
         path.mkdir(parents=True, exist_ok=True)
         save_checkpoint(tq, path / "quantizers.pt")
@@ -77,7 +93,7 @@ def run(ctx: RunContext) -> JobResult:
         reused = False
     latest = Path(ctx.artifacts) / "quantizers" / "LATEST"
     latest.write_text(version)
-    return JobResult(rows_in=len(ids) + len(bad), rows_out=len(ids), rows_quarantined=q, metrics={
+    return JobResult(rows_in=n_items + len(bad), rows_out=n_items, rows_quarantined=q, metrics={
         **meta, "reused_checkpoint": reused, "train_seconds": tq.train_seconds, "quality": tq.metrics,
     })
 

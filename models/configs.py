@@ -27,7 +27,9 @@ FORBID = ConfigDict(extra="forbid")
 class EmbedderConfig:
     """Text embeddings of items and interests (embed_items, the ranker's summary vectors)."""
 
-    backend: str = "local"  # local | openai
+    # local | openai | hashing (a deterministic stand-in for scale benchmarks, never the default: no
+    # meaning beyond shared words; its rows say feature-hashing-384@hashing)
+    backend: str = "local"
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 128
     base_url: str = "http://127.0.0.1:8001/v1"
@@ -60,6 +62,10 @@ class DiffusionConfig:
     fill: str = "next_slot"    # rank the rest by: next_slot (first slot's likelihood) | any_slot (any slot's)
     decoded_first: bool = True  # decoded items lead the list (else everything ranks by the fill score)
     epochs: int = 30
+    # Fewer whole epochs when `epochs` would take more optimizer steps than this (null: no cap): the
+    # steps, not the users, bound the training time, so 100,000 users train 7 epochs, not 30
+    # (Scientific's 8,317 users still train all 30: 1,950 steps).
+    max_steps: int | None = 5_000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -121,14 +127,22 @@ class QuantizerConfig(BaseModel):
     mpq_dedup_top_k: int = Field(
         16, ge=1, description="nearest other codes per expert tried by the MPQ de-duplication"
     )
+    max_train_items: int | None = Field(
+        200_000, ge=1000,
+        description="train on a seeded uniform sample of this many items when the catalog is larger (every "
+        "item is still assigned); null: train on all",
+    )
 
     def config_hash(self) -> str:
         """12 hex digits of sha256 over the canonical JSON: stable across processes and machines.
 
         Settings that change nothing are left out, so configurations from before they existed keep their
-        hash: the MPQ de-dup fields while `mpq_dedup` is off.
+        hash: the MPQ de-dup fields while `mpq_dedup` is off, and `max_train_items`, which decides which
+        rows are trained on: the codebook version fingerprints those rows themselves
+        (jobs.train_quantizer.codebook_version), so a catalog under the cap keeps its version.
         """
         fields = self.model_dump(mode="json")
+        fields.pop("max_train_items")
         if not self.mpq_dedup:
             for name in _MPQ_DEDUP_FIELDS:
                 fields.pop(name)

@@ -207,6 +207,13 @@ class TrainStats:
     losses: list[float]
 
 
+def epochs_within(config: DiffusionConfig, steps_per_epoch: int) -> int:
+    """`config.epochs`, or fewer whole epochs (at least one) when they would pass `config.max_steps`."""
+    if config.max_steps is None or steps_per_epoch * config.epochs <= config.max_steps:
+        return config.epochs
+    return max(1, math.ceil(config.max_steps / steps_per_epoch))
+
+
 def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: DiffusionConfig,
           progress: Callable[[str], None] | None = None) -> tuple[MaskedDiffusionLM, TrainStats]:
     """Train on item-index sequences (training prefixes only; each needs at least 2 items)."""
@@ -226,9 +233,10 @@ def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: Diff
     # small catalogs of long histories (MovieLens: 943 users) would get a handful of steps per epoch
     batch_size = max(16, min(config.batch_size, math.ceil(len(seqs) / MIN_STEPS_PER_EPOCH)))
     steps_per_epoch = math.ceil(len(seqs) / batch_size)
+    epochs = epochs_within(config, steps_per_epoch)
     # OneCycleLR divides by its warm-up length (pct_start * total - 1): a tiny catalog (a few steps in all)
     # needs at least two warm-up steps, or the first step divides by zero.
-    total_steps = max(4, steps_per_epoch * config.epochs)
+    total_steps = max(4, steps_per_epoch * epochs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total_steps,
                                                 pct_start=max(0.1, 2 / total_steps))
     use_amp = device.type == "cuda"
@@ -237,7 +245,7 @@ def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: Diff
     start = time.perf_counter()
     losses, step = [], 0
     model.train()
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         order = rng.permutation(len(seqs))
         chunks = [order[i: i + batch_size * 16] for i in range(0, len(order), batch_size * 16)]
         batches = []
@@ -270,11 +278,11 @@ def train(vocab: SemanticVocab, sequences: Sequence[Sequence[int]], config: Diff
         losses.append(total / count)
         if progress:
             el = time.perf_counter() - start
-            eta = el / (epoch + 1) * (config.epochs - epoch - 1)
-            progress(f"diffusion training: epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.3f} "
+            eta = el / (epoch + 1) * (epochs - epoch - 1)
+            progress(f"diffusion training: epoch {epoch + 1}/{epochs} loss {losses[-1]:.3f} "
                      f"{len(seqs) * (epoch + 1) / el:.0f} seq/s ETA {eta:.0f}s")
     model.eval()
-    return model, TrainStats(len(seqs), config.epochs, step, time.perf_counter() - start,
+    return model, TrainStats(len(seqs), epochs, step, time.perf_counter() - start,
                              losses[0], losses[-1], losses)
 
 

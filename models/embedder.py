@@ -6,7 +6,9 @@ runs in batches; the HTTP backend serves a vLLM embedding model in production.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -47,7 +49,30 @@ def embed_texts(texts: list[str], config: EmbedderConfig) -> np.ndarray:
         return np.asarray(out, dtype=np.float32)
     if config.backend == "openai":
         return _embed_http(texts, config)
-    raise ValueError(f"unknown embedding backend {config.backend!r}: use local or openai")
+    if config.backend == "hashing":
+        if config.model != HASHING_MODEL:
+            raise ValueError(f"the hashing embedder is named {HASHING_MODEL!r}, not {config.model!r}: set "
+                             f"REASEQ__EMBEDDING__MODEL={HASHING_MODEL}")
+        return hashed_embeddings(texts)
+    raise ValueError(f"unknown embedding backend {config.backend!r}: use local, openai or hashing")
+
+
+HASHING_MODEL = "feature-hashing-384"
+_HASH_DIM = 384
+_WORD = re.compile(r"\w+")
+
+
+def hashed_embeddings(texts: list[str], dim: int = _HASH_DIM) -> np.ndarray:
+    """L2-normalised signed feature hashing of lower-cased words and adjacent word pairs (blake2b, so
+    the same text gives the same vector in every process, unlike Python's salted `hash`)."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        words = _WORD.findall(text.lower())
+        for token in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
+            h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
+            out[row, h % dim] += 1.0 if (h >> 63) else -1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms == 0, 1, norms)
 
 
 def _embed_http(texts: list[str], config: EmbedderConfig) -> np.ndarray:

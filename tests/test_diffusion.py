@@ -142,6 +142,21 @@ def test_a_short_training_run_learns_a_deterministic_successor_and_maps_back_to_
         assert r.decoded_valid + r.decoded_invalid + r.decoded_seen == 2
 
 
+def test_a_step_cap_trains_fewer_whole_epochs_and_names_another_model():
+    """A million users must not train 30 epochs: `max_steps` bounds the optimizer steps in whole epochs
+    (the last one crossing the cap), and the cap is part of the model's version."""
+    vocab = small_vocab()
+    seqs = [[k % 6, (k + 1) % 6, (k + 2) % 6, (k + 3) % 6] for k in range(300)]
+    kw = dict(d_model=16, n_layers=1, n_heads=2, epochs=40, batch_size=64, slots=2, max_len=6, seed=0, device="cpu")
+    capped = D.DiffusionConfig(**kw, max_steps=50)
+    _, stats = D.train(vocab, seqs, capped)
+    per_epoch = stats.steps // stats.epochs
+    assert stats.steps == per_epoch * stats.epochs and 1 < stats.epochs < 40
+    assert stats.steps >= 50 > stats.steps - per_epoch
+    assert stats.last_loss < stats.first_loss
+    assert capped.config_hash() != D.DiffusionConfig(**kw, max_steps=None).config_hash()
+
+
 @pytest.mark.parametrize("n_seqs, epochs", [(3, 1), (20, 2), (80, 2)])
 def test_a_tiny_catalog_trains_without_a_degenerate_schedule(n_seqs, epochs):
     # A few optimiser steps in all (80 users, 2 epochs: 10 steps) once made OneCycleLR divide by zero.

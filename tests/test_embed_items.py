@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -78,6 +81,25 @@ def test_openai_backend_error_names_the_server(embeddings_server):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown embedding backend"):
         embed_texts(["x"], EmbedderConfig(backend="nope"))
+
+
+def test_the_hashing_stand_in_is_deterministic_across_processes_and_named_as_itself():
+    """bench-scale's stand-in embedder: the same vector in every Spark worker (whatever PYTHONHASHSEED),
+    closer for texts sharing words, and rows that say what wrote them."""
+    cfg = EmbedderConfig(backend="hashing", model="feature-hashing-384")
+    texts = ["Digital lab scale, 0.01 g precision", "Precision digital scale for the lab", "Nitrile gloves, box of 100"]
+    here = embed_texts(texts, cfg)
+    code = ("import sys, json; from models.embedder import embed_texts, EmbedderConfig; "
+            "print(json.dumps(embed_texts(json.loads(sys.argv[1]), EmbedderConfig(backend='hashing', "
+            "model='feature-hashing-384')).tolist()))")
+    other = subprocess.run([sys.executable, "-c", code, json.dumps(texts)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    assert np.allclose(here, np.asarray(json.loads(other.stdout), dtype=np.float32))
+    assert here.shape == (3, 384) and np.allclose(np.linalg.norm(here, axis=1), 1.0)
+    assert here[0] @ here[1] > 0.3 > abs(here[0] @ here[2])
+    assert cfg.name == "feature-hashing-384@hashing"
+    with pytest.raises(ValueError, match="REASEQ__EMBEDDING__MODEL=feature-hashing-384"):
+        embed_texts(["x"], EmbedderConfig(backend="hashing"))
 
 
 @pytest.mark.spark

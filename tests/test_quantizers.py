@@ -440,3 +440,18 @@ def test_dedup_tuples_by_hand_margin_order_next_best_and_unresolved():
     assert moved1 == 1 and unresolved1 == [0]
     same, none, left = dedup_tuples(tokens[2:], ids[2:], lambda rows: pytest.fail("no collisions"), 2)
     assert none == 0 and left == [] and np.array_equal(same, tokens[2:])
+
+
+def test_training_sample_is_seeded_bounded_and_keeps_ids_with_their_rows():
+    """train_quantizer trains a catalog above `max_train_items` on a sample: the same rows every run, in
+    item-id order, each row still the vector of its id; under the cap, everything."""
+    from jobs.train_quantizer import training_sample
+
+    ids = [f"item-{i:04d}" for i in range(2500)]
+    mat = np.arange(2500, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    s_ids, s_mat = training_sample(ids, mat, 1000, seed=7)
+    assert len(s_ids) == 1000 and s_ids == sorted(set(s_ids))
+    assert all(s_mat[k, 0] == int(i.split("-")[1]) for k, i in enumerate(s_ids))
+    assert training_sample(ids, mat, 1000, seed=7)[0] == s_ids
+    assert training_sample(ids, mat, 1000, seed=8)[0] != s_ids
+    assert training_sample(ids, mat, 2500, seed=7)[0] == ids and training_sample(ids, mat, None, seed=7)[0] == ids
