@@ -179,6 +179,49 @@ def run_size(n: int, spark=None, keep: bool = False) -> tuple[dict, object]:
     return result, spark
 
 
+def nightly_merge(n: int, spark=None, changed: float = 0.01) -> tuple[dict, object]:
+    """What the next night's catalog MERGE costs when `changed` of the items changed, against the first
+    night's full load: ingest_catalog on a fresh lakehouse, then `changed` of the bronze rows edited
+    (so the unchanged source differs from them again, as if it had changed those items), then
+    ingest_catalog the next day. Per night: seconds, rows updated, files added and removed, bytes."""
+    import datetime as dt
+
+    from feature_store import delta
+    from jobs.context import RunContext
+    from jobs.runtime import execute
+
+    base = Path(CACHE_DIR) / f"scale-merge-{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    out: dict = {"items": n, "changed_share": changed}
+    day = dt.date.fromisoformat(DS)
+    for night, ds in (("first_load", day), ("one_percent_changed", day + dt.timedelta(days=1))):
+        ctx = RunContext.create(ds=ds.isoformat(), overrides=settings(n, base))
+        if spark is not None:
+            ctx._spark = spark
+        spark = ctx.spark
+        if night == "one_percent_changed":
+            path = delta.table_path("bronze.catalog_items", ctx.root)
+            # Every hundredth item by a hash of its id: spread over the table as real edits are.
+            spark.sql(f"UPDATE delta.`{path}` SET title = concat(title, ' (edited)'), "
+                      f"content_hash = sha2(concat(content_hash, 'edited'), 256) "
+                      f"WHERE pmod(hash(item_id), {round(1 / changed)}) = 0")
+        t0 = time.perf_counter()
+        res = execute("ingest_catalog", ctx)
+        merge = res.metrics.get("merge") or {}
+        out[night] = {"seconds": round(time.perf_counter() - t0, 2),
+                      **{k: merge.get(k) for k in ("numTargetRowsUpdated", "numTargetRowsInserted",
+                                                   "numTargetRowsDeleted", "numTargetRowsCopied",
+                                                   "numTargetFilesAdded", "numTargetFilesRemoved",
+                                                   "numTargetBytesAdded", "numTargetBytesRemoved",
+                                                   "executionTimeMs", "fast_path")}}
+        out[night]["table_files"] = delta_layout(ctx.root)["bronze.catalog_items"]["files"]
+        log(f"{n:,} items, {night}: ingest_catalog {out[night]['seconds']:.1f}s, "
+            f"{out[night].get('numTargetRowsUpdated')} rows updated, "
+            f"{out[night].get('numTargetFilesRemoved')} of {out[night]['table_files']} files rewritten")
+    shutil.rmtree(base, ignore_errors=True)
+    return out, spark
+
+
 def verdicts(sizes: dict[str, dict]) -> dict[str, dict]:
     """Per stage: time per unit at the largest size over the smallest, and the largest driver peak."""
     ordered = sorted(sizes.values(), key=lambda r: r["items"])
@@ -240,6 +283,17 @@ def markdown(data: dict) -> str:
         files = [str(r.get("tables", {}).get(t, {}).get("files", "–")) for r in sizes]
         mbs = [f"{r['tables'][t]['bytes'] / 1e6:,.1f}" if t in r.get("tables", {}) else "–" for r in sizes]
         lines.append(f"| {t} | " + " | ".join(files) + " | " + " | ".join(mbs) + " |")
+    merges = sorted((data.get("nightly_merge") or {}).values(), key=lambda r: r["items"])
+    if merges:
+        lines += ["", "The next night's catalog MERGE (ingest_catalog) with 1% of the items changed, against the "
+                  "first night's full load (`--nightly-merge`):", "",
+                  "| items | first load | 1% changed | rows updated | files rewritten / table files | MB written |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for m in merges:
+            a, b = m["first_load"], m["one_percent_changed"]
+            lines.append(f"| {m['items']:,} | {a['seconds']:.1f} s | {b['seconds']:.1f} s | "
+                         f"{b.get('numTargetRowsUpdated') or 0:,} | {b.get('numTargetFilesRemoved') or 0} / "
+                         f"{b['table_files']} | {(b.get('numTargetBytesAdded') or 0) / 1e6:,.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -278,6 +332,17 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _write(out: Path, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scale.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    if data.get("sizes"):
+        (out / "scale.md").write_text(markdown(data))
+        plot(data, out / "scale.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -286,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
                    help="catalog sizes, comma-separated (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep each size's lakehouse (under the bench cache)")
+    p.add_argument("--nightly-merge", action="store_true",
+                   help="only the next night's catalog MERGE with 1%% of the items changed, against the first "
+                        "night's full load, at each size (results under nightly_merge)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = p.parse_args(argv)
     # The stages' own progress (diffusion epochs, quantizer levels, rows merged) is logged at INFO.
@@ -301,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     data.setdefault("sizes", {})
     spark = None
     start = time.perf_counter()
+    if args.nightly_merge:
+        data.setdefault("nightly_merge", {})
+        for n in sizes:
+            data["nightly_merge"][str(n)], spark = nightly_merge(n, spark)
+            _write(args.out, data)
+        if data.get("sizes"):
+            print(markdown(data))
+        return 0
     for k, n in enumerate(sizes, 1):
         log(f"size {k} of {len(sizes)}: {n:,} items and users, every stage ...")
         result, spark = run_size(n, spark, keep=args.keep)
@@ -310,12 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         data["meta"] = {"machine": machine_info(), "ds": DS, "sample_s": SAMPLE_S,
                         "targets": {"per_unit_ratio_max": PER_UNIT_LIMIT, "driver_peak_mb_max": DRIVER_LIMIT_MB},
                         "stand_ins": {"knowledge": "offline-heuristic-v1", "embedder": "feature-hashing-384@hashing"}}
-        args.out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)  # after every size: a long run stopped later keeps what it measured
-        (args.out / "scale.md").write_text(markdown(data))
-        plot(data, args.out / "scale.png")
+        _write(args.out, data)  # after every size: a long run stopped later keeps what it measured
     print(markdown(data))
     log(f"wrote {path}, scale.md and scale.png in {(time.perf_counter() - start) / 60:.1f} min")
     return 0

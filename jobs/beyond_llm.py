@@ -263,11 +263,14 @@ def _topk_fn(k: int, min_similarity: float):
         names = phrases["phrase"].to_numpy()
         progress = Progress(f"beyond_llm similarity ({len(q)} phrases x {len(it)} items)", len(q),
                             logger=_worker_log())
-        parts = [
-            pd.DataFrame({"phrase": names[r], "item_id": ids[c], "sim": s})
-            for r, c, s in top_k_similar(q, it, k, min_similarity, progress=progress)
-        ]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"phrase": [], "item_id": [], "sim": []})
+        parts = list(top_k_similar(q, it, k, min_similarity, progress=progress))
+        if not parts:
+            return pd.DataFrame({"phrase": [], "item_id": [], "sim": []})
+        # One frame from whole arrays: pd.concat of frames would leave pandas 3's Arrow-backed strings in
+        # chunks, which pyspark's serializer rejects ("Expected Array, got ChunkedArray").
+        return pd.DataFrame({"phrase": np.concatenate([names[r] for r, _, _ in parts]),
+                             "item_id": np.concatenate([ids[c] for _, c, _ in parts]),
+                             "sim": np.concatenate([s for _, _, s in parts])})
 
     return fn
 

@@ -58,11 +58,14 @@ def _partition_fn(config_dict: dict, threads: int):
             done = min(lo + chunk, total)
             print(progress_line("embed_items partition", done, total, time.monotonic() - start, "texts"),
                   file=sys.stderr, flush=True)
+            # Plain arrays, not the frame's own: pandas 3 keeps strings in Arrow, and after the concat above
+            # (a partition larger than one Arrow batch, 10,000 rows) in several chunks, which pyspark's
+            # serializer rejects ("Expected Array, got ChunkedArray": it broke bench-scale at 100,000).
             yield pd.DataFrame({
-                "item_id": part["item_id"].values,
-                "text_hash": part["text_hash"].values,
-                "prompt_version": part["prompt_version"].values,
-                "model": part["model"].values,
+                "item_id": part["item_id"].to_numpy(dtype=object),
+                "text_hash": part["text_hash"].to_numpy(dtype=object),
+                "prompt_version": part["prompt_version"].to_numpy(dtype=object),
+                "model": part["model"].to_numpy(dtype=object),
                 "embedding": list(vecs.astype(np.float32)),
                 "dim": np.full(len(part), vecs.shape[1], dtype=np.int32),
             })

@@ -111,7 +111,13 @@ def test_only_changed_texts_are_embedded_again(ctx_factory, spark):
     ctx = ctx_factory(synthetic={"n_items": 40, "n_users": 15, "seed": 4})
     for stage in ("ingest_catalog", "reason_items"):
         execute(stage, ctx)
-    first = execute("embed_items", ctx)
+    # Partitions handed over in several Arrow batches, as any partition over 10,000 rows is: pandas 3's
+    # Arrow-backed strings, concatenated, once reached pyspark in chunks and failed the stage.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
+    try:
+        first = execute("embed_items", ctx)
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     assert first.rows_out == 40
     emb = delta.read_arrow("silver.item_embeddings", ctx.root)
     assert set(emb["dim"].to_pylist()) == {384}
