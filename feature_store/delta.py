@@ -152,8 +152,12 @@ def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None,
         cond += f" AND t.`{col}` IN ({values})"
     target = DeltaTable.forPath(spark, path)
     if _last_commit(spark, target, path)["version"] == 0:
-        # Freshly created and empty: an append writes the same rows without MERGE's join.
-        src.write.format("delta").mode("append").save(path)
+        # Freshly created and empty: an append writes the same rows without MERGE's join. A partitioned
+        # table's rows are first shuffled by its partition columns, as Delta's MERGE does before it writes:
+        # otherwise each input slice writes a file into every partition it holds (bench-scale: 8,040
+        # files of 6 KB for 100,000 users' events over 240 days, where this writes 240).
+        out = src.repartition(*spec.partition_by) if spec.partition_by else src
+        out.write.format("delta").mode("append").save(path)
         return {"version": 1, "numTargetRowsInserted": src.count(), "fast_path": "append"}
     updates = {f"`{c}`": f"s.`{c}`" for c in spec.columns if c not in spec.preserve_on_update}
     m = (
