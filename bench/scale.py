@@ -14,7 +14,7 @@ after the run, the Delta files, bytes and rows of the current version.
 Two stand-ins keep a size's run within hours on two cores, both named in what the stage writes:
 - knowledge by the offline heuristic (rows say offline-heuristic-v1): the language model is a GPU
   server's work, and the fan-out to one at 10,000 items is bench-llm's measurement;
-- embeddings by `feature-hashing-384@hashing` (models/embedder.py): MiniLM embeds ~100 texts a second
+- embeddings by `feature-hashing-384@hashing` (models/embedder.py): MiniLM embeds ~15 texts a second
   per core here, hours per million; at scale embedding is a /v1/embeddings GPU server's work too.
 
 Results of other sizes already in scale.json are kept, so a long size can run on its own night.
