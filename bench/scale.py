@@ -325,11 +325,12 @@ def plot(data: dict, path: Path) -> None:
     sizes = sorted(data["sizes"].values(), key=lambda r: r["items"])
     xs = [r["items"] for r in sizes]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for stage in UNITS:
+    for k, stage in enumerate(UNITS):  # tab20: twelve stages, twelve colours (the default cycle has ten)
         pts = [(r["items"], r["stages"][stage]["us_per_unit"]) for r in sizes
                if stage in r["stages"] and "error" not in r["stages"][stage]]
         if pts:
-            a.plot(*zip(*pts, strict=True), marker="o", label=stage)
+            a.plot(*zip(*pts, strict=True), marker="o", label=stage, color=plt.cm.tab20(k),
+                   linestyle="-" if k % 2 == 0 else "--")
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlabel("catalog items (= users)")
