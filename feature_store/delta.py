@@ -155,7 +155,7 @@ def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None,
         # Freshly created and empty: an append writes the same rows without MERGE's join. A partitioned
         # table's rows are first shuffled by its partition columns, as Delta's MERGE does before it writes:
         # otherwise each input slice writes a file into every partition it holds (bench-scale: 8,040
-        # files of 6 KB for 100,000 users' events over 240 days, where this writes 240).
+        # files of 6 KB for 100,000 users' events over 60 days, where this writes 60).
         out = src.repartition(*spec.partition_by) if spec.partition_by else src
         out.write.format("delta").mode("append").save(path)
         return {"version": 1, "numTargetRowsInserted": src.count(), "fast_path": "append"}
