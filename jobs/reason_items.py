@@ -448,10 +448,7 @@ def _commit(ctx: RunContext, results, counters, model: str, limit: int, totals: 
         ctx.ds, ctx.run_id,
     )
     if rows:
-        from feature_store.catalog import get
-
-        delta.merge(spark, spark.createDataFrame(rows, delta.spark_schema(get(dead_letter.TABLE))),
-                    dead_letter.TABLE, ctx.root)
+        delta.upsert_rows(spark, rows, dead_letter.TABLE, ctx.root)
     agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls"), F.sum("answers_valid")).collect()[0]
     rejected = results.select(F.explode(F.from_json("answers_rejected_json", "map<string,int>")).alias("reason", "n"))
     totals.rejected.update({r["reason"]: int(r["n"]) for r in rejected.groupBy("reason").agg(F.sum("n").alias("n")).collect()})

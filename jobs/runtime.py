@@ -53,14 +53,7 @@ def _record(ctx: RunContext, task: str, status: str, started: dt.datetime, secon
         "metrics": json.dumps(metrics, default=str, sort_keys=True),
         "ds": ctx.ds,
     }
-    df = spark.createDataFrame([row], delta.spark_schema(_spec("ops.pipeline_runs")))
-    delta.merge(spark, df, "ops.pipeline_runs", ctx.root, keys_unique=True)  # one row
-
-
-def _spec(name: str):
-    from feature_store.catalog import get
-
-    return get(name)
+    delta.upsert_rows(spark, [row], "ops.pipeline_runs", ctx.root)
 
 
 def execute(name: str, ctx: RunContext) -> JobResult:
@@ -130,9 +123,7 @@ def write_quarantine(ctx: RunContext, records: Iterable[dict]) -> int:
     rows = quarantine_rows(ctx, records)
     if not rows:
         return 0
-    spark = ctx.spark
-    df = spark.createDataFrame(rows, delta.spark_schema(_spec("silver.quarantine")))
-    delta.merge(spark, df, "silver.quarantine", ctx.root, keys_unique=True)  # quarantine_rows numbers repeats
+    delta.upsert_rows(ctx.spark, rows, "silver.quarantine", ctx.root)  # quarantine_rows numbered repeats
     return len(rows)
 
 

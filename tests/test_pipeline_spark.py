@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -212,3 +213,81 @@ def test_merges_racing_into_one_table_all_land(ctx_factory, spark):
     assert not errors, errors
     keys = set(delta.read_arrow("silver.quarantine", ctx.root)["key"].to_pylist())
     assert keys == {"seed"} | {f"w{k}-{i}" for k in range(4) for i in range(3)}
+
+
+def _catalog_row(item_id: str, title: str, day: dt.date) -> dict:
+    return {"item_id": item_id, "title": title, "description": None, "categories": ["Lab", "Glass"],
+            "brand": "B", "price": 1.5, "attributes": [("size", "2 l")], "content_hash": f"h-{title}",
+            "source": "test", "first_seen_ds": day, "last_seen_ds": day, "ds": day, "run_id": f"r-{day}"}
+
+
+@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
+def test_driver_built_rows_upsert_alike_through_delta_rs_and_spark(ctx_factory, spark, monkeypatch, engine):
+    """upsert_rows commits through delta-rs on a local lakehouse and through Spark elsewhere (s3a://):
+    both give MERGE's table (an update keeps preserve_on_update columns; a rerun changes nothing), and
+    both refuse duplicate or null keys before writing."""
+    if engine == "spark":
+        monkeypatch.setattr(delta, "_local", lambda path: False)
+    ctx = ctx_factory()
+    d1, d2 = dt.date(2026, 11, 21), dt.date(2026, 11, 22)
+    first = delta.upsert_rows(spark, [_catalog_row("a", "one", d1), _catalog_row("b", "two", d1)],
+                              "bronze.catalog_items", ctx.root)
+    assert (first.get("engine") == "delta-rs") == (engine == "delta-rs"), first
+    again = [_catalog_row("b", "two v2", d2), _catalog_row("c", "three", d2)]
+    delta.upsert_rows(spark, again, "bronze.catalog_items", ctx.root)
+    version = delta.table_version("bronze.catalog_items", ctx.root)
+    delta.upsert_rows(spark, again, "bronze.catalog_items", ctx.root)  # the rerun of a day
+    rows = {r["item_id"]: r for r in delta.read_arrow("bronze.catalog_items", ctx.root).to_pylist()}
+    assert sorted(rows) == ["a", "b", "c"]
+    assert (rows["a"]["title"], rows["b"]["title"], rows["c"]["title"]) == ("one", "two v2", "three")
+    assert rows["b"]["first_seen_ds"] == d1 and rows["b"]["last_seen_ds"] == d2  # preserved / updated
+    assert dict(rows["b"]["attributes"]) == {"size": "2 l"} and rows["b"]["categories"] == ["Lab", "Glass"]
+    # Spark reads what delta-rs committed (and the other way round) at the latest version.
+    assert delta.read_spark(spark, "bronze.catalog_items", ctx.root).count() == 3
+    assert delta.table_version("bronze.catalog_items", ctx.root) == version + 1
+
+    with pytest.raises(ValueError, match="duplicate keys"):
+        delta.upsert_rows(spark, [_catalog_row("d", "x", d2), _catalog_row("d", "y", d2)],
+                          "bronze.catalog_items", ctx.root)
+    with pytest.raises(ValueError, match=r"non-nullable column\(s\) \['title'\]"):
+        delta.upsert_rows(spark, [{**_catalog_row("e", "x", d2), "title": None}], "bronze.catalog_items", ctx.root)
+    assert delta.table_version("bronze.catalog_items", ctx.root) == version + 1  # nothing written
+
+
+def test_spark_merges_and_delta_rs_upserts_racing_into_one_table_all_land(ctx_factory, spark):
+    """The two ingests run side by side: one may MERGE through Spark while the other's run record and
+    quarantine rows commit through delta-rs, into the same table."""
+    import threading
+
+    ctx = ctx_factory()
+    day = dt.date(2026, 11, 22)
+    delta.upsert_rows(spark, [_catalog_row("seed", "s", day)], "bronze.catalog_items", ctx.root)
+    errors = []
+
+    def through_spark() -> None:
+        try:
+            for k in range(3):
+                rows = [_catalog_row(f"spark-{k}-{i}", "t", day) for i in range(5)]
+                df = spark.createDataFrame(pa.Table.from_pylist(rows, schema=TABLES["bronze.catalog_items"].schema))
+                delta.merge(spark, df, "bronze.catalog_items", ctx.root)
+        except Exception as exc:  # pragma: no cover - the assertion below names it
+            errors.append(exc)
+
+    def through_delta_rs(w: int) -> None:
+        try:
+            for k in range(6):
+                delta.upsert_rows(spark, [_catalog_row(f"rs-{w}-{k}", "t", day)], "bronze.catalog_items", ctx.root)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=through_spark)] + [
+        threading.Thread(target=through_delta_rs, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    keys = set(delta.read_arrow("bronze.catalog_items", ctx.root)["item_id"].to_pylist())
+    assert keys == {"seed"} | {f"spark-{k}-{i}" for k in range(3) for i in range(5)} | {
+        f"rs-{w}-{k}" for w in range(2) for k in range(6)}
+    assert delta.read_spark(spark, "bronze.catalog_items", ctx.root).count() == len(keys)
