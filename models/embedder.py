@@ -3,7 +3,8 @@
 The local model is loaded once per process (a Spark Python worker reuses it across batches) and
 runs in batches; the HTTP backend serves a vLLM embedding model in production.
 
-`backend: hashing` (model `feature-hashing-384`) is a stand-in for scale benchmarks only (bench/scale.py):
+`backend: hashing` (model `feature-hashing-384`) is a stand-in for scale benchmarks (bench/scale.py) and for
+tests whose subject is not the embedding (tests/test_backfill.py), never the default:
 MiniLM embeds ~15 texts a second per core here, so a million texts would be many hours of one stage on
 two cores, while at scale embedding is a GPU server's work behind /v1/embeddings. It hashes words and
 word pairs into 384 signed buckets (the hashing trick): deterministic, cheap, similar for texts that

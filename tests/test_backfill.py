@@ -38,6 +38,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(env_overrides(SMALL))  # the small config of the Spark tests, on a tinier catalog: four
     env.update({"REASEQ__SYNTHETIC__N_ITEMS": "100", "REASEQ__SYNTHETIC__N_USERS": "60"})  # DAG runs
+    # The subject is Airflow replaying days, not the text model: the hashing embedder (deterministic, named
+    # in what it writes) spares each run MiniLM's load in a Spark worker (~20 s of a ~170 s run).
+    env.update({"REASEQ__EMBEDDING__BACKEND": "hashing", "REASEQ__EMBEDDING__MODEL": "feature-hashing-384"})
     env.update({
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),

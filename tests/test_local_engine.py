@@ -38,13 +38,13 @@ def test_engine_serves_the_packaged_gguf_under_its_lineage_name(engine):
 
 
 def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_path):
-    """8 synthetic items through the Spark job, one path per agent (32 requests, ~70 s on 2 cores); then
+    """4 synthetic items through the Spark job, one path per agent (16 requests); then
     items with k=3 sampled paths at temperature 0.3 (2 items: 24 requests), where real sampling must
     disagree somewhere."""
     from feature_store import delta
     from jobs.runtime import execute
 
-    ctx = ctx_factory(synthetic={"n_items": 8, "n_users": 30, "seed": 4},
+    ctx = ctx_factory(synthetic={"n_items": 4, "n_users": 30, "seed": 4},
                       llm={"backend": "local", "samples_k": 1, "partitions": 2, "max_concurrency": 16,
                            "local": {"budget_minutes": None}})
     execute("ingest_catalog", ctx)
@@ -52,8 +52,8 @@ def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_
     assert m["model"] == engine.model
     rows = delta.read_arrow("silver.item_knowledge", ctx.root).to_pylist()
     quarantined = m["failed"]
-    assert len(rows) + quarantined == 8 and len(rows) >= 7, m
-    assert m["answers"] >= 8 * 4 and m["schema_valid_rate"] >= 0.9, m
+    assert len(rows) + quarantined == 4 and len(rows) >= 3, m
+    assert m["answers"] >= 4 * 4 and m["schema_valid_rate"] >= 0.9, m
     # Tokens come from the engine's usage, for every request.
     assert m["llm_calls"] >= len(rows) * 4
     assert m["tokens_out"] > 20 * m["llm_calls"] and m["tokens_in"] > 100 * m["llm_calls"]
