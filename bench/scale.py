@@ -219,7 +219,8 @@ def nightly_merge(n: int, spark=None, changed: float = 0.01) -> tuple[dict, obje
                                                    "numTargetRowsDeleted", "numTargetRowsCopied",
                                                    "numTargetFilesAdded", "numTargetFilesRemoved",
                                                    "numTargetBytesAdded", "numTargetBytesRemoved",
-                                                   "executionTimeMs", "fast_path")}}
+                                                   "executionTimeMs", "fast_path", "rows_changed",
+                                                   "rows_vanished")}}
         out[night]["table_files"] = delta_layout(ctx.root)["bronze.catalog_items"]["files"]
         log(f"{n:,} items, {night}: ingest_catalog {out[night]['seconds']:.1f}s, "
             f"{out[night].get('numTargetRowsUpdated')} rows updated, "

@@ -91,6 +91,10 @@ CATALOG_ITEMS = _register(
         column_docs={
             "content_hash": "sha256 of the canonical JSON of the text fields (title, description, categories, brand, price, attributes)",
             "categories": "category path, root first",
+            "last_seen_ds": "the snapshot day that last wrote the row (first listed, changed, or listed again), as ds: "
+            "the nightly sync writes only new, changed and vanished items. Every row is listed by the latest "
+            "snapshot (items it drops are deleted), whose day is the last successful ingest_catalog in "
+            "ops.pipeline_runs",
         },
     )
 )

@@ -142,6 +142,61 @@ def _retrying_conflicts(name: str, commit):
     raise AssertionError("unreachable")
 
 
+def sync_snapshot(spark: SparkSession, df: DataFrame, name: str, root: str | None = None, *,
+                  unchanged_when: tuple[str, ...]) -> dict:
+    """Make the table equal, key for key, to `df`, a full snapshot of its source, writing only the
+    difference: rows whose key is new or whose `unchanged_when` columns differ are upserted, keys the
+    snapshot no longer lists are deleted, in one MERGE; rows that did not change are not written, so their
+    stamps (ds, run_id) stay those of the run that last wrote them. A snapshot equal to the table commits
+    nothing.
+
+    Why not `merge(..., delete_unmatched=True)` with the whole snapshot: that MERGE updates every matched
+    row, so each night rewrote every file of the table (bench-scale, 1% of 100,000 items changed: every
+    row updated, 40.3 s against 47.4 s for the first load). The difference is computed first by two
+    anti-joins over the key and the compared columns, and only it reaches the MERGE."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    spec = get(name)
+    path = ensure_table(spark, spec, root)
+    src = conform(df, spec)
+    if _last_commit(spark, DeltaTable.forPath(spark, path), path)["version"] == 0:
+        return merge(spark, src, name, root)  # the first load: the append fast path
+    dupes = src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
+    if dupes:
+        sample = [tuple(r[k] for k in spec.key) for r in dupes]
+        raise ValueError(f"{name}: source has duplicate keys {spec.key}, e.g. {sample}; deduplicate before merging")
+    key, compared = list(spec.key), list(spec.key) + list(unchanged_when)
+    current = spark.read.format("delta").load(path).select(*compared)
+    changed = src.join(current, compared, "left_anti").withColumn("_vanished", F.lit(False))
+    vanished = (current.select(*key).join(src.select(*key), key, "left_anti")
+                .withColumn("_vanished", F.lit(True)))
+    diff = changed.unionByName(vanished, allowMissingColumns=True).cache()
+    try:
+        counts = {bool(r["_vanished"]): int(r["n"]) for r in diff.groupBy("_vanished").agg(F.count("*").alias("n")).collect()}
+        n_changed, n_vanished = counts.get(False, 0), counts.get(True, 0)
+        if not n_changed and not n_vanished:
+            return {"version": _last_commit(spark, DeltaTable.forPath(spark, path), path)["version"],
+                    "rows_changed": 0, "rows_vanished": 0}
+        cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in key)
+        updates = {f"`{c}`": f"s.`{c}`" for c in spec.columns if c not in spec.preserve_on_update}
+
+        def commit() -> dict:
+            target = DeltaTable.forPath(spark, path)
+            (target.alias("t").merge(diff.alias("s"), cond)
+             .whenMatchedDelete(condition="s._vanished")
+             .whenMatchedUpdate(set=updates)
+             .whenNotMatchedInsert(condition="NOT s._vanished", values={f"`{c}`": f"s.`{c}`" for c in spec.columns})
+             .execute())
+            last = _last_commit(spark, target, path)
+            metrics = {k: int(v) for k, v in (last["operationMetrics"] or {}).items() if str(v).isdigit()}
+            return {"version": int(last["version"]), "rows_changed": n_changed, "rows_vanished": n_vanished, **metrics}
+
+        return _retrying_conflicts(name, commit)
+    finally:
+        diff.unpersist()
+
+
 def upsert_rows(spark: SparkSession, rows: list[dict], name: str, root: str | None = None) -> dict:
     """Upsert rows the driver built itself (a task's run record, quarantine rows, LLM attempt rows) on the
     table's key, with `merge`'s semantics (`preserve_on_update` kept, a rerun leaves the same table).

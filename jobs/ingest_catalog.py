@@ -38,8 +38,10 @@ def run(ctx: RunContext) -> JobResult:
     spark = ctx.spark
     df = spark.createDataFrame(items)
     # The source is a full snapshot: items it no longer lists leave bronze (Delta history keeps them,
-    # and their knowledge and embeddings stay cached in silver for when they come back).
-    merged = delta.merge(spark, df, "bronze.catalog_items", ctx.root, delete_unmatched=True)
+    # and their knowledge and embeddings stay cached in silver for when they come back). Only new,
+    # changed and vanished items are written: an item whose content hash is unchanged keeps its row, and
+    # its ds / run_id / last_seen_ds name the run that last wrote it.
+    merged = delta.sync_snapshot(spark, df, "bronze.catalog_items", ctx.root, unchanged_when=("content_hash",))
     write_quarantine(ctx, quarantined)
     return JobResult(rows_in=rows_in, rows_out=n, rows_quarantined=len(quarantined),
                      metrics={"merge": merged, "source": ctx.dataset})

@@ -46,14 +46,46 @@ def test_ingest_twice_leaves_same_rows_and_accounts_for_every_row(ctx_factory):
     assert any(r.startswith("duplicate_item_id") for r in reasons)
 
 
-def test_first_seen_survives_a_later_run(ctx_factory, tmp_path):
+def test_an_unchanged_catalog_a_day_later_writes_nothing(ctx_factory, tmp_path):
     first = ctx_factory(ds="2026-11-20")
     execute("ingest_catalog", first)
+    version = delta.table_version("bronze.catalog_items", first.root)
     later = ctx_factory(ds="2026-11-22", root=tmp_path)
-    execute("ingest_catalog", later)
+    res = execute("ingest_catalog", later)
+    assert res.metrics["merge"]["rows_changed"] == res.metrics["merge"]["rows_vanished"] == 0
+    assert delta.table_version("bronze.catalog_items", later.root) == version
     t = delta.read_arrow("bronze.catalog_items", later.root)
-    assert set(t["first_seen_ds"].to_pylist()) == {dt.date(2026, 11, 20)}
-    assert set(t["last_seen_ds"].to_pylist()) == {dt.date(2026, 11, 22)}
+    assert set(t["first_seen_ds"].to_pylist()) == set(t["ds"].to_pylist()) == {dt.date(2026, 11, 20)}
+
+
+def test_the_catalog_sync_writes_only_new_changed_and_vanished_items(ctx_factory, spark):
+    """The nightly catalog MERGE follows the changes: the snapshot's difference from the table (new and
+    changed items upserted, vanished ones deleted) in one commit; unchanged rows keep the run that wrote
+    them."""
+    ctx = ctx_factory()
+    d1, d2 = dt.date(2026, 11, 21), dt.date(2026, 11, 22)
+    spec = TABLES["bronze.catalog_items"]
+
+    def snapshot(rows):
+        return spark.createDataFrame(pa.Table.from_pylist(rows, schema=spec.schema))
+
+    first = [_catalog_row(i, f"{i} v1", d1) for i in ("a", "b", "c")]
+    delta.sync_snapshot(spark, snapshot(first), spec.name, ctx.root, unchanged_when=("content_hash",))
+    second = [_catalog_row("a", "a v1", d2), _catalog_row("b", "b v2", d2), _catalog_row("d", "d v1", d2)]
+    m = delta.sync_snapshot(spark, snapshot(second), spec.name, ctx.root, unchanged_when=("content_hash",))
+    assert (m["rows_changed"], m["rows_vanished"]) == (2, 1), m
+    assert (m["numTargetRowsUpdated"], m["numTargetRowsInserted"], m["numTargetRowsDeleted"]) == (1, 1, 1), m
+    rows = {r["item_id"]: r for r in delta.read_arrow(spec.name, ctx.root).to_pylist()}
+    assert sorted(rows) == ["a", "b", "d"]
+    assert (rows["a"]["title"], rows["a"]["ds"], rows["a"]["run_id"]) == ("a v1", d1, f"r-{d1}")  # not rewritten
+    assert (rows["b"]["title"], rows["b"]["ds"], rows["b"]["first_seen_ds"]) == ("b v2", d2, d1)
+    assert (rows["d"]["first_seen_ds"], rows["d"]["ds"]) == (d2, d2)
+    version = delta.table_version(spec.name, ctx.root)
+    again = delta.sync_snapshot(spark, snapshot(second), spec.name, ctx.root, unchanged_when=("content_hash",))
+    assert again == {"version": version, "rows_changed": 0, "rows_vanished": 0}
+    assert delta.table_version(spec.name, ctx.root) == version  # the rerun commits nothing
+    with pytest.raises(ValueError, match="duplicate keys"):
+        delta.sync_snapshot(spark, snapshot(second + second[:1]), spec.name, ctx.root, unchanged_when=("content_hash",))
 
 
 def test_a_days_rerun_replaces_exactly_that_day(ctx_factory, spark):
