@@ -301,13 +301,16 @@ def markdown(data: dict) -> str:
     if merges:
         lines += ["", "The next night's catalog MERGE (ingest_catalog) with 1% of the items changed, against the "
                   "first night's full load (`--nightly-merge`):", "",
-                  "| items | first load | 1% changed | rows updated | files removed / added | MB written |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| items | first load | 1% changed | rows in the diff | rows updated | rows copied "
+                  "| files removed / added | MB written |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in merges:
             a, b = m["first_load"], m["one_percent_changed"]
-            lines.append(f"| {m['items']:,} | {a['seconds']:.1f} s | {b['seconds']:.1f} s | "
-                         f"{b.get('numTargetRowsUpdated') or 0:,} | {b.get('numTargetFilesRemoved') or 0} / "
-                         f"{b.get('numTargetFilesAdded') or 0} | {(b.get('numTargetBytesAdded') or 0) / 1e6:,.1f} |")
+            diff = "–" if b.get("rows_changed") is None else f"{b['rows_changed']:,}"
+            lines.append(f"| {m['items']:,} | {a['seconds']:.1f} s | {b['seconds']:.1f} s | {diff} | "
+                         f"{b.get('numTargetRowsUpdated') or 0:,} | {b.get('numTargetRowsCopied') or 0:,} | "
+                         f"{b.get('numTargetFilesRemoved') or 0} / {b.get('numTargetFilesAdded') or 0} | "
+                         f"{(b.get('numTargetBytesAdded') or 0) / 1e6:,.1f} |")
         lines += ["", "| items | bronze.interactions after its first load: files | day partitions | MB |",
                   "|---:|---:|---:|---:|"]
         for m in merges:
