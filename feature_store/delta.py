@@ -219,7 +219,7 @@ def upsert_rows(spark: SparkSession, rows: list[dict], name: str, root: str | No
     if nulls:
         raise ValueError(f"{name}: null in the key or non-nullable column(s) {nulls}: the caller built a bad row")
     path = table_path(name, root)
-    if not _local(path):
+    if not is_local(path):
         return merge(spark, spark.createDataFrame(table), name, root, keys_unique=True)
     from deltalake import DeltaTable as ArrowTable
 
@@ -238,7 +238,51 @@ def upsert_rows(spark: SparkSession, rows: list[dict], name: str, root: str | No
     return _retrying_conflicts(name, commit)
 
 
-def _local(path: str) -> bool:
+RETENTION_PROPERTIES = ("delta.logRetentionDuration", "delta.deletedFileRetentionDuration")
+
+
+def apply_retention(spark: SparkSession | None, name: str, root: str | None = None, *, days: int,
+                    vacuum: bool = True) -> dict:
+    """Keep `days` of the table's history and no more: its log and the data files older versions need
+    (`delta.logRetentionDuration` and `delta.deletedFileRetentionDuration`, set only when they differ),
+    then VACUUM the files no version within `days` needs.
+
+    Why both properties: Delta's defaults differ (30 days of log, 7 days of files), so a version 8 days
+    old is listed by `DESCRIBE HISTORY` but cannot be read; training runs pin table versions and
+    backfills look back, so the two must be one number that covers the furthest either reaches. On a
+    local lakehouse delta-rs does both (milliseconds when nothing is due; Spark's VACUUM lists the table
+    in a few jobs per table, every night); elsewhere Spark (`spark` is needed only there).
+    Returns {"properties_set": bool, "files_deleted": n, or None where Spark does not count them}."""
+    if days < 0:
+        raise ValueError(f"retention of {days} days: give 0 or more")
+    path = table_path(name, root)
+    wanted = {p: f"interval {days} days" for p in RETENTION_PROPERTIES}
+    if is_local(path):
+        from deltalake import DeltaTable as ArrowTable
+
+        table = ArrowTable(path)
+        current = table.metadata().configuration
+        changed = any(current.get(k) != v for k, v in wanted.items())
+        if changed:
+            table.alter.set_table_properties(wanted)
+            table = ArrowTable(path)
+        deleted = table.vacuum(retention_hours=days * 24, dry_run=False) if vacuum else []
+        return {"properties_set": changed, "files_deleted": len(deleted)}
+    if spark is None:
+        raise ValueError(f"{name}: {path} is not on a local disk: apply_retention needs a Spark session there")
+    from delta.tables import DeltaTable
+
+    props = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect()}
+    changed = any(props.get(k) != v for k, v in wanted.items())
+    if changed:
+        values = ", ".join(f"'{k}' = '{v}'" for k, v in wanted.items())
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({values})")
+    if vacuum:
+        DeltaTable.forPath(spark, path).vacuum(days * 24)
+    return {"properties_set": changed, "files_deleted": None}
+
+
+def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
@@ -289,7 +333,7 @@ def _last_commit(spark: SparkSession, target, path: str) -> dict:
     """The table's latest commit: its version and operation metrics. On a local path it is read from the
     log by delta-rs (milliseconds; through Spark, a job of a fraction of a second, twice per MERGE);
     elsewhere (s3a://, where delta-rs would need the cluster's credentials) through Spark."""
-    if _local(path):
+    if is_local(path):
         from deltalake import DeltaTable as ArrowTable
 
         commit = ArrowTable(path).history(1)[0]

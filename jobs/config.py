@@ -109,6 +109,15 @@ class SparkSettings(Section):
         2, description="Delta rebuilds a table's state with 50 tasks by default: overhead on small tables")
 
 
+class RetentionSettings(Section):
+    """How long every table keeps its history (Delta time travel), enforced by publish at the end of a good run."""
+
+    days: PositiveInt = Field(
+        30, description="days of every table's history kept readable (its log and the files older versions need): "
+        "cover the furthest a training run's pinned versions or a backfill look back")
+    vacuum: bool = Field(True, description="publish VACUUMs every table: files no version within `days` needs are deleted")
+
+
 class AirflowSettings(Section):
     """How the DAGs are scheduled and how their tasks run."""
 
@@ -217,6 +226,7 @@ class Settings(Section):
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     embedding: EmbedderConfig = Field(default_factory=EmbedderConfig)
     quantizer: QuantizerSettings = Field(default_factory=QuantizerSettings)

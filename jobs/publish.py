@@ -53,18 +53,43 @@ def summary(ctx: RunContext) -> dict:
     }
 
 
+def keep_history(ctx: RunContext) -> dict:
+    """Every table's history held to `retention.days` and VACUUMed: the last step of a run that passed
+    both gates, when no stage of this run reads the files it may delete."""
+    from feature_store import delta
+    from feature_store.catalog import TABLES
+
+    days, vacuum = ctx.config["retention"]["days"], ctx.config["retention"]["vacuum"]
+    spark = None if delta.is_local(ctx.root) else ctx.spark
+    out = {"days": days, "vacuum": vacuum, "properties_set": [], "files_deleted": 0}
+    for name in TABLES:
+        if not delta.exists(name, ctx.root):
+            continue
+        r = delta.apply_retention(spark, name, ctx.root, days=days, vacuum=vacuum)
+        if r["properties_set"]:
+            out["properties_set"].append(name)
+        if r["files_deleted"] is None:
+            out["files_deleted"] = None
+        elif out["files_deleted"] is not None:
+            out["files_deleted"] += r["files_deleted"]
+    return out
+
+
 def run(ctx: RunContext) -> JobResult:
     out_dir = Path(resolve_path(ctx.config["reports"])) / ctx.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
+    retention = keep_history(ctx)
     s = summary(ctx)
     from jobs.report import build_report
 
     report = build_report(ctx.root, ctx.run_id, out_dir / "report", reports_dir=Path(resolve_path(ctx.config["reports"])))
     s["report"] = str(report)
+    s["retention"] = retention
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2, default=str))
     written = sum(v["rows"] or 0 for v in s["tables"].values())
     return JobResult(rows_in=written, rows_out=written,
-                     metrics={"summary": str(out_dir / "summary.json"), "report": str(report)})
+                     metrics={"summary": str(out_dir / "summary.json"), "report": str(report),
+                              "retention": retention})
 
 
 if __name__ == "__main__":

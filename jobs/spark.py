@@ -65,11 +65,17 @@ def spark_conf(master: str | None = None, app_name: str = "reaseq", extra: dict 
         "spark.ui.enabled": str(spark["ui"]).lower(),
         # Delta rebuilds table state with 50 tasks by default: pure overhead on a laptop-sized table.
         "spark.databricks.delta.snapshotPartitions": str(spark["delta_snapshot_partitions"]),
-        # Auto-compaction would add an OPTIMIZE job after every small MERGE; publish compacts instead.
+        # Auto-compaction would add an OPTIMIZE job after every small MERGE (nothing compacts the tables
+        # yet; the scale benchmark's file counts are in docs/operations.md).
         "spark.databricks.delta.autoCompact.enabled": "false",
         "spark.databricks.delta.stalenessLimit": "0",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
     })
+    # New tables are created with `retention.days` of history (publish's keep_history sets it on older
+    # ones): one metadata commit later would change the version that codebooks and checkpoints pin.
+    retention = f"interval {load_config()['retention']['days']} days"
+    for prop in ("logRetentionDuration", "deletedFileRetentionDuration"):
+        conf[f"spark.databricks.delta.properties.defaults.{prop}"] = retention
     if spark["executor_memory"]:
         conf["spark.executor.memory"] = spark["executor_memory"]
     if lakehouse_is_s3a():

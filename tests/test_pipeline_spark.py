@@ -162,6 +162,13 @@ def test_every_stage_end_to_end_then_an_unchanged_rerun_is_a_no_op(nightly):
     assert feats.num_rows == len(seqs)
     assert results["validate_gold"].metrics["suites"]["gold.user_features"]["success"]
 
+    # Every table was created with retention.days (30 by default) of history, so publish had no property
+    # to set (a commit would move the versions the codebooks pin); its VACUUM found nothing due.
+    kept = results["publish"].metrics["retention"]
+    assert kept == {"days": 30, "vacuum": True, "properties_set": [], "files_deleted": 0}, kept
+    conf = delta.delta_table("gold.user_features", root).metadata().configuration
+    assert conf["delta.deletedFileRetentionDuration"] == conf["delta.logRetentionDuration"] == "interval 30 days"
+
     counts = {n: delta.read_arrow(n, root).num_rows for n in TABLES if delta.exists(n, root)}
     rerun = {name: execute(name, ctx) for name in PIPELINE}
     assert rerun["reason_items"].metrics["work_set"] == 0
@@ -259,7 +266,7 @@ def test_driver_built_rows_upsert_alike_through_delta_rs_and_spark(ctx_factory, 
     both give MERGE's table (an update keeps preserve_on_update columns; a rerun changes nothing), and
     both refuse duplicate or null keys before writing."""
     if engine == "spark":
-        monkeypatch.setattr(delta, "_local", lambda path: False)
+        monkeypatch.setattr(delta, "is_local", lambda path: False)
     ctx = ctx_factory()
     d1, d2 = dt.date(2026, 11, 21), dt.date(2026, 11, 22)
     first = delta.upsert_rows(spark, [_catalog_row("a", "one", d1), _catalog_row("b", "two", d1)],
@@ -323,3 +330,33 @@ def test_spark_merges_and_delta_rs_upserts_racing_into_one_table_all_land(ctx_fa
     assert keys == {"seed"} | {f"spark-{k}-{i}" for k in range(3) for i in range(5)} | {
         f"rs-{w}-{k}" for w in range(2) for k in range(6)}
     assert delta.read_spark(spark, "bronze.catalog_items", ctx.root).count() == len(keys)
+
+
+def test_retention_keeps_time_travel_for_its_days_and_vacuum_removes_only_what_is_older(ctx_factory, spark):
+    """delta.apply_retention: the table's log and file retention set to one number of days (idempotent),
+    VACUUM deleting only files no version within it needs; at 0 days an older version's files go and the
+    current version still reads whole."""
+    ctx = ctx_factory()
+    name, day = "bronze.catalog_items", dt.date(2026, 11, 22)
+    delta.upsert_rows(spark, [_catalog_row("a", "a v1", day), _catalog_row("b", "b v1", day)], name, ctx.root)
+    old = delta.table_version(name, ctx.root)
+    delta.upsert_rows(spark, [_catalog_row("b", "b v2", day)], name, ctx.root)  # rewrites the file holding b
+
+    def titles(version=None):
+        return dict(zip(*delta.read_arrow(name, ctx.root, version=version, columns=["item_id", "title"]).to_pydict()
+                        .values(), strict=True))
+
+    # Created with retention.days (30 by default): nothing to set, nothing older than 30 days to delete.
+    assert delta.apply_retention(None, name, ctx.root, days=30) == {"properties_set": False, "files_deleted": 0}
+    assert titles(old) == {"a": "a v1", "b": "b v1"}  # time travel within the retention still reads
+    conf = delta.delta_table(name, ctx.root).metadata().configuration
+    assert conf["delta.logRetentionDuration"] == conf["delta.deletedFileRetentionDuration"] == "interval 30 days"
+
+    gone = delta.apply_retention(None, name, ctx.root, days=0)
+    assert gone["properties_set"] is True and gone["files_deleted"] >= 1, gone
+    assert titles() == {"a": "a v1", "b": "b v2"}
+    assert delta.read_spark(spark, name, ctx.root).count() == 2
+    with pytest.raises(Exception):  # noqa: B017 - delta-rs or Arrow: the old version's file is gone
+        titles(old)
+    with pytest.raises(ValueError, match="give 0 or more"):
+        delta.apply_retention(None, name, ctx.root, days=-1)
