@@ -115,7 +115,10 @@ class RetentionSettings(Section):
     days: PositiveInt = Field(
         30, description="days of every table's history kept readable (its log and the files older versions need): "
         "cover the furthest a training run's pinned versions or a backfill look back")
-    vacuum: bool = Field(True, description="publish VACUUMs every table: files no version within `days` needs are deleted")
+    vacuum: bool = Field(
+        False, description="publish VACUUMs every table (files no version within `days` needs are deleted). Off by "
+        "default: a VACUUM that deletes commits a version, and the codebooks and the diffusion checkpoint pin table "
+        "versions, so it would retrain them the next night")
 
 
 class AirflowSettings(Section):

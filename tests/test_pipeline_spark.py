@@ -163,9 +163,9 @@ def test_every_stage_end_to_end_then_an_unchanged_rerun_is_a_no_op(nightly):
     assert results["validate_gold"].metrics["suites"]["gold.user_features"]["success"]
 
     # Every table was created with retention.days (30 by default) of history, so publish had no property
-    # to set (a commit would move the versions the codebooks pin); its VACUUM found nothing due.
+    # to set (a commit would move the versions the codebooks pin); VACUUM is off by default.
     kept = results["publish"].metrics["retention"]
-    assert kept == {"days": 30, "vacuum": True, "properties_set": [], "files_deleted": 0}, kept
+    assert kept == {"days": 30, "vacuum": False, "properties_set": [], "files_deleted": 0}, kept
     conf = delta.delta_table("gold.user_features", root).metadata().configuration
     assert conf["delta.deletedFileRetentionDuration"] == conf["delta.logRetentionDuration"] == "interval 30 days"
 
