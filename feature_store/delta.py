@@ -162,10 +162,7 @@ def sync_snapshot(spark: SparkSession, df: DataFrame, name: str, root: str | Non
     src = conform(df, spec)
     if _last_commit(spark, DeltaTable.forPath(spark, path), path)["version"] == 0:
         return merge(spark, src, name, root)  # the first load: the append fast path
-    dupes = src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
-    if dupes:
-        sample = [tuple(r[k] for k in spec.key) for r in dupes]
-        raise ValueError(f"{name}: source has duplicate keys {spec.key}, e.g. {sample}; deduplicate before merging")
+    _refuse_duplicate_keys(src, spec)
     key, compared = list(spec.key), list(spec.key) + list(unchanged_when)
     current = spark.read.format("delta").load(path).select(*compared)
     changed = src.join(current, compared, "left_anti").withColumn("_vanished", F.lit(False))
@@ -213,8 +210,7 @@ def upsert_rows(spark: SparkSession, rows: list[dict], name: str, root: str | No
     table = pa.Table.from_pylist(rows, schema=spec.schema)
     keys = list(zip(*(table.column(k).to_pylist() for k in spec.key), strict=True))
     if len(set(keys)) != len(keys):
-        dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"{name}: source has duplicate keys {spec.key}, e.g. {dupes}; deduplicate before merging")
+        raise _duplicate_keys_error(spec, sorted({k for k in keys if keys.count(k) > 1})[:5])
     nulls = [f.name for f in spec.schema if (not f.nullable or f.name in spec.key) and table.column(f.name).null_count]
     if nulls:
         raise ValueError(f"{name}: null in the key or non-nullable column(s) {nulls}: the caller built a bad row")
@@ -289,15 +285,12 @@ def is_local(path: str) -> bool:
 def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None, partition_values: list | None,
                 delete_unmatched: bool | str, keys_unique: bool) -> dict:
     from delta.tables import DeltaTable
-    from pyspark.sql import functions as F
 
     spec = get(name)
     path = ensure_table(spark, spec, root)
     src = conform(df, spec)
-    dupes = [] if keys_unique else src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
-    if dupes:
-        sample = [tuple(r[k] for k in spec.key) for r in dupes]
-        raise ValueError(f"{name}: source has duplicate keys {spec.key}, e.g. {sample}; deduplicate before merging")
+    if not keys_unique:
+        _refuse_duplicate_keys(src, spec)
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in spec.key)
     if partition_values is not None and spec.partition_by:
         col = spec.partition_by[0]
@@ -327,6 +320,20 @@ def _merge_once(spark: SparkSession, df: DataFrame, name: str, root: str | None,
     last = _last_commit(spark, target, path)
     metrics = {k: int(v) for k, v in (last["operationMetrics"] or {}).items() if str(v).isdigit()}
     return {"version": int(last["version"]), **metrics}
+
+
+def _refuse_duplicate_keys(src: DataFrame, spec: TableSpec) -> None:
+    """A source with a key twice would make MERGE fail half-way (or pick a row at random): refuse it first,
+    naming a few of the keys (one Spark job)."""
+    from pyspark.sql import functions as F
+
+    dupes = src.groupBy(*spec.key).count().filter(F.col("count") > 1).limit(5).collect()
+    if dupes:
+        raise _duplicate_keys_error(spec, [tuple(r[k] for k in spec.key) for r in dupes])
+
+
+def _duplicate_keys_error(spec: TableSpec, sample: list) -> ValueError:
+    return ValueError(f"{spec.name}: source has duplicate keys {spec.key}, e.g. {sample}; deduplicate before merging")
 
 
 def _last_commit(spark: SparkSession, target, path: str) -> dict:

@@ -41,6 +41,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
     # The subject is Airflow replaying days, not the text model: the hashing embedder (deterministic, named
     # in what it writes) spares each run MiniLM's load in a Spark worker (~20 s of a ~170 s run).
     env.update({"REASEQ__EMBEDDING__BACKEND": "hashing", "REASEQ__EMBEDDING__MODEL": "feature-hashing-384"})
+    # Nor the quantizers' fit (tests/test_quantizers.py): a short one spares each run ~5 s of 8.
+    env.update({"REASEQ__QUANTIZER__EPOCHS": "5", "REASEQ__QUANTIZER__KMEANS_ITERS": "10"})
     env.update({
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "REASEQ__LAKEHOUSE": str(tmp_path / "lakehouse"),

@@ -37,40 +37,18 @@ def test_engine_serves_the_packaged_gguf_under_its_lineage_name(engine):
     assert not started and again.pid == engine.pid
 
 
-def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_path):
-    """4 synthetic items through the Spark job, one path per agent (16 requests); then
-    items with k=3 sampled paths at temperature 0.3 (2 items: 24 requests), where real sampling must
-    disagree somewhere."""
+def test_sampled_paths_through_spark_on_the_real_engine_disagree_somewhere(engine, ctx_factory, tmp_path):
+    """A synthetic item through the Spark job with k=3 sampled paths at temperature 0.7 (12 requests),
+    where real sampling must disagree somewhere (2 items at 0.3 until 2026-12: twice the engine time for
+    the same check). (One path per agent through Spark, with every field's
+    source and the engine's token counts, is checked on the run `make run` makes: test_make_run.py.)"""
     from feature_store import delta
     from jobs.runtime import execute
 
-    ctx = ctx_factory(synthetic={"n_items": 4, "n_users": 30, "seed": 4},
-                      llm={"backend": "local", "samples_k": 1, "partitions": 2, "max_concurrency": 16,
-                           "local": {"budget_minutes": None}})
-    execute("ingest_catalog", ctx)
-    m = execute("reason_items", ctx).metrics
-    assert m["model"] == engine.model
-    rows = delta.read_arrow("silver.item_knowledge", ctx.root).to_pylist()
-    quarantined = m["failed"]
-    assert len(rows) + quarantined == 4 and len(rows) >= 3, m
-    assert m["answers"] >= 4 * 4 and m["schema_valid_rate"] >= 0.9, m
-    # Tokens come from the engine's usage, for every request.
-    assert m["llm_calls"] >= len(rows) * 4
-    assert m["tokens_out"] > 20 * m["llm_calls"] and m["tokens_in"] > 100 * m["llm_calls"]
-    for r in rows:
-        assert r["model"] == engine.model and r["status"] == "ok"
-        assert r["product_type"], r["item_id"]
-        # The catalog lists every synthetic item's categories: the path is a catalog fact, not the model's.
-        assert dict(r["field_source"])["category_path"] == "catalog"
-        assert dict(r["field_source"])["product_type"] == engine.model
-        assert r["tokens_in"] > 0 and r["tokens_out"] > 0
-    # An unchanged rerun asks the engine nothing.
-    again = execute("reason_items", ctx).metrics
-    assert again["llm_calls"] == 0 and again["work_set"] == quarantined
-
     sampled = ctx_factory(root=tmp_path / "sampled",
-                          synthetic={"n_items": 2, "n_users": 10, "seed": 4},
-                          llm={"backend": "local", "samples_k": 3, "temperature": 0.3, "partitions": 1,
+                          synthetic={"n_items": 2, "n_users": 10, "seed": 4},  # the source's least
+                          llm={"backend": "local", "samples_k": 3, "temperature": 0.7, "partitions": 1,
+                               "budget_items": 1,
                                "max_concurrency": 16, "local": {"budget_minutes": None}})
     execute("ingest_catalog", sampled)
     m3 = execute("reason_items", sampled).metrics
@@ -78,7 +56,7 @@ def test_reason_items_through_spark_on_the_real_engine(engine, ctx_factory, tmp_
     # k one-choice requests per agent (llama-server bills only the first of n choices).
     assert m3["llm_calls"] >= len(rows3) * 4 * 3 and m3["tokens_out"] > 20 * m3["llm_calls"]
     shares = [v for r in rows3 for _, v in (r["field_confidence"] or [])]
-    assert min(shares) < 1.0, "k=3 at temperature 0.3 agreed on every field of every item"
+    assert rows3 and min(shares) < 1.0, "k=3 at temperature 0.7 agreed on every field"
 
 
 def _config(state, **kw):
