@@ -117,7 +117,7 @@ def _prepare(dataset: str, data: str | None, master: str | None,
         print(err, file=sys.stderr)
         return None, data
     env = submit_env(airflow_env(), master)
-    ensure_airflow_db(env)
+    ensure_airflow_db(env, pools=False)  # `airflow dags test` runs every task itself, pools unused
     return env, data
 
 

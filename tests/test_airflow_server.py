@@ -104,6 +104,10 @@ def test_airflow_serves_the_dags_runs_a_triggered_run_and_stops_cleanly(tmp_path
             r = http.get("/api/v2/dags")
             return r.status_code == 200 and {d["dag_id"] for d in r.json()["dags"]} >= {"reaseq_nightly"} and r.json()
         dags = _wait("the DAG processor to register reaseq_nightly", dag_ids, 240, proc, out)
+        # The scheduler bounds concurrent LLM fan-out by the pool reason_items runs in (declared by serve
+        # only: `airflow dags test`, under make run and backfill, never consults pools).
+        pool = http.get("/api/v2/pools/llm")
+        assert pool.status_code == 200 and pool.json()["slots"] == 4, pool.text
         nightly = next(d for d in dags["dags"] if d["dag_id"] == "reaseq_nightly")
         assert nightly["is_paused"] is True  # new DAGs start paused
         assert http.patch("/api/v2/dags/reaseq_nightly", json={"is_paused": False}).status_code == 200
