@@ -68,8 +68,12 @@ def validate(df, name: str, report_dir: str | os.PathLike | None = None) -> dict
     """Run the table's suite on a Spark DataFrame; returns {success, failed: [...], stats} and writes JSON."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
+    # GX draws a progress bar per validation on stderr, ~50 redraws a table, into every task's log; the
+    # stage's own line (rows, suites, failures) says what a person needs.
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     suite = ctx.suites.add(gx.ExpectationSuite(name=f"{name}.suite"))
     for e in _suite_expectations(name):
         suite.add_expectation(e)
