@@ -155,3 +155,9 @@ def delta_session(conf: dict[str, str], log_level: str = "ERROR"):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(log_level)
     return spark
+
+
+def delete_path(spark, uri: str) -> None:
+    """Delete a folder (recursively) through Hadoop's FileSystem: local disk, s3a:// and HDFS alike."""
+    path = spark._jvm.org.apache.hadoop.fs.Path(uri)
+    path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)

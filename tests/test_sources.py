@@ -906,3 +906,130 @@ def test_property_malformed_catalog_rows(tmp_path_factory, items, inters, bad):
                 "item_quarantined": 2,
             }
         )
+
+
+# ------------------------------------------------------------------------------- amazon-json, streamed
+
+
+STREAM_DOCS = [
+    "{}",
+    ' \n{ "a" : 1 , "b":[1,2,{"c":"d"}],"a":{"x":-1.5e3,"x":2}}\n ',
+    '{"12345": 67890, "big": 12345678901234567890, "é": "caf\\u00e9 \\"quoted\\" \\\\", "t": true, "n": null}',
+    '{"raw": "tab\there\u0001and\nnewline", "lone": "\\ud800x", "deep": [[[[{"k": [1.25, "]}"]}]]]]}',
+]
+
+
+def _pairs(doc: str) -> list:
+    top: list = []
+
+    def hook(pairs):
+        top.append(pairs)
+        d: dict = {}
+        for k, v in pairs:
+            d.setdefault(k, v)
+        return d
+
+    json.loads(doc, strict=False, object_pairs_hook=hook)
+    return top[-1]
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, 64, 1 << 20])
+@pytest.mark.parametrize("doc", STREAM_DOCS)
+def test_the_streamed_reader_reads_what_json_reads_at_any_window(tmp_path, monkeypatch, doc, window):
+    from jobs.sources import amazon_json
+
+    monkeypatch.setattr(amazon_json, "READ_CHARS", window)
+    f = tmp_path / "x.json"
+    f.write_text(doc, encoding="utf-8")
+    stream = amazon_json.JsonObjectStream(f, "{...}")
+    assert list(stream) == _pairs(doc)  # duplicates kept in order at the top, first wins inside
+    assert stream.bytes_read == f.stat().st_size
+
+
+@pytest.mark.parametrize("window", [2, 5, 1 << 20])
+@pytest.mark.parametrize("doc", [
+    '{\n  "a": 1,\n  "b" 2}',
+    '{"a": 1\n\n "b": 2}',
+    '{\n"a": [1, 2}',
+    '{"a": 1} x',
+    '{"a": "unterminated',
+    '{"a": 1,}',
+    '{\n\n   7: 1}',
+    '\x00{}',
+])
+def test_the_streamed_reader_names_the_line_and_column_json_names(tmp_path, monkeypatch, doc, window):
+    from jobs.sources import amazon_json
+
+    monkeypatch.setattr(amazon_json, "READ_CHARS", window)
+    f = tmp_path / "x.json"
+    f.write_text(doc, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(doc, strict=False)
+    with pytest.raises(SourceError) as got:
+        list(amazon_json.JsonObjectStream(f, "{...}"))
+    e = expected.value
+    assert f"not valid JSON at line {e.lineno} col {e.colno} ({e.msg})" in str(got.value)
+
+
+def test_a_streamed_catalog_in_chunks_adds_up_to_the_whole_load(tmp_path):
+    from jobs.sources import amazon_json
+
+    pairs = [(str(i), item(title=f"Item {i}.")) for i in range(23)]
+    pairs.insert(9, ("3", item(title="Duplicate of 3, in a later chunk.")))
+    pairs.insert(15, ("bad", {"title": 7}))
+    pairs.insert(18, ("notitle", {"description": "no title"}))
+    body = "{" + ",".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}"
+    write_amazon(tmp_path, body, {"u1": ["1", "2"]})
+    whole = load_source("amazon-json", tmp_path)
+    chunks = list(amazon_json.iter_catalog(tmp_path, chunk_rows=4))
+    assert [c.items.num_rows for c in chunks] == [4, 4, 4, 4, 4, 3]
+    assert sum(c.rows_read["items"] for c in chunks) == whole.rows_read["items"] == len(pairs)
+    assert pa.concat_tables([c.items for c in chunks]).equals(whole.items)
+    streamed_q = [q for c in chunks for q in c.quarantine]
+    whole_q = [q for q in whole.quarantine if q.source_table == "bronze.catalog_items"]
+    assert streamed_q == whole_q and Counter(q.code for q in streamed_q) == {
+        "duplicate_item_id": 1, "bad_field_type": 1, "missing_title": 1}
+    size = (tmp_path / "Test.item.json").stat().st_size
+    assert chunks[-1].progress == (size, size)
+    assert all(0 < c.progress[0] <= size for c in chunks)
+
+
+def test_a_streamed_catalog_holds_a_chunk_not_the_file(tmp_path):
+    """A 35 MB item file read in chunks of 200 items: Python's allocations peak far below the file's size,
+    while parsing it whole with json (what the loader did until 2026-12) peaks above it."""
+    import tracemalloc
+
+    from jobs.sources import amazon_json
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(5000)]
+    f = tmp_path / "Big.item.json"
+    with f.open("w") as out:
+        out.write("{")
+        for i in range(4000):
+            desc = " ".join(rng.choices(words, k=1500))
+            out.write(("," if i else "") + json.dumps(str(i)) + ":" + json.dumps(item(title=f"Item {i}.", description=desc)))
+        out.write("}")
+    (tmp_path / "Big.inter.json").write_text("{}")
+    size = f.stat().st_size
+    assert size > 25_000_000
+    # What a process loads once whatever the file's size (the tokenizer, the modules it imports lazily),
+    # loaded first by a catalog of two items.
+    write_amazon(tmp_path / "small", {"0": item(), "1": item(description="x " * 300)}, {})
+    list(amazon_json.iter_catalog(tmp_path / "small", options={"max_description_chars": 200}))
+    tracemalloc.start()
+    try:
+        n = 0
+        for chunk in amazon_json.iter_catalog(tmp_path, options={"max_description_chars": 200}, chunk_rows=200):
+            n += chunk.items.num_rows
+        _, streamed_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        json.loads(f.read_text())
+        _, whole_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 4000
+    assert whole_peak > size, whole_peak  # the measure sees a whole-file parse
+    # A few 1 Mi-character windows (the text read, its copy while the window slides, an entry read on
+    # across its edge) and a chunk of 200 rows: ~11 MB here, the same for a file of any size.
+    assert streamed_peak < 12 * amazon_json.READ_CHARS and streamed_peak < size / 3, (streamed_peak, size)

@@ -17,6 +17,7 @@ instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from jobs.sources import amazon_json, movielens, synthetic
 from jobs.sources.base import (
     INTERACTION_SCHEMA,
     ITEM_SCHEMA,
+    ITEMS_TABLE,
     REASONS,
     QuarantineRecord,
     SourceBatch,
@@ -89,10 +91,38 @@ def load_source(
         ) from e
 
 
+def _loader_options(ctx) -> dict:
+    options = dict(ctx.config["source"])
+    options.pop("catalog_chunk_rows", None)  # the ingest's, not a loader option
+    return options
+
+
+def catalog_chunks_for_run(ctx) -> Iterator[SourceBatch]:
+    """The configured dataset's catalog in chunks (what ingest_catalog reads): amazon-json is streamed from
+    its file, at most `source.catalog_chunk_rows` kept items a chunk; the other sources are generated or
+    small and come as one chunk (their interactions dropped here: ingest_interactions reads those)."""
+    if ctx.dataset == "amazon-json":
+        try:
+            yield from amazon_json.iter_catalog(ctx.config["data"], options=_loader_options(ctx),
+                                                chunk_rows=ctx.config["source"]["catalog_chunk_rows"])
+        except SourceError:
+            raise
+        except Exception as e:  # the same one line as load_source's for a loader bug
+            raise SourceError(
+                f"amazon-json: {ctx.config['data']}: unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
+                "report it as a loader bug with this dataset"
+            ) from e
+        return
+    batch = load_for_run(ctx)
+    yield SourceBatch(batch.dataset, batch.items, batch.interactions.slice(0, 0),
+                      [q for q in batch.quarantine if q.source_table == ITEMS_TABLE],
+                      {"items": batch.rows_read.get("items", 0), "interactions": 0, "interactions_after_until": 0})
+
+
 def load_for_run(ctx) -> SourceBatch:
     """The configured dataset as of the run's day (`ctx`: a jobs.context.RunContext): what both ingest
     stages read; every loader takes the `source` settings, the synthetic generator also `synthetic`."""
-    options = dict(ctx.config["source"])
+    options = _loader_options(ctx)
     if ctx.dataset == "synthetic":
         options.update(ctx.config["synthetic"])
     return load_source(ctx.dataset, ctx.config["data"], until=ctx.ds, options=options)

@@ -12,7 +12,7 @@ The path is a folder holding exactly one `<Name>.item.json` and one `<Name>.inte
 - optional "price" (number or "$12.99") and "attributes" (object of str) are read when present; any other
   key is ignored.
 - a key that occurs twice in the object is a duplicate item id (the first wins; plain `json` would silently
-  keep the last, so the object is read with a pairs hook).
+  keep the last, so the top level is read entry by entry and objects inside with a first-wins pairs hook).
 
 `<Name>.inter.json`: one JSON object {user_id: [item_id, ...]}, each list oldest first, without timestamps.
 Every element is one raw interaction row; a user whose value is not a list counts as one row, quarantined.
@@ -26,16 +26,21 @@ id is decimal digits, otherwise int(sha256(user_id)[:12 hex], 16) % 86400. The o
 timestamps are unique per (user, position) and two users rarely share a second. The dates carry no meaning
 beyond order: `until` selects by position (until=2018-01-05 keeps each user's first five events).
 
-Both files are read whole (they are a few MB) with the `json` module; the bytes are decoded as UTF-8 with
-errors='replace', so broken bytes inside strings become U+FFFD and go through the shared rules
+Both files are read as streams of top-level entries (`JsonObjectStream`: a window of READ_CHARS
+characters, each entry decoded by the `json` module), never whole; `iter_catalog` hands the catalog over
+in chunks, so ingest_catalog's memory follows the chunk, not the file. The bytes are decoded as UTF-8
+with errors='replace', so broken bytes inside strings become U+FFFD and go through the shared rules
 (jobs.sources.base). A file that is not JSON raises SourceError naming the file, line and column.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -58,17 +63,11 @@ _CATEGORY_SPLIT = re.compile(r",(?! )")
 _US_PER_DAY = 86_400_000_000
 
 
-class _Obj(dict):
-    """A JSON object that remembers all its (key, value) pairs in file order, duplicates included."""
-
-    pairs: list[tuple[str, Any]]
-
-
-def _pairs_hook(pairs: list[tuple[str, Any]]) -> _Obj:
-    obj = _Obj()
+def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object inside an entry keeps the first of duplicate keys, as the top level does."""
+    obj: dict[str, Any] = {}
     for k, v in pairs:
         obj.setdefault(k, v)
-    obj.pairs = pairs
     return obj
 
 
@@ -106,32 +105,154 @@ def locate(path: str | Path | None) -> tuple[Path, Path]:
     return folder / item_files[0], folder / inter_files[0]
 
 
-def read_json_object(file: Path, what: str) -> _Obj:
-    """Parse a whole JSON file whose top level must be an object; errors name the file, line and column."""
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise SourceError(
-            f"{NAME}: {file}: cannot read ({e.strerror or e}): check the path and permissions"
-        ) from e
-    text = data.decode("utf-8-sig", "replace")
-    try:
-        doc = json.loads(text, strict=False, object_pairs_hook=_pairs_hook)
-    except json.JSONDecodeError as e:
-        raise SourceError(
-            f"{NAME}: {file}: not valid JSON at line {e.lineno} col {e.colno} ({e.msg}): "
-            "fix or re-export the file"
-        ) from e
-    except (ValueError, RecursionError) as e:
-        raise SourceError(
-            f"{NAME}: {file}: cannot parse the JSON ({str(e)[:200]}): fix or re-export the file"
-        ) from e
-    if not isinstance(doc, _Obj):
-        raise SourceError(
-            f"{NAME}: {file}: top level is a JSON {type(doc).__name__}, expected an object {what}: "
-            "point the loader at an LC-Rec style export"
-        )
-    return doc
+# What the streaming reader holds besides the entry it is parsing: the file is read this many characters
+# at a time, so a catalog larger than the driver's memory is read in constant memory (the builder keeps
+# only item ids across chunks). An entry still unparsed at MAX_ENTRY_CHARS is a broken file rather than a
+# big item (rows over MAX_ROW_BYTES are quarantined anyway): reading stops there with the parse error.
+READ_CHARS = 1 << 20
+MAX_ENTRY_CHARS = 64 << 20
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder(strict=False, object_pairs_hook=_first_wins)
+_TOP_LEVEL_KIND = {"[": "list", '"': "str", "t": "bool", "f": "bool", "n": "null"}
+
+
+class _Reader:
+    """A window over a text file for the streaming parser: `buf[pos:]` is what is left to parse, and
+    line/column of any position are kept across the characters already dropped (for error messages)."""
+
+    def __init__(self, f, file: Path):
+        self.f, self.file = f, file
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line_base, self.col_base = 1, 1  # line and column of buf[0] in the file
+
+    def fill(self, at_least: int = READ_CHARS) -> None:
+        """Drop what is parsed, then read at least `at_least` more characters (fewer at the end of file)."""
+        if self.pos:
+            gone = self.buf[: self.pos]
+            nl = gone.count("\n")
+            self.line_base += nl
+            self.col_base = (len(gone) - gone.rfind("\n")) if nl else self.col_base + len(gone)
+            self.buf, self.pos = self.buf[self.pos :], 0
+        try:
+            more = self.f.read(at_least)
+        except OSError as e:
+            raise SourceError(
+                f"{NAME}: {self.file}: cannot read ({e.strerror or e}): check the path and permissions"
+            ) from e
+        self.eof = not more
+        self.buf += more
+
+    def peek(self) -> str:
+        if self.pos >= len(self.buf) and not self.eof:
+            self.fill()
+        return self.buf[self.pos : self.pos + 1]
+
+    def skip_ws(self) -> None:
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or self.eof:
+                return
+            self.fill()
+
+    def error(self, msg: str, at: int | None = None) -> SourceError:
+        at = self.pos if at is None else at
+        nl = self.buf.count("\n", 0, at)
+        line = self.line_base + nl
+        col = (at - self.buf.rfind("\n", 0, at)) if nl else self.col_base + at
+        return SourceError(f"{NAME}: {self.file}: not valid JSON at line {line} col {col} ({msg}): fix or re-export the file")
+
+    def value(self) -> Any:
+        """Decode the JSON value at pos, reading more while it may be cut by the window's end."""
+        want = READ_CHARS
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                if self.eof or len(self.buf) - self.pos > MAX_ENTRY_CHARS:
+                    raise self.error(e.msg, e.pos) from e
+            except (ValueError, RecursionError) as e:
+                raise SourceError(
+                    f"{NAME}: {self.file}: cannot parse the JSON ({str(e)[:200]}): fix or re-export the file"
+                ) from e
+            else:
+                # A number that ends at the window's edge may go on in the next read ("12" of "125").
+                if end < len(self.buf) or self.eof:
+                    self.pos = end
+                    return value
+            want *= 2  # a big entry: read more each time, so parsing it again stays O(n log n)
+            self.fill(want)
+
+
+class JsonObjectStream:
+    """The (key, value) pairs of a file whose top level is one JSON object, in file order, duplicate keys
+    included, read as a stream (READ_CHARS at a time): the file is never held whole. Each value is decoded
+    by the standard `json` module (strict=False; an object inside keeps its first of duplicate keys), the
+    bytes as UTF-8 with errors='replace'. Errors name the file, line and column. `bytes_read` of `size`
+    says how far it got (for progress lines)."""
+
+    def __init__(self, file: Path, what: str):
+        self.file, self.what = file, what
+        self._raw = None
+        try:
+            self.size = file.stat().st_size
+        except OSError as e:
+            raise SourceError(
+                f"{NAME}: {file}: cannot read ({e.strerror or e}): check the path and permissions"
+            ) from e
+
+    @property
+    def bytes_read(self) -> int:
+        return self._raw.tell() if self._raw is not None and not self._raw.closed else self.size
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        file = self.file
+        try:
+            raw = open(file, "rb")  # noqa: SIM115 (closed by the TextIOWrapper below)
+        except OSError as e:
+            raise SourceError(
+                f"{NAME}: {file}: cannot read ({e.strerror or e}): check the path and permissions"
+            ) from e
+        self._raw = raw
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as f:
+            yield from self._members(_Reader(f, file))
+
+    def _members(self, r: _Reader) -> Iterator[tuple[str, Any]]:
+        r.skip_ws()
+        first = r.peek()
+        if first != "{":
+            kind = _TOP_LEVEL_KIND.get(first) or ("number" if first and first in "-0123456789" else None)
+            if kind is None:
+                raise r.error("Expecting value")
+            raise SourceError(
+                f"{NAME}: {self.file}: top level is a JSON {kind}, expected an object {self.what}: "
+                "point the loader at an LC-Rec style export"
+            )
+        r.pos += 1
+        r.skip_ws()
+        if r.peek() == "}":
+            r.pos += 1
+        else:
+            while True:
+                if r.peek() != '"':
+                    raise r.error("Expecting property name enclosed in double quotes")
+                key = r.value()
+                r.skip_ws()
+                if r.peek() != ":":
+                    raise r.error("Expecting ':' delimiter")
+                r.pos += 1
+                r.skip_ws()
+                yield key, r.value()
+                r.skip_ws()
+                c = r.peek()
+                r.pos += 1
+                if c == "}":
+                    break
+                if c != ",":
+                    raise r.error("Expecting ',' delimiter", r.pos - 1)
+                r.skip_ws()
+        r.skip_ws()
+        if r.peek():
+            raise r.error("Extra data")
 
 
 def user_offset_seconds(user_id: str) -> int:
@@ -165,18 +286,42 @@ def _item_entry(value: Any) -> Any:
     return entry
 
 
+ITEMS_WHAT = "{item_id: {title, description, brand, categories}}"
+CHUNK_ROWS = 20_000  # kept items per chunk of a streamed catalog (source.catalog_chunk_rows; ~80 MB of Python rows)
+
+
+def _read_items(b: BatchBuilder, entries: JsonObjectStream) -> Iterator[None]:
+    """Feed every entry of the item file to the builder; yields after each one (the caller may take chunks)."""
+    item_file = entries.file
+    for n, (item_id, value) in enumerate(entries):
+        b.add_item(item_id, _item_entry(value), raw={item_id: value}, where=f"{item_file.name}:entry {n}")
+        yield
+
+
+def iter_catalog(path: str | Path | None, *, options: dict | None = None,
+                 chunk_rows: int = CHUNK_ROWS) -> Iterator[SourceBatch]:
+    """The catalog alone, in chunks of at most `chunk_rows` kept items, read as a stream: what ingest_catalog
+    uses, so a catalog file larger than the driver's memory is never loaded whole. Each chunk holds its
+    items, its quarantine records and the rows it read; the chunks' counts add up to load()'s."""
+    opts = check_options(NAME, options, OPTIONS)
+    item_file, _ = locate(path)
+    b = BatchBuilder(NAME, **description_limits(opts))
+    entries = JsonObjectStream(item_file, ITEMS_WHAT)
+    for _ in _read_items(b, entries):
+        if b.pending_items() >= chunk_rows:
+            yield replace(b.take_items(), progress=(entries.bytes_read, entries.size))
+    yield replace(b.take_items(), progress=(entries.size, entries.size))
+
+
 def load(path: str | Path | None, *, until: date | None = None, options: dict | None = None) -> SourceBatch:
     opts = check_options(NAME, options, OPTIONS)
     item_file, inter_file = locate(path)
-    items = read_json_object(item_file, "{item_id: {title, description, brand, categories}}")
-    inters = read_json_object(inter_file, "{user_id: [item_id, ...]}")
-
     b = BatchBuilder(NAME, until=until, **description_limits(opts))
-    for n, (item_id, value) in enumerate(items.pairs):
-        b.add_item(item_id, _item_entry(value), raw={item_id: value}, where=f"{item_file.name}:entry {n}")
+    for _ in _read_items(b, JsonObjectStream(item_file, ITEMS_WHAT)):
+        pass
 
     next_position: dict[str, int] = {}
-    for user_id, seq in inters.pairs:
+    for user_id, seq in JsonObjectStream(inter_file, "{user_id: [item_id, ...]}"):
         if not isinstance(seq, list):
             b.reject_interaction(
                 f"{user_id}" or f"{inter_file.name}:user {len(next_position)}",

@@ -201,6 +201,7 @@ class SourceBatch:
     interactions: pa.Table
     quarantine: list[QuarantineRecord]
     rows_read: dict[str, int] = field(default_factory=dict)
+    progress: tuple[int, int] | None = None  # a streamed chunk: (bytes read, file size) of its source file
 
     def quarantine_table(self) -> pa.Table:
         """The quarantine records as an Arrow table (silver.quarantine without ds and run_id)."""
@@ -673,6 +674,7 @@ class BatchBuilder:
         self.quarantine: list[QuarantineRecord] = []
         self._keys_used: dict[tuple[str, str], int] = {}
         self.rows_read = {"items": 0, "interactions": 0, "interactions_after_until": 0}
+        self._items_taken = 0  # rows_read["items"] at the last take_items
 
     # -- quarantine
 
@@ -923,6 +925,22 @@ class BatchBuilder:
         )
 
     # -- result
+
+    def pending_items(self) -> int:
+        """Items kept since the last take_items (or since the start)."""
+        return len(self._items["item_id"])
+
+    def take_items(self) -> SourceBatch:
+        """The items kept since the last take, with the quarantine records and rows read since then: one chunk
+        of a streamed catalog. Item ids stay known, so a duplicate in a later chunk is still caught; the
+        kept rows themselves are let go, which bounds a catalog's memory by the chunk, not the file."""
+        items = pa.table(self._items, schema=ITEM_SCHEMA)
+        self._items = {c: [] for c in ITEM_COLUMNS}
+        quarantine, self.quarantine = self.quarantine, []
+        read = self.rows_read["items"] - self._items_taken
+        self._items_taken = self.rows_read["items"]
+        return SourceBatch(self.dataset, items, INTERACTION_SCHEMA.empty_table(), quarantine,
+                           {"items": read, "interactions": 0, "interactions_after_until": 0})
 
     def build(self) -> SourceBatch:
         items = pa.table(self._items, schema=ITEM_SCHEMA)
