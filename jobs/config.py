@@ -84,9 +84,9 @@ class SourceSettings(Section):
         DEFAULT_MAX_DESCRIPTION_TOKENS, description="descriptions cut to this many tokens of the embedder's tokenizer")
     max_description_chars: PositiveInt = Field(
         DEFAULT_MAX_DESCRIPTION_CHARS, description="and first to this many characters (a ceiling against huge text)")
-    catalog_chunk_rows: PositiveInt = Field(
-        20_000, description="an amazon-json catalog reaches ingest_catalog streamed, this many items at a time "
-        "(the driver holds one chunk, never the file)")
+    chunk_rows: PositiveInt = Field(
+        20_000, description="an amazon-json source reaches the ingests streamed, this many items (or events) at "
+        "a time: the driver holds one chunk, never the file")
 
 
 class SyntheticSettings(Section):

@@ -362,14 +362,13 @@ def test_retention_keeps_time_travel_for_its_days_and_vacuum_removes_only_what_i
         delta.apply_retention(None, name, ctx.root, days=-1)
 
 
-def test_a_catalog_ingested_in_chunks_writes_what_one_chunk_writes(ctx_factory, tmp_path):
-    """An amazon-json catalog streamed in chunks of 4 items goes through a Parquet staging folder under the
-    lakehouse and lands exactly as the same file read as one chunk: the same rows, the same quarantine,
-    every row accounted for; the staging folder is gone afterwards and a rerun commits nothing."""
+def test_a_source_ingested_in_chunks_writes_what_one_chunk_writes(ctx_factory, tmp_path):
+    """An amazon-json source streamed in chunks of 4 items (and about 4 events) goes through Parquet
+    staging folders under the lakehouse and lands exactly as the same files read as one chunk: the same
+    rows, the same quarantine, every row accounted for; the staging folders are gone afterwards and a
+    rerun commits nothing."""
     import json
     from pathlib import Path
-
-    from jobs.ingest_catalog import STAGING
 
     folder = tmp_path / "amazon"
     folder.mkdir()
@@ -378,25 +377,33 @@ def test_a_catalog_ingested_in_chunks_writes_what_one_chunk_writes(ctx_factory, 
     entries.insert(6, ("2", {"title": "The same id again, two chunks later."}))
     entries.insert(11, ("untitled", {"description": "no title"}))
     (folder / "T.item.json").write_text("{" + ",".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in entries) + "}")
-    (folder / "T.inter.json").write_text(json.dumps({"u1": ["1", "2"]}))
+    users = {f"u{k}": [str((k * 7 + j) % 21) for j in range(k % 4 + 1)] for k in range(9)}
+    users["u4"].append("untitled")  # an event on a quarantined item
+    (folder / "T.inter.json").write_text(json.dumps(users))
 
     def ingest(root: Path, chunk_rows: int):
-        ctx = ctx_factory(root=root, dataset="amazon-json", data=str(folder),
-                          source={"catalog_chunk_rows": chunk_rows})
-        return ctx, execute("ingest_catalog", ctx)
-
-    one_ctx, one = ingest(tmp_path / "one", 50_000)
-    ctx, chunked = ingest(tmp_path / "chunked", 4)
-    assert one.metrics["chunks_staged"] == 0 and chunked.metrics["chunks_staged"] == 6
-    assert (chunked.rows_in, chunked.rows_out, chunked.rows_quarantined) == (one.rows_in, one.rows_out, one.rows_quarantined) == (23, 21, 2)
+        ctx = ctx_factory(ds="2018-03-01", root=root, dataset="amazon-json", data=str(folder),
+                          source={"chunk_rows": chunk_rows})
+        return ctx, execute("ingest_catalog", ctx), execute("ingest_interactions", ctx)
 
     def rows(c, name, drop=()):
         t = delta.read_arrow(name, c.root)
         return sorted(({k: v for k, v in r.items() if k not in drop} for r in t.to_pylist()), key=str)
 
+    one_ctx, one, one_events = ingest(tmp_path / "one", 50_000)
+    ctx, chunked, events = ingest(tmp_path / "chunked", 4)
+    assert one.metrics["chunks_staged"] == 0 and chunked.metrics["chunks_staged"] == 6
+    assert (chunked.rows_in, chunked.rows_out, chunked.rows_quarantined) == (one.rows_in, one.rows_out, one.rows_quarantined) == (23, 21, 2)
+    assert one_events.metrics["chunks_staged"] == 0 and events.metrics["chunks_staged"] >= 4
+    assert (events.rows_in, events.rows_out, events.rows_quarantined) == (one_events.rows_in, one_events.rows_out, one_events.rows_quarantined) == (22, 21, 1)
+    assert rows(ctx, "bronze.interactions") == rows(one_ctx, "bronze.interactions")
+
     assert rows(ctx, "bronze.catalog_items") == rows(one_ctx, "bronze.catalog_items")
     assert rows(ctx, "silver.quarantine") == rows(one_ctx, "silver.quarantine")
-    assert not Path(ctx.root, STAGING).exists()
-    version = delta.table_version("bronze.catalog_items", ctx.root)
-    _, again = ingest(tmp_path / "chunked", 4)
-    assert again.rows_out == 21 and delta.table_version("bronze.catalog_items", ctx.root) == version
+    assert not Path(ctx.root, "_staging", "catalog_items").exists()
+    assert not Path(ctx.root, "_staging", "interactions").exists()
+    version, events_before = delta.table_version("bronze.catalog_items", ctx.root), rows(ctx, "bronze.interactions")
+    _, again, again_events = ingest(tmp_path / "chunked", 4)
+    assert again.rows_out == 21 and again_events.rows_out == 21
+    assert delta.table_version("bronze.catalog_items", ctx.root) == version  # nothing changed: no commit
+    assert rows(ctx, "bronze.interactions") == events_before

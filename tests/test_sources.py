@@ -1033,3 +1033,32 @@ def test_a_streamed_catalog_holds_a_chunk_not_the_file(tmp_path):
     # A few 1 Mi-character windows (the text read, its copy while the window slides, an entry read on
     # across its edge) and a chunk of 200 rows: ~11 MB here, the same for a file of any size.
     assert streamed_peak < 12 * amazon_json.READ_CHARS and streamed_peak < size / 3, (streamed_peak, size)
+
+
+def test_streamed_events_in_chunks_add_up_to_the_whole_load(tmp_path):
+    from jobs.sources import amazon_json
+
+    items = {str(i): item(title=f"Item {i}.") for i in range(12)}
+    items["bad"] = {"description": "no title"}
+    users = [(f"u{k}", [str((k + j) % 12) for j in range(k % 5 + 1)]) for k in range(15)]
+    users.insert(4, ("u3", ["1", "2"]))  # the same user again: positions go on
+    users.insert(7, (" u5", ["5"]))  # cleans to u5: positions go on from u5's
+    users.insert(9, ("u9", ["bad", "nope", 7, "3"]))  # a quarantined item, an unknown one, a number id, one after until
+    users.insert(11, ("u10", "not a list"))
+    body = "{" + ",".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in users) + "}"
+    write_amazon(tmp_path, items, body)
+    until = date(2018, 1, 3)
+    whole = load_source("amazon-json", tmp_path, until=until)
+    chunks = list(amazon_json.iter_interactions(tmp_path, until=until, chunk_rows=5))
+    assert len(chunks) > 3
+    assert pa.concat_tables([c.interactions for c in chunks]).equals(whole.interactions)
+    for k in ("interactions", "interactions_after_until"):
+        assert sum(c.rows_read[k] for c in chunks) == whole.rows_read[k]
+    streamed_q = [q for c in chunks for q in c.quarantine if q.source_table == "bronze.interactions"]
+    whole_q = [q for q in whole.quarantine if q.source_table == "bronze.interactions"]
+    assert sorted(streamed_q, key=repr) == sorted(whole_q, key=repr)  # a chunk resolves its own events
+    assert Counter(q.code for q in streamed_q) == {"item_quarantined": 1, "unknown_item_id": 1, "bad_field_type": 1}
+    kept = whole.interactions.to_pylist()
+    assert len({(r["user_id"], r["item_id"], r["event_ts"]) for r in kept}) == len(kept)  # no time repeats
+    u5 = sorted(r["event_ts"] for r in kept if r["user_id"] == "u5")
+    assert len(u5) == len(set(u5)) == 2  # u5's first event (day 0) and " u5"'s, which goes on at day 1 (until day 2)

@@ -93,30 +93,49 @@ def load_source(
 
 def _loader_options(ctx) -> dict:
     options = dict(ctx.config["source"])
-    options.pop("catalog_chunk_rows", None)  # the ingest's, not a loader option
+    options.pop("chunk_rows", None)  # the ingest's, not a loader option
     return options
+
+
+def _streamed(ctx, stream) -> Iterator[SourceBatch]:
+    try:
+        yield from stream
+    except SourceError:
+        raise
+    except Exception as e:  # the same one line as load_source's for a loader bug
+        raise SourceError(
+            f"{ctx.dataset}: {ctx.config['data']}: unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
+            "report it as a loader bug with this dataset"
+        ) from e
 
 
 def catalog_chunks_for_run(ctx) -> Iterator[SourceBatch]:
     """The configured dataset's catalog in chunks (what ingest_catalog reads): amazon-json is streamed from
-    its file, at most `source.catalog_chunk_rows` kept items a chunk; the other sources are generated or
+    its file, at most `source.chunk_rows` kept items a chunk; the other sources are generated or
     small and come as one chunk (their interactions dropped here: ingest_interactions reads those)."""
     if ctx.dataset == "amazon-json":
-        try:
-            yield from amazon_json.iter_catalog(ctx.config["data"], options=_loader_options(ctx),
-                                                chunk_rows=ctx.config["source"]["catalog_chunk_rows"])
-        except SourceError:
-            raise
-        except Exception as e:  # the same one line as load_source's for a loader bug
-            raise SourceError(
-                f"amazon-json: {ctx.config['data']}: unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
-                "report it as a loader bug with this dataset"
-            ) from e
+        yield from _streamed(ctx, amazon_json.iter_catalog(
+            ctx.config["data"], options=_loader_options(ctx), chunk_rows=ctx.config["source"]["chunk_rows"]))
         return
     batch = load_for_run(ctx)
     yield SourceBatch(batch.dataset, batch.items, batch.interactions.slice(0, 0),
                       [q for q in batch.quarantine if q.source_table == ITEMS_TABLE],
                       {"items": batch.rows_read.get("items", 0), "interactions": 0, "interactions_after_until": 0})
+
+
+def interaction_chunks_for_run(ctx) -> Iterator[SourceBatch]:
+    """The configured dataset's events as of the run's day in chunks (what ingest_interactions reads):
+    amazon-json streamed from its files (about `source.chunk_rows` events a chunk; the item file is read
+    first, for each item's fate), the other sources as one chunk (their catalog dropped here)."""
+    if ctx.dataset == "amazon-json":
+        yield from _streamed(ctx, amazon_json.iter_interactions(
+            ctx.config["data"], until=ctx.ds, options=_loader_options(ctx),
+            chunk_rows=ctx.config["source"]["chunk_rows"]))
+        return
+    batch = load_for_run(ctx)
+    yield SourceBatch(batch.dataset, batch.items.slice(0, 0), batch.interactions,
+                      [q for q in batch.quarantine if q.source_table != ITEMS_TABLE],
+                      {**batch.rows_read, "items": 0})
 
 
 def load_for_run(ctx) -> SourceBatch:

@@ -21,7 +21,8 @@ The rows get event_type "review", rating null and a derived, deterministic event
     event_ts = 2018-01-01T00:00:00Z + position days + offset(user_id) seconds
 
 where position is the element's index in the user's list (0 = oldest; if a user id occurs twice in the
-object the second list continues the first's positions) and offset(user_id) = int(user_id) % 86400 when the
+object, or two keys clean to the same id, the second list continues the first's positions, so a user's
+event times never repeat) and offset(user_id) = int(user_id) % 86400 when the
 id is decimal digits, otherwise int(sha256(user_id)[:12 hex], 16) % 86400. The order within a user is kept,
 timestamps are unique per (user, position) and two users rarely share a second. The dates carry no meaning
 beyond order: `until` selects by position (until=2018-01-05 keeps each user's first five events).
@@ -287,7 +288,8 @@ def _item_entry(value: Any) -> Any:
 
 
 ITEMS_WHAT = "{item_id: {title, description, brand, categories}}"
-CHUNK_ROWS = 20_000  # kept items per chunk of a streamed catalog (source.catalog_chunk_rows; ~80 MB of Python rows)
+INTERACTIONS_WHAT = "{user_id: [item_id, ...]}"
+CHUNK_ROWS = 20_000  # kept items per chunk of a streamed catalog (source.chunk_rows; ~80 MB of Python rows)
 
 
 def _read_items(b: BatchBuilder, entries: JsonObjectStream) -> Iterator[None]:
@@ -313,15 +315,13 @@ def iter_catalog(path: str | Path | None, *, options: dict | None = None,
     yield replace(b.take_items(), progress=(entries.size, entries.size))
 
 
-def load(path: str | Path | None, *, until: date | None = None, options: dict | None = None) -> SourceBatch:
-    opts = check_options(NAME, options, OPTIONS)
-    item_file, inter_file = locate(path)
-    b = BatchBuilder(NAME, until=until, **description_limits(opts))
-    for _ in _read_items(b, JsonObjectStream(item_file, ITEMS_WHAT)):
-        pass
-
+def _read_interactions(b: BatchBuilder, entries: JsonObjectStream) -> Iterator[None]:
+    """Feed every user's events to the builder; yields after each user (the caller may take chunks).
+    Positions continue per user id as the builder will clean it, so two keys that clean to one id
+    continue each other's positions, and no two events of a user share a time (see event_ts above)."""
+    inter_file = entries.file
     next_position: dict[str, int] = {}
-    for user_id, seq in JsonObjectStream(inter_file, "{user_id: [item_id, ...]}"):
+    for user_id, seq in entries:
         if not isinstance(seq, list):
             b.reject_interaction(
                 f"{user_id}" or f"{inter_file.name}:user {len(next_position)}",
@@ -330,9 +330,11 @@ def load(path: str | Path | None, *, until: date | None = None, options: dict | 
                 "expected a list of item ids",
                 {user_id: seq},
             )
+            yield
             continue
-        start = next_position.get(user_id, 0)
-        next_position[user_id] = start + len(seq)
+        position_key = BatchBuilder.clean_id(user_id, "user_id") or user_id
+        start = next_position.get(position_key, 0)
+        next_position[position_key] = start + len(seq)
         base_us = epoch_us(BASE_TS) + user_offset_seconds(user_id) * 1_000_000
         for i, raw_item in enumerate(seq):
             pos = start + i
@@ -350,4 +352,35 @@ def load(path: str | Path | None, *, until: date | None = None, options: dict | 
                 if isinstance(raw_item, int | str) and not isinstance(raw_item, bool)
                 else f"{user_id}[{pos}]",
             )
+        yield
+
+
+def iter_interactions(path: str | Path | None, *, until: date | None = None, options: dict | None = None,
+                      chunk_rows: int = CHUNK_ROWS) -> Iterator[SourceBatch]:
+    """The events alone, in chunks of at most about `chunk_rows` events (a user's list is never split),
+    read as streams: the item file first (every item's fate decides its events'; the kept rows are let go
+    chunk by chunk), then the user file. What ingest_interactions uses; the chunks' counts add up to
+    load()'s. Event times cannot repeat here, so no set of every event key is kept."""
+    opts = check_options(NAME, options, OPTIONS)
+    item_file, inter_file = locate(path)
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
+    for _ in _read_items(b, JsonObjectStream(item_file, ITEMS_WHAT)):
+        if b.pending_items() >= chunk_rows:
+            b.take_items()  # only the items' fate (kept or quarantined) is needed here
+    b.take_items()
+    entries = JsonObjectStream(inter_file, INTERACTIONS_WHAT)
+    for _ in _read_interactions(b, entries):
+        if b.pending_events() >= chunk_rows:
+            yield replace(b.take_events(unique_by_construction=True), progress=(entries.bytes_read, entries.size))
+    yield replace(b.take_events(unique_by_construction=True), progress=(entries.size, entries.size))
+
+
+def load(path: str | Path | None, *, until: date | None = None, options: dict | None = None) -> SourceBatch:
+    opts = check_options(NAME, options, OPTIONS)
+    item_file, inter_file = locate(path)
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
+    for _ in _read_items(b, JsonObjectStream(item_file, ITEMS_WHAT)):
+        pass
+    for _ in _read_interactions(b, JsonObjectStream(inter_file, INTERACTIONS_WHAT)):
+        pass
     return b.build()

@@ -675,6 +675,8 @@ class BatchBuilder:
         self._keys_used: dict[tuple[str, str], int] = {}
         self.rows_read = {"items": 0, "interactions": 0, "interactions_after_until": 0}
         self._items_taken = 0  # rows_read["items"] at the last take_items
+        self._events_taken: dict[str, int] = {}  # rows_read of events at the last take_events
+        self._seen: set[tuple[str, str, int]] = set()  # event keys kept by take_events so far
 
     # -- quarantine
 
@@ -714,6 +716,11 @@ class BatchBuilder:
         self._quarantine(INTERACTIONS_TABLE, key, code, detail, raw)
 
     # -- items
+
+    @classmethod
+    def clean_id(cls, value: Any, what: str) -> str | None:
+        """An id as add_item / add_interaction will keep it, or None when it is unusable."""
+        return cls._coerce_id(value, what)[0]
 
     @staticmethod
     def _coerce_id(value: Any, what: str) -> tuple[str | None, str | None, str | None]:
@@ -942,10 +949,10 @@ class BatchBuilder:
         return SourceBatch(self.dataset, items, INTERACTION_SCHEMA.empty_table(), quarantine,
                            {"items": read, "interactions": 0, "interactions_after_until": 0})
 
-    def build(self) -> SourceBatch:
-        items = pa.table(self._items, schema=ITEM_SCHEMA)
+    def _resolve_events(self, seen: set[tuple[str, str, int]] | None) -> pa.Table:
+        """The pending events as a table: those on unknown or quarantined items, and repeats of a key in
+        `seen` (None: no check), go to quarantine instead."""
         cols: dict[str, list] = {c: [] for c in INTERACTION_COLUMNS}
-        seen: set[tuple[str, str, int]] = set()
         for uid, iid, ts_us, event_type, rating, where, raw in self._events:
             state = self._item_ok.get(iid)
             if state is not True:
@@ -965,7 +972,7 @@ class BatchBuilder:
                     )
                 continue
             k = (uid, iid, ts_us)
-            if k in seen:
+            if seen is not None and k in seen:
                 ts_text = (_UTC_EPOCH + timedelta(microseconds=ts_us)).isoformat()
                 key = where or f"{uid}|{iid}|{ts_text}"
                 self._quarantine(
@@ -976,7 +983,8 @@ class BatchBuilder:
                     raw,
                 )
                 continue
-            seen.add(k)
+            if seen is not None:
+                seen.add(k)
             cols["user_id"].append(uid)
             cols["item_id"].append(iid)
             cols["event_ts"].append(ts_us)
@@ -993,4 +1001,25 @@ class BatchBuilder:
             },
             schema=INTERACTION_SCHEMA,
         )
+        return interactions
+
+    def pending_events(self) -> int:
+        """Events read since the last take_events (or since the start), not yet resolved."""
+        return len(self._events)
+
+    def take_events(self, *, unique_by_construction: bool = False) -> SourceBatch:
+        """The events read since the last take, resolved against the items read so far (so every item must
+        have been read first), with the quarantine records and rows read since then: one chunk of a
+        streamed log. The duplicate-event check spans chunks through a set of every key kept, which grows
+        with the log; `unique_by_construction` skips it for a loader whose event times cannot repeat
+        (amazon-json: a time per user and position)."""
+        interactions = self._resolve_events(None if unique_by_construction else self._seen)
+        quarantine, self.quarantine = self.quarantine, []
+        read = {k: self.rows_read[k] - self._events_taken.get(k, 0) for k in ("interactions", "interactions_after_until")}
+        self._events_taken = {k: self.rows_read[k] for k in read}
+        return SourceBatch(self.dataset, ITEM_SCHEMA.empty_table(), interactions, quarantine, {"items": 0, **read})
+
+    def build(self) -> SourceBatch:
+        items = pa.table(self._items, schema=ITEM_SCHEMA)
+        interactions = self._resolve_events(set())
         return SourceBatch(self.dataset, items, interactions, self.quarantine, dict(self.rows_read))
