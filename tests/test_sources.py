@@ -1062,3 +1062,23 @@ def test_streamed_events_in_chunks_add_up_to_the_whole_load(tmp_path):
     assert len({(r["user_id"], r["item_id"], r["event_ts"]) for r in kept}) == len(kept)  # no time repeats
     u5 = sorted(r["event_ts"] for r in kept if r["user_id"] == "u5")
     assert len(u5) == len(set(u5)) == 2  # u5's first event (day 0) and " u5"'s, which goes on at day 1 (until day 2)
+
+
+def test_the_synthetic_source_in_chunks_is_the_whole_load(tmp_path):
+    """Generated chunk by chunk (what both ingests read), the catalog and the events are load()'s, row for
+    row and in order, with the same quarantine and counts."""
+    from jobs.sources import synthetic
+
+    opts, until = {"n_items": 240, "n_users": 160}, date(2026, 11, 20)
+    whole = synthetic.load(options=opts, until=until)
+    items = list(synthetic.iter_catalog(options=opts, chunk_rows=37))
+    events = list(synthetic.iter_interactions(options=opts, until=until, chunk_rows=50))
+    assert len(items) == 7 and len(events) > 30
+    assert pa.concat_tables([c.items for c in items]).equals(whole.items)
+    assert pa.concat_tables([c.interactions for c in events]).equals(whole.interactions)
+    for chunks, table in ((items, "bronze.catalog_items"), (events, "bronze.interactions")):
+        got = [q for c in chunks for q in c.quarantine if q.source_table == table]
+        assert sorted(got, key=repr) == sorted((q for q in whole.quarantine if q.source_table == table), key=repr)
+    assert sum(c.rows_read["items"] for c in items) == whole.rows_read["items"]
+    for k in ("interactions", "interactions_after_until"):
+        assert sum(c.rows_read[k] for c in events) == whole.rows_read[k] > 0

@@ -91,9 +91,16 @@ def load_source(
         ) from e
 
 
+# The loaders that hand their source over in chunks (iter_catalog / iter_interactions); MovieLens-100k is
+# a few MB and comes whole.
+_STREAMED = {"amazon-json": amazon_json, "synthetic": synthetic}
+
+
 def _loader_options(ctx) -> dict:
     options = dict(ctx.config["source"])
     options.pop("chunk_rows", None)  # the ingest's, not a loader option
+    if ctx.dataset == "synthetic":
+        options.update(ctx.config["synthetic"])
     return options
 
 
@@ -110,11 +117,11 @@ def _streamed(ctx, stream) -> Iterator[SourceBatch]:
 
 
 def catalog_chunks_for_run(ctx) -> Iterator[SourceBatch]:
-    """The configured dataset's catalog in chunks (what ingest_catalog reads): amazon-json is streamed from
-    its file, at most `source.chunk_rows` kept items a chunk; the other sources are generated or
-    small and come as one chunk (their interactions dropped here: ingest_interactions reads those)."""
-    if ctx.dataset == "amazon-json":
-        yield from _streamed(ctx, amazon_json.iter_catalog(
+    """The configured dataset's catalog in chunks of at most `source.chunk_rows` kept items (what
+    ingest_catalog reads): amazon-json streamed from its file, synthetic generated chunk by chunk;
+    MovieLens as one chunk (its interactions dropped here: ingest_interactions reads those)."""
+    if ctx.dataset in _STREAMED:
+        yield from _streamed(ctx, _STREAMED[ctx.dataset].iter_catalog(
             ctx.config["data"], options=_loader_options(ctx), chunk_rows=ctx.config["source"]["chunk_rows"]))
         return
     batch = load_for_run(ctx)
@@ -124,11 +131,11 @@ def catalog_chunks_for_run(ctx) -> Iterator[SourceBatch]:
 
 
 def interaction_chunks_for_run(ctx) -> Iterator[SourceBatch]:
-    """The configured dataset's events as of the run's day in chunks (what ingest_interactions reads):
-    amazon-json streamed from its files (about `source.chunk_rows` events a chunk; the item file is read
-    first, for each item's fate), the other sources as one chunk (their catalog dropped here)."""
-    if ctx.dataset == "amazon-json":
-        yield from _streamed(ctx, amazon_json.iter_interactions(
+    """The configured dataset's events as of the run's day in chunks of about `source.chunk_rows` (what
+    ingest_interactions reads): amazon-json streamed from its files and synthetic generated (the catalog
+    first, for each item's fate), MovieLens as one chunk (its catalog dropped here)."""
+    if ctx.dataset in _STREAMED:
+        yield from _streamed(ctx, _STREAMED[ctx.dataset].iter_interactions(
             ctx.config["data"], until=ctx.ds, options=_loader_options(ctx),
             chunk_rows=ctx.config["source"]["chunk_rows"]))
         return
@@ -140,8 +147,6 @@ def interaction_chunks_for_run(ctx) -> Iterator[SourceBatch]:
 
 def load_for_run(ctx) -> SourceBatch:
     """The configured dataset as of the run's day (`ctx`: a jobs.context.RunContext): what both ingest
-    stages read; every loader takes the `source` settings, the synthetic generator also `synthetic`."""
-    options = _loader_options(ctx)
-    if ctx.dataset == "synthetic":
-        options.update(ctx.config["synthetic"])
-    return load_source(ctx.dataset, ctx.config["data"], until=ctx.ds, options=options)
+    stages read for MovieLens (the streamed sources: the two functions above); every loader takes the
+    `source` settings, the synthetic generator also `synthetic`."""
+    return load_source(ctx.dataset, ctx.config["data"], until=ctx.ds, options=_loader_options(ctx))

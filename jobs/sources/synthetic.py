@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from itertools import accumulate
@@ -780,8 +781,11 @@ def _choose(rng: random.Random, items: list, cum: list[float]):
     return items[min(bisect_right(cum, rng.random() * cum[-1]), len(items) - 1)]
 
 
-def load(path: Any = None, *, until: date | None = None, options: dict | None = None) -> SourceBatch:
-    opts = check_options(NAME, options, OPTIONS)
+def _generate(b: BatchBuilder, opts: dict, *, items_only: bool = False) -> Iterator[str]:
+    """Feed the generated catalog, then the users' events, to the builder, yielding "item" after each item
+    row and "user" after each user's events (the caller may take chunks). Items are generated and added
+    one at a time in the seed's order, so the catalog is the same whether it is taken whole or in chunks,
+    and only compact per-item state (ids, subcategories, popularity) is kept for the events."""
     n_items = _option_int(opts, "n_items", 2)
     n_users = _option_int(opts, "n_users", 1)
     seed = opts.get("seed", DEFAULTS["seed"])
@@ -790,25 +794,33 @@ def load(path: Any = None, *, until: date | None = None, options: dict | None = 
     days = _option_int(opts, "days", 1)
     end_date = _option_date(opts, "end_date")
     rng = random.Random(seed)
-    b = BatchBuilder(NAME, until=until, **description_limits(opts))
 
     # -- catalog: every subcategory first (as far as n_items allows), then at random
     subs = list(SUBCATEGORIES)
     assignment = [subs[i] for i in range(min(n_items, len(subs)))]
     assignment += [_pick(rng, subs) for _ in range(n_items - len(assignment))]
     item_ids = [f"syn-{i:05d}" for i in range(n_items)]
-    raw_items = [_make_item(rng, sub) for sub in assignment]
-    raw_items[n_items // 2]["description"] = INJECTION_TEXT
-    for iid, raw in zip(item_ids, raw_items, strict=True):
+    first_raw: list[dict[str, Any]] = []  # the first two items, which the dirty rows below copy
+    for n, (iid, sub) in enumerate(zip(item_ids, assignment, strict=True)):
+        raw = _make_item(rng, sub)
+        if n == n_items // 2:
+            raw["description"] = INJECTION_TEXT
+        if n < 2:
+            first_raw.append(dict(raw))
         b.add_item(iid, raw, raw=dict(raw, item_id=iid))
+        yield "item"
 
-    dirty_base = dict(raw_items[0])
+    dirty_base = dict(first_raw[0])
     for n, title in enumerate((None, "", "  \t ")):
         iid = f"syn-{n_items + n:05d}"
         b.add_item(iid, dict(dirty_base, title=title), raw=dict(dirty_base, title=title, item_id=iid))
+        yield "item"
     for n in range(2):
-        row = dict(raw_items[n], title=f"{raw_items[n]['title']} (relisted)")
+        row = dict(first_raw[n], title=f"{first_raw[n]['title']} (relisted)")
         b.add_item(item_ids[n], row, raw=dict(row, item_id=item_ids[n]))
+        yield "item"
+    if items_only:
+        return
 
     # -- popularity within each subcategory (Zipf-like over a random order)
     pools: dict[str, list[str]] = {}
@@ -876,4 +888,40 @@ def load(path: Any = None, *, until: date | None = None, options: dict | None = 
             b.add_interaction(
                 user_id, f"syn-missing-{u + 1:04d}", window_start + seconds[0] * 1_000_000, EVENT_TYPE, None
             )
+        yield "user"
+
+
+def load(path: Any = None, *, until: date | None = None, options: dict | None = None) -> SourceBatch:
+    opts = check_options(NAME, options, OPTIONS)
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
+    for _ in _generate(b, opts):
+        pass
     return b.build()
+
+
+def iter_catalog(path: Any = None, *, options: dict | None = None, chunk_rows: int = 20_000) -> Iterator[SourceBatch]:
+    """The catalog alone, in chunks of at most `chunk_rows` kept items (what ingest_catalog reads): the
+    same rows as load()'s, in the same order, with the driver holding one chunk."""
+    opts = check_options(NAME, options, OPTIONS)
+    b = BatchBuilder(NAME, **description_limits(opts))
+    for _ in _generate(b, opts, items_only=True):
+        if b.pending_items() >= chunk_rows:
+            yield b.take_items()
+    yield b.take_items()
+
+
+def iter_interactions(path: Any = None, *, until: date | None = None, options: dict | None = None,
+                      chunk_rows: int = 20_000) -> Iterator[SourceBatch]:
+    """The events alone, in chunks of about `chunk_rows` (what ingest_interactions reads): the catalog is
+    generated first for each item's fate (its rows let go chunk by chunk). A user's event times are
+    strictly increasing, so no set of every event key is kept."""
+    opts = check_options(NAME, options, OPTIONS)
+    b = BatchBuilder(NAME, until=until, **description_limits(opts))
+    for kind in _generate(b, opts):
+        if kind == "item" and b.pending_items() >= chunk_rows:
+            b.take_items()
+        elif kind == "user" and b.pending_events() >= chunk_rows:
+            b.take_items()
+            yield b.take_events(unique_by_construction=True)
+    b.take_items()
+    yield b.take_events(unique_by_construction=True)
