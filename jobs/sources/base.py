@@ -1012,7 +1012,7 @@ class BatchBuilder:
         have been read first), with the quarantine records and rows read since then: one chunk of a
         streamed log. The duplicate-event check spans chunks through a set of every key kept, which grows
         with the log; `unique_by_construction` skips it for a loader whose event times cannot repeat
-        (amazon-json: a time per user and position)."""
+        (amazon-json: a time per user and position; synthetic: each user's times strictly increase)."""
         interactions = self._resolve_events(None if unique_by_construction else self._seen)
         quarantine, self.quarantine = self.quarantine, []
         read = {k: self.rows_read[k] - self._events_taken.get(k, 0) for k in ("interactions", "interactions_after_until")}
