@@ -26,7 +26,7 @@ class Staged:
     df: Any  # pyspark DataFrame: the whole source, kept rows only
     rows_read: Counter = field(default_factory=Counter)  # summed over chunks
     kept: int = 0
-    quarantine: list[dict] = field(default_factory=list)  # the chunks' records for `source_table`
+    quarantine: list[dict] = field(default_factory=list)  # the chunks' quarantine records for this table
     chunks_staged: int = 0
     folder: str | None = None
 
@@ -45,7 +45,8 @@ def stage(ctx, chunks: Iterator[SourceBatch], table_name: str,
     spark = ctx.spark
     first = next(chunks)
     second = next(chunks, None)
-    # Held in a list and popped, so that no name keeps a staged chunk alive: the driver holds one.
+    # Held in a list and popped, so that no name keeps a staged chunk alive: the driver holds one chunk
+    # (two at the start, read ahead to know whether the source is one chunk).
     pending = [first] if second is None else [first, second]
     first = second = None
     one_chunk = len(pending) == 1
