@@ -31,7 +31,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from jobs.sources.base import DEFAULT_MAX_DESCRIPTION_CHARS, DEFAULT_MAX_DESCRIPTION_TOKENS
+from jobs.sources.base import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_MAX_DESCRIPTION_CHARS,
+    DEFAULT_MAX_DESCRIPTION_TOKENS,
+)
 from jobs.sources.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
 from models.configs import DiffusionConfig, EmbedderConfig, GenerativeConfig, QuantizerConfig, RankerConfig
 
@@ -85,8 +89,8 @@ class SourceSettings(Section):
     max_description_chars: PositiveInt = Field(
         DEFAULT_MAX_DESCRIPTION_CHARS, description="and first to this many characters (a ceiling against huge text)")
     chunk_rows: PositiveInt = Field(
-        20_000, description="an amazon-json source reaches the ingests streamed, this many items (or events) at "
-        "a time: the driver holds one chunk, never the file")
+        DEFAULT_CHUNK_ROWS, description="a streamed source (amazon-json, synthetic) reaches the ingests this many items "
+        "(or events) at a time: the driver holds one chunk, never the whole source")
 
 
 class SyntheticSettings(Section):

@@ -63,6 +63,13 @@ def _coerce_until(until: Any) -> date | None:
     raise SourceError(f"until={until!r} is not a date: give a datetime.date or 'YYYY-MM-DD'")
 
 
+def _loader_bug(name: str, path: Any, e: Exception) -> SourceError:
+    """A loader bug: still give the operator one line that says where it happened."""
+    where = f"{path}: " if path is not None and name != "synthetic" else ""
+    return SourceError(f"{name}: {where}unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
+                       "report it as a loader bug with this dataset")
+
+
 def load_source(
     dataset: str,
     path: str | Path | None = None,
@@ -83,12 +90,8 @@ def load_source(
         return _LOADERS[name](path, until=until_date, options=options)
     except SourceError:
         raise
-    except Exception as e:  # a loader bug: still give the operator one line that says where it happened
-        where = f"{path}: " if path is not None and name != "synthetic" else ""
-        raise SourceError(
-            f"{name}: {where}unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
-            "report it as a loader bug with this dataset"
-        ) from e
+    except Exception as e:
+        raise _loader_bug(name, path, e) from e
 
 
 # The loaders that hand their source over in chunks (iter_catalog / iter_interactions); MovieLens-100k is
@@ -109,11 +112,8 @@ def _streamed(ctx, stream) -> Iterator[SourceBatch]:
         yield from stream
     except SourceError:
         raise
-    except Exception as e:  # the same one line as load_source's for a loader bug
-        raise SourceError(
-            f"{ctx.dataset}: {ctx.config['data']}: unexpected {type(e).__name__} while loading ({str(e)[:300]}): "
-            "report it as a loader bug with this dataset"
-        ) from e
+    except Exception as e:
+        raise _loader_bug(ctx.dataset, ctx.config["data"], e) from e
 
 
 def catalog_chunks_for_run(ctx) -> Iterator[SourceBatch]:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.sources.base import (
+    DEFAULT_CHUNK_ROWS,
     DESCRIPTION_OPTIONS,
     BatchBuilder,
     SourceBatch,
@@ -106,6 +107,10 @@ def locate(path: str | Path | None) -> tuple[Path, Path]:
     return folder / item_files[0], folder / inter_files[0]
 
 
+def _cannot_read(file: Path, e: OSError) -> SourceError:
+    return SourceError(f"{NAME}: {file}: cannot read ({e.strerror or e}): check the path and permissions")
+
+
 # What the streaming reader holds besides the entry it is parsing: the file is read this many characters
 # at a time, so a catalog larger than the driver's memory is read in constant memory (the builder keeps
 # only item ids across chunks). An entry still unparsed at MAX_ENTRY_CHARS is a broken file rather than a
@@ -126,8 +131,10 @@ class _Reader:
         self.buf, self.pos, self.eof = "", 0, False
         self.line_base, self.col_base = 1, 1  # line and column of buf[0] in the file
 
-    def fill(self, at_least: int = READ_CHARS) -> None:
-        """Drop what is parsed, then read at least `at_least` more characters (fewer at the end of file)."""
+    def fill(self, at_least: int | None = None) -> None:
+        """Drop what is parsed, then read `at_least` (default READ_CHARS, looked up now: tests shrink it) more
+        characters, fewer at the end of the file."""
+        at_least = at_least or READ_CHARS
         if self.pos:
             gone = self.buf[: self.pos]
             nl = gone.count("\n")
@@ -137,9 +144,7 @@ class _Reader:
         try:
             more = self.f.read(at_least)
         except OSError as e:
-            raise SourceError(
-                f"{NAME}: {self.file}: cannot read ({e.strerror or e}): check the path and permissions"
-            ) from e
+            raise _cannot_read(self.file, e) from e
         self.eof = not more
         self.buf += more
 
@@ -197,9 +202,7 @@ class JsonObjectStream:
         try:
             self.size = file.stat().st_size
         except OSError as e:
-            raise SourceError(
-                f"{NAME}: {file}: cannot read ({e.strerror or e}): check the path and permissions"
-            ) from e
+            raise _cannot_read(file, e) from e
 
     @property
     def bytes_read(self) -> int:
@@ -210,9 +213,7 @@ class JsonObjectStream:
         try:
             raw = open(file, "rb")  # noqa: SIM115 (closed by the TextIOWrapper below)
         except OSError as e:
-            raise SourceError(
-                f"{NAME}: {file}: cannot read ({e.strerror or e}): check the path and permissions"
-            ) from e
+            raise _cannot_read(file, e) from e
         self._raw = raw
         with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as f:
             yield from self._members(_Reader(f, file))
@@ -289,7 +290,6 @@ def _item_entry(value: Any) -> Any:
 
 ITEMS_WHAT = "{item_id: {title, description, brand, categories}}"
 INTERACTIONS_WHAT = "{user_id: [item_id, ...]}"
-CHUNK_ROWS = 20_000  # kept items per chunk of a streamed catalog (source.chunk_rows; ~80 MB of Python rows)
 
 
 def _read_items(b: BatchBuilder, entries: JsonObjectStream) -> Iterator[None]:
@@ -301,7 +301,7 @@ def _read_items(b: BatchBuilder, entries: JsonObjectStream) -> Iterator[None]:
 
 
 def iter_catalog(path: str | Path | None, *, options: dict | None = None,
-                 chunk_rows: int = CHUNK_ROWS) -> Iterator[SourceBatch]:
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[SourceBatch]:
     """The catalog alone, in chunks of at most `chunk_rows` kept items, read as a stream: what ingest_catalog
     uses, so a catalog file larger than the driver's memory is never loaded whole. Each chunk holds its
     items, its quarantine records and the rows it read; the chunks' counts add up to load()'s."""
@@ -356,7 +356,7 @@ def _read_interactions(b: BatchBuilder, entries: JsonObjectStream) -> Iterator[N
 
 
 def iter_interactions(path: str | Path | None, *, until: date | None = None, options: dict | None = None,
-                      chunk_rows: int = CHUNK_ROWS) -> Iterator[SourceBatch]:
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[SourceBatch]:
     """The events alone, in chunks of at most about `chunk_rows` events (a user's list is never split),
     read as streams: the item file first (every item's fate decides its events'; the kept rows are let go
     chunk by chunk), then the user file. What ingest_interactions uses; the chunks' counts add up to

@@ -144,6 +144,8 @@ INTERACTIONS_TABLE = INTERACTIONS.name  # "bronze.interactions"
 STAGE = "ingest"
 
 MAX_ROW_BYTES = 1 << 20  # 1 MiB
+# Rows per chunk of a streamed source (setting source.chunk_rows): ~80 MB of Python at Amazon's item texts.
+DEFAULT_CHUNK_ROWS = 20_000
 MAX_TITLE_CHARS = 1000
 MAX_ID_CHARS = 256
 DEFAULT_MAX_DESCRIPTION_TOKENS = 384

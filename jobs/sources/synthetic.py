@@ -38,6 +38,7 @@ from itertools import accumulate
 from typing import Any
 
 from jobs.sources.base import (
+    DEFAULT_CHUNK_ROWS,
     BatchBuilder,
     SourceBatch,
     SourceError,
@@ -899,7 +900,7 @@ def load(path: Any = None, *, until: date | None = None, options: dict | None = 
     return b.build()
 
 
-def iter_catalog(path: Any = None, *, options: dict | None = None, chunk_rows: int = 20_000) -> Iterator[SourceBatch]:
+def iter_catalog(path: Any = None, *, options: dict | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[SourceBatch]:
     """The catalog alone, in chunks of at most `chunk_rows` kept items (what ingest_catalog reads): the
     same rows as load()'s, in the same order, with the driver holding one chunk."""
     opts = check_options(NAME, options, OPTIONS)
@@ -911,7 +912,7 @@ def iter_catalog(path: Any = None, *, options: dict | None = None, chunk_rows: i
 
 
 def iter_interactions(path: Any = None, *, until: date | None = None, options: dict | None = None,
-                      chunk_rows: int = 20_000) -> Iterator[SourceBatch]:
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[SourceBatch]:
     """The events alone, in chunks of about `chunk_rows` (what ingest_interactions reads): the catalog is
     generated first for each item's fate (its rows let go chunk by chunk). A user's event times are
     strictly increasing, so no set of every event key is kept."""
