@@ -385,8 +385,12 @@ def read_arrow(
 
 def arrow_batches(
     name: str, root: str | None = None, *, version: int | None = None, columns: list[str] | None = None,
-    batch_size: int = 4096, filter=None,
+    batch_size: int = 4096, filter=None, readahead: bool = True,
 ):
-    """Stream a pinned version of a table as Arrow record batches (for training readers)."""
+    """Stream a pinned version of a table as Arrow record batches (for training readers).
+
+    `readahead=False` reads one file and one batch at a time: Arrow's defaults decode up to 16 batches
+    and 4 files ahead, which for wide rows (a million embeddings) is gigabytes held beside the reader's."""
     ds = delta_table(name, root, version).to_pyarrow_dataset()
-    yield from ds.to_batches(columns=columns, batch_size=batch_size, filter=filter)
+    ahead = {} if readahead else {"batch_readahead": 1, "fragment_readahead": 1}
+    yield from ds.to_batches(columns=columns, batch_size=batch_size, filter=filter, **ahead)

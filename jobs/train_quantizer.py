@@ -43,7 +43,7 @@ def codebook_version(config_hash: str, embedder: str, table_version: int, ids: l
     """
     h = hashlib.sha256(f"{config_hash}|{embedder}|{table_version}|".encode())
     h.update("\n".join(ids).encode())
-    h.update(np.ascontiguousarray(mat, dtype=np.float32).tobytes())
+    h.update(memoryview(np.ascontiguousarray(mat, dtype=np.float32)))  # the buffer itself: no bytes copy
     return f"cb-{h.hexdigest()[:12]}"
 
 

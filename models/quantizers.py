@@ -65,7 +65,7 @@ from models.configs import _MPQ_DEDUP_FIELDS, QuantizerConfig  # noqa: F401  (de
 from models.device import resolve_device
 from models.mpq import MPQ, dedup_tuples
 from models.rq import RQVAE, RQKMeans, dedup_last_level, train_loop
-from models.sid_metrics import add_collision_digit, codebook_metrics
+from models.sid_metrics import add_collision_digit, codebook_metrics, mean_squared, squared_sum
 
 __all__ = [
     "QuantizerConfig",
@@ -111,8 +111,11 @@ def _seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
         yield torch.Generator().manual_seed(seed)
 
 
-def validate_embeddings(embeddings, expected_dim: int | None = None) -> np.ndarray:
-    """float32 n x d copy of `embeddings` (a 2-D array or a sequence of vectors), or ValueError."""
+def validate_embeddings(embeddings, expected_dim: int | None = None, copy: bool = True) -> np.ndarray:
+    """float32 n x d copy of `embeddings` (a 2-D array or a sequence of vectors), or ValueError.
+
+    `copy=False` returns a float32 C-contiguous array itself (assignment only reads it: at a million
+    384-d items a copy is 1.5 GB)."""
     if isinstance(embeddings, np.ndarray) and embeddings.dtype != object:
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be 2-D (n x d), got shape {embeddings.shape}")
@@ -135,12 +138,14 @@ def validate_embeddings(embeddings, expected_dim: int | None = None) -> np.ndarr
             arr = np.stack(rows)
     with np.errstate(over="ignore"):
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-    nonfinite = int((~np.isfinite(arr).all(axis=1)).sum())
+    # In blocks of rows: a whole n x d mask is a quarter of the matrix again.
+    nonfinite = sum(int((~np.isfinite(arr[s : s + _INFER_CHUNK]).all(axis=1)).sum())
+                    for s in range(0, arr.shape[0], _INFER_CHUNK))
     if nonfinite:
         raise ValueError(
             f"{nonfinite} of {arr.shape[0]} embedding rows contain NaN or inf; quarantine them before quantizing"
         )
-    return arr.copy() if arr is embeddings else arr
+    return arr.copy() if copy and arr is embeddings else arr
 
 
 def effective_codebook_size(requested: int, n_items: int) -> int:
@@ -249,6 +254,18 @@ def _blocks(
 
 
 @torch.no_grad()
+def _recon_mse(model: nn.Module, x: np.ndarray, fn: Callable[..., torch.Tensor], *inputs: np.ndarray) -> float:
+    """mean((x - fn(inputs))^2) block by block, as `_blocks` would feed fn: no n x d reconstruction is
+    ever held (at a million 384-d items each one was 1.5 GB, and its float64 copies 3 GB more)."""
+    dev = _model_device(model)
+    total = 0.0
+    for s in range(0, len(x), _INFER_CHUNK):
+        recon = fn(*(torch.from_numpy(a[s : s + _INFER_CHUNK]).to(dev) for a in inputs)).cpu().numpy()
+        total += squared_sum(x[s : s + _INFER_CHUNK], recon)
+    return total / x.size if x.size else float("nan")
+
+
+@torch.no_grad()
 def _encode_rq(
     rq: nn.Module, x: np.ndarray, item_ids: Sequence[str], dedup: bool
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -258,7 +275,7 @@ def _encode_rq(
         return nearest_codes, nearest_codes, 0
     codes, moved = dedup_last_level(
         nearest_codes, item_ids, lambda rows: _blocks(rq, x[rows], rq.last_level_distances)
-    )
+    )  # dedup_last_level asks for rows a block at a time
     return codes, nearest_codes, moved
 
 
@@ -292,11 +309,10 @@ def _assign_rq(
 ) -> tuple[np.ndarray, dict]:
     """(n x (L+1) codes with the collision digit, rq_* metrics)."""
     rq_codes, nearest_codes, moved = _encode_rq(rq, x, item_ids, config.rq_dedup_last_level)
-    rq_recon = _blocks(rq, rq_codes, lambda c: rq.decode(c.long()))
     full = add_collision_digit(rq_codes, item_ids)
-    metrics = codebook_metrics(
-        rq_codes, rq.codebook_size, full_ids=full, embeddings=x, rq_reconstruction=rq_recon
-    )
+    metrics = codebook_metrics(rq_codes, rq.codebook_size, full_ids=full)
+    metrics["rq_recon_mse"] = _recon_mse(rq, x, lambda c: rq.decode(c.long()), rq_codes)
+    metrics["embedding_mean_sq"] = mean_squared(x)
     metrics["rq_collision_rate_nearest"] = codebook_metrics(nearest_codes, rq.codebook_size)[
         "rq_collision_rate"
     ]
@@ -309,11 +325,10 @@ def _assign_mpq(
 ) -> tuple[np.ndarray, dict]:
     """(n x M tokens, mpq_* metrics)."""
     tokens, nearest_tokens, moved, unresolved = _encode_mpq(mpq, x, item_ids, config)
+    metrics = codebook_metrics(mpq_tokens=tokens, mpq_codebook_size=mpq.codebook_size)
     # Reconstruction of the published tokens, the moved items' included (as for RQ's published codes).
-    recon = _blocks(mpq, x, mpq.reconstruct, tokens)
-    metrics = codebook_metrics(
-        mpq_tokens=tokens, mpq_codebook_size=mpq.codebook_size, embeddings=x, mpq_reconstruction=recon
-    )
+    metrics["mpq_recon_mse"] = _recon_mse(mpq, x, mpq.reconstruct, x, tokens)
+    metrics["embedding_mean_sq"] = mean_squared(x)
     metrics["mpq_tuple_unique_rate_nearest"] = codebook_metrics(
         mpq_tokens=nearest_tokens, mpq_codebook_size=mpq.codebook_size
     )["mpq_tuple_unique_share"]
@@ -365,7 +380,7 @@ def assign_one(
     `config.rq_dedup_last_level`; MPQ: n x M tokens, after the tuple de-dup if `config.mpq_dedup`. The
     codes and metrics are those `assign` gives for the same module and config.
     """
-    x = validate_embeddings(embeddings, expected_dim=model.in_dim)
+    x = validate_embeddings(embeddings, expected_dim=model.in_dim, copy=False)
     ids = [str(i) for i in item_ids]
     if len(ids) != x.shape[0]:
         raise ValueError(f"{len(ids)} item ids for {x.shape[0]} embedding rows")
@@ -426,7 +441,7 @@ def assign(
 
     Deterministic for a given checkpoint and device; runs on the device the modules are on.
     """
-    x = validate_embeddings(embeddings, expected_dim=tq.rq.in_dim)
+    x = validate_embeddings(embeddings, expected_dim=tq.rq.in_dim, copy=False)
     ids = [str(i) for i in item_ids]
     if len(ids) != x.shape[0]:
         raise ValueError(f"{len(ids)} item ids for {x.shape[0]} embedding rows")

@@ -19,6 +19,8 @@ from models.sid_metrics import shared_row_mask
 _CHUNK = 32768
 # Items encoded to find replacements for dead codes: plenty of candidates without a full pass on big catalogs.
 _RESTART_SAMPLE = 8192
+# Rows per call of dedup_last_level's distance function: 16,384 x 256 float64 distances are 32 MB.
+_DEDUP_ROWS = 16384
 
 
 # --------------------------------------------------------------------------------------------- k-means
@@ -186,7 +188,8 @@ def dedup_last_level(
     colliding items move, and their new codes are still their nearest available ones. When a prefix has
     more than K items some must keep colliding; the collision digit separates those.
     `last_level_distances(rows)` returns the rows' squared distances (len(rows) x K) to every
-    last-level code. Returns (new codes, number of items moved).
+    last-level code; it is asked for at most `_DEDUP_ROWS` rows at a time, the colliding rows once and
+    the moving rows once more. Returns (new codes, number of items moved).
     """
     codes = np.asarray(codes)
     n = codes.shape[0]
@@ -198,9 +201,17 @@ def dedup_last_level(
     ids = [str(i) for i in item_ids]
     rank = np.empty(n, dtype=np.int64)
     rank[sorted(range(n), key=ids.__getitem__)] = np.arange(n)
-    dist = np.asarray(last_level_distances(shared), dtype=np.float64)
-    k = dist.shape[1]
-    own = dist[np.arange(shared.size), codes[shared, -1]]
+    # Distances a block of rows at a time: all the colliding rows' at once were shared x K float64 (2 GB
+    # at a million items, most of which collide before the move). `own` first, for every colliding row;
+    # a loser's row again when its prefix's turn comes.
+    own = np.empty(shared.size, dtype=np.float64)
+    k = 0
+    for s in range(0, shared.size, _DEDUP_ROWS):
+        rows = shared[s : s + _DEDUP_ROWS]
+        dist = np.asarray(last_level_distances(rows), dtype=np.float64)
+        k = dist.shape[1]
+        own[s : s + rows.size] = dist[np.arange(rows.size), codes[rows, -1]]
+    dist = None
     _, same = np.unique(codes[shared], axis=0, return_inverse=True)
     same = same.ravel()
     order = np.lexsort((rank[shared], own, same))
@@ -223,17 +234,30 @@ def dedup_last_level(
     taken = {int(prefix[rows[0]]): codes[rows, -1] for rows in np.split(taken_rows, cuts) if rows.size}
     loser_order = np.lexsort((rank[losers], prefix[losers]))
     cuts = np.flatnonzero(np.diff(prefix[losers[loser_order]])) + 1
-    for group in np.split(loser_order, cuts):
-        cost = dist[loser_pos[group]].copy()
-        cost[:, taken[int(prefix[losers[group[0]]])]] = np.inf
-        for _ in range(group.size):
-            row, code = divmod(int(np.argmin(cost)), k)
-            if not np.isfinite(cost[row, code]):
-                break  # more items than codes under this prefix: the rest keep colliding
-            new[losers[group[row]], -1] = code
-            moved += 1
-            cost[row, :] = np.inf
-            cost[:, code] = np.inf
+    groups = np.split(loser_order, cuts)
+    # Prefix groups taken together until a block's worth of rows, their distances asked for at once.
+    g = 0
+    while g < len(groups):
+        end, rows = g, 0
+        while end < len(groups) and (rows == 0 or rows + groups[end].size <= _DEDUP_ROWS):
+            rows += groups[end].size
+            end += 1
+        block = groups[g:end]
+        dist = np.asarray(last_level_distances(losers[np.concatenate(block)]), dtype=np.float64)
+        at = 0
+        for group in block:
+            cost = dist[at : at + group.size]
+            at += group.size
+            cost[:, taken[int(prefix[losers[group[0]]])]] = np.inf
+            for _ in range(group.size):
+                row, code = divmod(int(np.argmin(cost)), k)
+                if not np.isfinite(cost[row, code]):
+                    break  # more items than codes under this prefix: the rest keep colliding
+                new[losers[group[row]], -1] = code
+                moved += 1
+                cost[row, :] = np.inf
+                cost[:, code] = np.inf
+        g = end
     return new, moved
 
 

@@ -113,10 +113,34 @@ def codebook_metrics(
             int((np.unique(mpq_tokens, axis=0, return_counts=True)[1] > 1).sum()) if shared.size else 0
         )
     if embeddings is not None:
-        x = np.asarray(embeddings, dtype=np.float64)
         if rq_reconstruction is not None:
-            out["rq_recon_mse"] = float(np.mean((x - np.asarray(rq_reconstruction, dtype=np.float64)) ** 2))
+            out["rq_recon_mse"] = mean_squared(embeddings, rq_reconstruction)
         if mpq_reconstruction is not None:
-            out["mpq_recon_mse"] = float(np.mean((x - np.asarray(mpq_reconstruction, dtype=np.float64)) ** 2))
-        out["embedding_mean_sq"] = float(np.mean(x**2))
+            out["mpq_recon_mse"] = mean_squared(embeddings, mpq_reconstruction)
+        out["embedding_mean_sq"] = mean_squared(embeddings)
     return out
+
+
+# Rows per block of mean_squared: 65,536 x 384 float64 values are 200 MB.
+_MSE_ROWS = 65_536
+
+
+def squared_sum(x: np.ndarray, y: np.ndarray | None = None) -> float:
+    """Sum of (x - y)^2 (or of x^2) in float64, block by block of rows."""
+    total = 0.0
+    for s in range(0, len(x), _MSE_ROWS):
+        d = np.asarray(x[s : s + _MSE_ROWS], dtype=np.float64)
+        if y is not None:
+            d = d - np.asarray(y[s : s + _MSE_ROWS], dtype=np.float64)
+        total += float(np.einsum("ij,ij->", d, d))
+    return total
+
+
+def mean_squared(x: np.ndarray, y: np.ndarray | None = None) -> float:
+    """mean((x - y)^2), or mean(x^2), accumulated in float64 over blocks of rows.
+
+    A whole float64 copy of a float32 matrix is twice its size, and the difference another: at a million
+    384-d items, 9 GB for what is one number.
+    """
+    x = np.asarray(x)
+    return squared_sum(x, y) / x.size if x.size else float("nan")

@@ -165,3 +165,46 @@ def test_nan_and_wrong_dimension_vectors_are_quarantined_not_trained_on(ctx_fact
     execute("assign_semantic_ids", ctx)
     sids = delta.read_arrow("gold.item_semantic_ids", ctx.root)
     assert sids.num_rows == 38 and rows[0]["item_id"] not in sids["item_id"].to_pylist()
+
+
+@pytest.mark.parametrize("batch_rows", [3, 65_536])
+def test_embeddings_load_sorted_by_item_with_every_bad_vector_named(tmp_path, monkeypatch, batch_rows):
+    """The quantizers' input, read in one pass without Spark: rows come back in item-id order whatever
+    order the table holds them in, each id with its own vector; vectors of a minority length, null ones
+    and ones with NaN or inf are named with their reason; other embedders and items no longer in the
+    catalog are left out. Batches of 3 rows split lengths and bad rows across batches."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from feature_store import delta
+    from jobs import codebooks
+
+    monkeypatch.setattr(codebooks, "BATCH_ROWS", batch_rows)
+    rng = np.random.default_rng(3)
+    good = {f"item-{k:02d}": rng.normal(size=DIM).astype(np.float32) for k in range(20)}
+    rows = [(i, v.tolist()) for i, v in good.items()]
+    rows += [("short", [0.5] * 4), ("short-too", [0.5] * 4), ("null", None), ("nan", [float("nan")] * DIM),
+             ("inf", [0.0] * (DIM - 1) + [float("inf")]), ("gone", [1.0] * DIM)]
+    random.Random(5).shuffle(rows)
+    table = pa.table({"item_id": [r[0] for r in rows], "embedder": ["m"] * len(rows),
+                      "embedding": pa.array([r[1] for r in rows], pa.list_(pa.float32()))})
+    other = pa.table({"item_id": ["item-00"], "embedder": ["other"],
+                      "embedding": pa.array([[9.0] * DIM], pa.list_(pa.float32()))})
+    root = str(tmp_path)
+    write_deltalake(delta.table_path("silver.item_embeddings", root), pa.concat_tables([table, other]))
+    catalog = [i for i, _ in rows if i != "gone"]
+    write_deltalake(delta.table_path("bronze.catalog_items", root), pa.table({"item_id": catalog}))
+
+    ids, mat, bad = codebooks.load_embeddings(SimpleNamespace(root=root), "m")
+
+    assert ids == sorted(good)
+    assert mat.dtype == np.float32 and mat.shape == (20, DIM)
+    for i, row in zip(ids, mat, strict=True):
+        np.testing.assert_array_equal(row, good[i])
+    assert dict(bad) == {
+        "short": f"wrong_dimension: 4 != {DIM}", "short-too": f"wrong_dimension: 4 != {DIM}",
+        "null": f"wrong_dimension: 0 != {DIM}",
+        "nan": "non_finite_embedding: NaN or inf values", "inf": "non_finite_embedding: NaN or inf values",
+    }
