@@ -141,7 +141,9 @@ def infer_diffusion(ctx: RunContext, sequences, codebook_version: str, top_n: in
     results = D.infer(model, vocab, [idx for _, idx in todo], top_n, progress=bar)
     infer_seconds = time.perf_counter() - start
     decoded = {"valid": 0, "invalid": 0, "already_seen": 0}
+    scored = 0
     for (base, _), res in zip(todo, results, strict=True):
+        scored += res.scored
         decoded["valid"] += res.decoded_valid
         decoded["invalid"] += res.decoded_invalid
         decoded["already_seen"] += res.decoded_seen
@@ -154,6 +156,8 @@ def infer_diffusion(ctx: RunContext, sequences, codebook_version: str, top_n: in
         "ambiguous_semantic_ids": vocab.ambiguous_groups, "decoded_slots": decoded,
         "infer_seconds": round(infer_seconds, 2),
         "users_per_second": round(len(todo) / infer_seconds, 1) if infer_seconds > 0 else None,
+        # Catalog items scored per user for the list's rest (of vocab_items): the prefix bounds' pruning.
+        "items_scored_per_user": round(scored / len(todo), 1) if todo else 0, "vocab_items": len(vocab.item_ids),
     }
     return rows, metrics
 

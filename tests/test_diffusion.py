@@ -228,3 +228,79 @@ def test_items_older_than_the_models_window_are_still_excluded():
     history = list(range(10))  # the model sees the last 2; the other 8 must not come back
     res = D.infer(model, vocab, [history], top_n=2)[0]
     assert sorted(res.item_idx) == [10, 11]
+
+
+def _scores_of_every_item(level_lp, codes, excluded, need):
+    """The ranking top_items must match: every item scored, the excluded ones removed."""
+    scores = sum(level_lp[g][codes[:, g]] for g in range(codes.shape[1]))
+    keep = np.setdiff1d(np.arange(len(codes)), excluded)
+    ranked = keep[np.argsort(-scores[keep], kind="stable")][:need]
+    return ranked, scores[ranked]
+
+
+def _unique_codes(rng, n, sizes):
+    rows: set[tuple[int, ...]] = set()
+    while len(rows) < n:
+        rows.add(tuple(int(rng.integers(0, v)) for v in sizes))
+    return np.array(sorted(rows, key=lambda _: rng.random()), dtype=np.int64)
+
+
+@pytest.mark.parametrize("n_items,sizes", [(1, [3, 3, 1]), (8, [8]), (40, [6, 9]), (300, [6, 9, 12]), (3000, [16, 16, 8, 4])])
+@pytest.mark.parametrize("sharpness", [0.1, 1.0, 8.0])
+def test_top_items_are_exactly_what_scoring_every_item_ranks_first(n_items, sizes, sharpness):
+    """Pruning by prefix bounds changes how many items are scored, never which come out or their scores:
+    flat and peaked log-probs, one to four levels, histories excluding up to half the catalog, lists
+    longer than what is left."""
+    rng = np.random.default_rng(n_items + len(sizes))
+    codes = _unique_codes(rng, n_items, sizes)
+    index = D.PrefixIndex(codes)
+    for case in range(12):
+        level_lp = [torch.log_softmax(torch.randn(v) * sharpness, -1).numpy() for v in sizes]
+        excluded = rng.choice(n_items, size=int(rng.integers(0, n_items // 2 + 1)), replace=False)
+        need = int(rng.choice([1, 5, 50, n_items + 3]))
+        items, scores, scored = D.top_items(level_lp, index, excluded.astype(np.int64), need)
+        want_items, want_scores = _scores_of_every_item(level_lp, codes, excluded, need)
+        assert items.tolist() == want_items.tolist(), (case, need)
+        assert np.array_equal(scores, want_scores)  # the same float32 sums, bit for bit
+        assert scored <= n_items - len(excluded)
+
+
+def test_top_items_score_a_small_part_of_a_large_catalog_when_the_model_is_sure():
+    """What makes a million items affordable: with peaked per-level log-probs (a trained model's), only
+    the items under prefixes that can still reach the top ten are scored."""
+    rng = np.random.default_rng(7)
+    sizes = [64, 64, 16, 4]
+    codes = _unique_codes(rng, 50_000, sizes)
+    index = D.PrefixIndex(codes)
+    level_lp = [torch.log_softmax(torch.randn(v) * 4.0, -1).numpy() for v in sizes]
+    items, _, scored = D.top_items(level_lp, index, np.zeros(0, np.int64), 10)
+    assert len(items) == 10
+    assert scored < 50_000 // 20
+
+
+def test_codes_shared_by_several_items_are_all_ranked():
+    """Ambiguous groups (two items on one code) both come out, with equal scores."""
+    codes = np.array([[0, 1], [0, 1], [1, 0], [1, 1]], dtype=np.int64)
+    level_lp = [np.log(np.array([0.9, 0.1], np.float32)), np.log(np.array([0.2, 0.8], np.float32))]
+    items, scores, _ = D.top_items(level_lp, D.PrefixIndex(codes), np.array([3], np.int64), 3)
+    assert sorted(items[:2].tolist()) == [0, 1] and scores[0] == scores[1] and items[2] == 2
+
+
+def test_inference_with_pruning_gives_the_lists_of_scoring_every_item():
+    """Through the model: the same items, in the same order, with the same scores, as scoring the whole
+    catalog for every user, while scoring fewer items."""
+    rng = np.random.default_rng(11)
+    codes = _unique_codes(rng, 600, [12, 12, 6, 2])
+    vocab = D.SemanticVocab.build([f"i{k}" for k in range(len(codes))], codes.tolist())
+    seqs = [list(rng.choice(600, size=int(rng.integers(3, 9)), replace=False)) for _ in range(400)]
+    cfg = D.DiffusionConfig(d_model=32, n_layers=1, n_heads=2, epochs=3, batch_size=64, slots=2, max_len=10,
+                            seed=0, device="cpu")
+    model, _ = D.train(vocab, seqs, cfg)
+    histories = seqs[:60]
+    pruned = D.infer(model, vocab, histories, top_n=20, batch_size=16)
+    every = D.infer(model, vocab, histories, top_n=20, batch_size=16, exhaustive=True)
+    for a, b, h in zip(pruned, every, histories, strict=True):
+        assert a.item_idx == b.item_idx and a.scores == b.scores
+        assert not set(a.item_idx) & set(h)
+        assert b.scored == 600
+    assert sum(a.scored for a in pruned) < sum(b.scored for b in every)
