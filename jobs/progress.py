@@ -45,8 +45,9 @@ def progress_line(what: str, done: int, total: int, elapsed: float, unit: str = 
 class Progress:
     """Logs done of total, rate and ETA at most every `every_s` seconds (for long loops in task logs)."""
 
-    def __init__(self, what: str, total: int, every_s: float = 5.0, logger: logging.Logger | None = None):
-        self.what, self.total, self.every_s = what, total, every_s
+    def __init__(self, what: str, total: int, every_s: float = 5.0, logger: logging.Logger | None = None,
+                 unit: str = ""):
+        self.what, self.total, self.every_s, self.unit = what, total, every_s, unit
         self.log = logger or log
         self.start = self.last = time.monotonic()
         self.done = 0
@@ -61,7 +62,7 @@ class Progress:
             self.log.info(self.line())
 
     def line(self) -> str:
-        return progress_line(self.what, self.done, self.total, time.monotonic() - self.start)
+        return progress_line(self.what, self.done, self.total, time.monotonic() - self.start, self.unit)
 
 
 class EpochProgress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import random
 import re
 import time
@@ -1035,7 +1036,7 @@ def test_a_streamed_catalog_holds_a_chunk_not_the_file(tmp_path):
     assert streamed_peak < 12 * amazon_json.READ_CHARS and streamed_peak < size / 3, (streamed_peak, size)
 
 
-def test_streamed_events_in_chunks_add_up_to_the_whole_load(tmp_path):
+def test_streamed_events_in_chunks_add_up_to_the_whole_load(tmp_path, caplog):
     from jobs.sources import amazon_json
 
     items = {str(i): item(title=f"Item {i}.") for i in range(12)}
@@ -1049,8 +1050,12 @@ def test_streamed_events_in_chunks_add_up_to_the_whole_load(tmp_path):
     write_amazon(tmp_path, items, body)
     until = date(2018, 1, 3)
     whole = load_source("amazon-json", tmp_path, until=until)
-    chunks = list(amazon_json.iter_interactions(tmp_path, until=until, chunk_rows=5))
+    with caplog.at_level(logging.INFO, logger="reaseq"):
+        chunks = list(amazon_json.iter_interactions(tmp_path, until=until, chunk_rows=5))
     assert len(chunks) > 3
+    # The item pass before the first event chunk yields nothing: it says how far it got.
+    size = (tmp_path / "Test.item.json").stat().st_size
+    assert f"item file read for each item's fate: {size:,}/{size:,} bytes (100%)" in caplog.text
     assert pa.concat_tables([c.interactions for c in chunks]).equals(whole.interactions)
     for k in ("interactions", "interactions_after_until"):
         assert sum(c.rows_read[k] for c in chunks) == whole.rows_read[k]
@@ -1064,7 +1069,7 @@ def test_streamed_events_in_chunks_add_up_to_the_whole_load(tmp_path):
     assert len(u5) == len(set(u5)) == 2  # u5's first event (day 0) and " u5"'s, which goes on at day 1 (until day 2)
 
 
-def test_the_synthetic_source_in_chunks_is_the_whole_load(tmp_path):
+def test_the_synthetic_source_in_chunks_is_the_whole_load(tmp_path, caplog):
     """Generated chunk by chunk (what both ingests read), the catalog and the events are load()'s, row for
     row and in order, with the same quarantine and counts."""
     from jobs.sources import synthetic
@@ -1072,8 +1077,10 @@ def test_the_synthetic_source_in_chunks_is_the_whole_load(tmp_path):
     opts, until = {"n_items": 240, "n_users": 160}, date(2026, 11, 20)
     whole = synthetic.load(options=opts, until=until)
     items = list(synthetic.iter_catalog(options=opts, chunk_rows=37))
-    events = list(synthetic.iter_interactions(options=opts, until=until, chunk_rows=50))
+    with caplog.at_level(logging.INFO, logger="reaseq"):
+        events = list(synthetic.iter_interactions(options=opts, until=until, chunk_rows=50))
     assert len(items) == 7 and len(events) > 30
+    assert "catalog generated for each item's fate: 240/240 items (100%)" in caplog.text
     assert pa.concat_tables([c.items for c in items]).equals(whole.items)
     assert pa.concat_tables([c.interactions for c in events]).equals(whole.interactions)
     for chunks, table in ((items, "bronze.catalog_items"), (events, "bronze.interactions")):

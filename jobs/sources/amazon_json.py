@@ -46,6 +46,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from jobs.progress import Progress
 from jobs.sources.base import (
     DEFAULT_CHUNK_ROWS,
     DESCRIPTION_OPTIONS,
@@ -364,10 +365,15 @@ def iter_interactions(path: str | Path | None, *, until: date | None = None, opt
     opts = check_options(NAME, options, OPTIONS)
     item_file, inter_file = locate(path)
     b = BatchBuilder(NAME, until=until, **description_limits(opts))
-    for _ in _read_items(b, JsonObjectStream(item_file, ITEMS_WHAT)):
+    items = JsonObjectStream(item_file, ITEMS_WHAT)
+    # The events' chunks report their own progress; this pass yields nothing, so it says where it is.
+    bar = Progress("item file read for each item's fate", items.size, unit="bytes")
+    for _ in _read_items(b, items):
         if b.pending_items() >= chunk_rows:
             b.take_items()  # only the items' fate (kept or quarantined) is needed here
+            bar(items.bytes_read)
     b.take_items()
+    bar(items.size)
     entries = JsonObjectStream(inter_file, INTERACTIONS_WHAT)
     for _ in _read_interactions(b, entries):
         if b.pending_events() >= chunk_rows:

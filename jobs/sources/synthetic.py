@@ -37,6 +37,7 @@ from datetime import UTC, date, datetime
 from itertools import accumulate
 from typing import Any
 
+from jobs.progress import Progress
 from jobs.sources.base import (
     DEFAULT_CHUNK_ROWS,
     BatchBuilder,
@@ -918,10 +919,21 @@ def iter_interactions(path: Any = None, *, until: date | None = None, options: d
     strictly increasing, so no set of every event key is kept."""
     opts = check_options(NAME, options, OPTIONS)
     b = BatchBuilder(NAME, until=until, **description_limits(opts))
+    n_items = _option_int(opts, "n_items", 2)
+    # The catalog is generated before the first event: a pass that yields nothing says where it is.
+    bar = Progress("catalog generated for each item's fate", n_items, unit="items")
+    made = 0
     for kind in _generate(b, opts):
-        if kind == "item" and b.pending_items() >= chunk_rows:
-            b.take_items()
-        elif kind == "user" and b.pending_events() >= chunk_rows:
+        if kind == "item":
+            if b.pending_items() >= chunk_rows:
+                made += b.pending_items()
+                b.take_items()
+                bar(min(made, n_items))
+            continue
+        if made < n_items:  # the first user's events: the catalog is done
+            made = n_items
+            bar(n_items)
+        if b.pending_events() >= chunk_rows:
             b.take_items()
             yield b.take_events(unique_by_construction=True)
     b.take_items()
