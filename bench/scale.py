@@ -3,6 +3,8 @@
     python -m bench.scale                          # 10,000 and 100,000 items (make bench-scale)
     python -m bench.scale --sizes 1000000          # a million (adds to bench/results/scale.json)
     python -m bench.scale --sizes 10000 --keep     # keep the lakehouse under ~/.cache/reaseq/bench/scale-<n>
+    python -m bench.scale --quantizer --keep --sizes 100000,1000000   # the two quantizer stages alone
+    python -m bench.scale --beyond-log --sizes 100000,1000000         # then the beyond-log ranking on their IDs
 
 Each size is a fresh lakehouse built by the stages `make run` executes (jobs.runtime.execute, in the
 DAG's order, no Airflow), on the synthetic catalog with as many users as items (~13 events each). Per
@@ -229,6 +231,190 @@ def nightly_merge(n: int, spark=None, changed: float = 0.01) -> tuple[dict, obje
     return out, spark
 
 
+QUANTIZER_STAGES = ("train_quantizer", "assign_semantic_ids")
+
+
+def write_quantizer_inputs(n: int, base: Path, chunk_rows: int = 100_000) -> dict:
+    """bronze.catalog_items and silver.item_embeddings for the synthetic catalog of `n` items, written by
+    delta-rs chunk by chunk, without the stages before the quantizers: the items are the synthetic
+    source's (what ingest_catalog would load), each embedded by the hashing stand-in from its title and
+    description (the stages embed the knowledge text; the quantizers see 384-d unit vectors either way).
+    At a million items the stages before would take hours here; the quantizers' input is all they read."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import write_deltalake
+
+    from feature_store import delta
+    from feature_store.catalog import CATALOG_ITEMS, ITEM_EMBEDDINGS
+    from jobs.progress import Progress
+    from jobs.sources import synthetic
+    from models.embedder import EmbedderConfig, embed_texts
+
+    root = str(base / "lakehouse")
+    embedder = EmbedderConfig.from_dict(settings(n, base)["embedding"])
+    day = dt.date.fromisoformat(DS)
+    bar = Progress("quantizer inputs: items written", n)
+    t0 = time.perf_counter()
+    done = 0
+    for batch in synthetic.iter_catalog(options=settings(n, base)["synthetic"], chunk_rows=chunk_rows):
+        items, m = batch.items, batch.items.num_rows
+        if m == 0:  # the source's last chunk may hold only events' bookkeeping
+            continue
+        stamp = {"source": pa.array(["synthetic"] * m), "first_seen_ds": pa.array([day] * m, pa.date32()),
+                 "last_seen_ds": pa.array([day] * m, pa.date32()), "ds": pa.array([day] * m, pa.date32()),
+                 "run_id": pa.array([f"bench_scale__{DS}"] * m)}
+        catalog = pa.table({f.name: items.column(f.name) if f.name in items.column_names else stamp[f.name]
+                            for f in CATALOG_ITEMS.schema}).cast(CATALOG_ITEMS.schema)
+        texts = pc.binary_join_element_wise(items.column("title"), pc.fill_null(items.column("description"), ""),
+                                            " ").to_pylist()
+        vectors = embed_texts(texts, embedder)
+        dim = vectors.shape[1]
+        embeddings = pa.table({
+            "item_id": items.column("item_id"), "embedder": pa.array([embedder.name] * m),
+            "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32)),
+                                                  pa.array(vectors.ravel())),
+            "dim": pa.array([dim] * m, pa.int32()), "text_hash": pa.array(["bench"] * m),
+            "prompt_version": pa.nulls(m, pa.string()), "model": pa.nulls(m, pa.string()),
+            "ds": stamp["ds"], "run_id": stamp["run_id"]}).cast(ITEM_EMBEDDINGS.schema)
+        write_deltalake(delta.table_path("bronze.catalog_items", root), catalog, mode="append")
+        write_deltalake(delta.table_path("silver.item_embeddings", root), embeddings, mode="append")
+        done += m
+        bar(done, n)
+    return {"items": done, "seconds": round(time.perf_counter() - t0, 1), "embedder": embedder.name}
+
+
+def _stage_alone(stage: str, n: int, base: str) -> dict:
+    """One stage in this (spawned) process, as an Airflow task runs it: seconds, result, peak memory.
+    The Python driver's peak is exact (getrusage); the JVM's is sampled."""
+    import resource
+
+    from jobs.context import RunContext
+    from jobs.runtime import execute
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    ctx = RunContext.create(ds=DS, overrides=settings(n, Path(base)))
+    t0 = time.perf_counter()
+    with MemorySampler() as mem:
+        res = execute(stage, ctx)
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"seconds": round(seconds, 2), "unit": "items", "units": n,
+            "us_per_unit": round(seconds / n * 1e6, 2), "rows_in": res.rows_in, "rows_out": res.rows_out,
+            "rows_quarantined": res.rows_quarantined,
+            "memory": {**mem.peak, "driver_python_peak_mb": round(peak_kb / 1024, 1)},
+            "metrics": json.loads(json.dumps(res.metrics, default=str))}
+
+
+def quantizer_stages(n: int, keep: bool = False) -> dict:
+    """train_quantizer and assign_semantic_ids at `n` items, each in its own process (as the DAG runs
+    them), on inputs from write_quantizer_inputs."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    base = Path(CACHE_DIR) / f"scale-quantizer-{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    log(f"{n:,} items: writing the quantizers' inputs ...")
+    out: dict = {"items": n, "inputs": write_quantizer_inputs(n, base), "stages": {}}
+    for stage in QUANTIZER_STAGES:
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            r = pool.submit(_stage_alone, stage, n, str(base)).result()
+        out["stages"][stage] = r
+        log(f"{n:,} items: {stage} {r['seconds']:.0f}s ({r['us_per_unit']:,.0f} µs per item), Python driver "
+            f"peak {r['memory']['driver_python_peak_mb']:,.0f} MB, JVM {r['memory']['jvm_mb']:,.0f} MB")
+    out["measured_at"] = utc_now()
+    if not keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def beyond_log_inference(n: int, users: int = 20_000, exhaustive_users: int = 500, max_steps: int = 1_000) -> dict:
+    """infer_beyond_log's inference over an `n`-item catalog: the ranking pruned by prefix bounds against
+    scoring every item, on the same model and users.
+
+    The semantic IDs are those `--quantizer --keep` left for this size (a real codebook of the synthetic
+    catalog); the users are the synthetic source's first `users` (their events, in order); the model is
+    the default diffusion configuration trained for `max_steps` steps on their training prefixes. Every
+    user is ranked with pruning; the first `exhaustive_users` also by scoring every item (in batches of
+    32: a batch of 256 would hold a [256, slots, n] tensor, 3 GB at a million) and with pruning in the
+    same batches, and those lists must agree item for item and score for score.
+    """
+    from jobs.infer_beyond_log import load_vocab, training_prefixes
+    from jobs.sources import synthetic
+    from models import diffusion as D
+
+    base = Path(CACHE_DIR) / f"scale-quantizer-{n}"
+    latest = base / "artifacts" / "quantizers" / "LATEST"
+    if not latest.exists():
+        raise SystemExit(f"no semantic IDs for {n:,} items under {base}: run "
+                         f"`python -m bench.scale --quantizer --keep --sizes {n}` first")
+    vocab = load_vocab(str(base / "lakehouse"), latest.read_text().strip())
+    log(f"{n:,} items: {len(vocab.item_ids):,} semantic IDs; generating the first {users:,} users' events ...")
+    events: dict[str, list[tuple[int, str]]] = {}
+    for batch in synthetic.iter_interactions(options=settings(n, base)["synthetic"], chunk_rows=20_000):
+        t = batch.interactions
+        for u, i, ts in zip(t["user_id"].to_pylist(), t["item_id"].to_pylist(), t["event_ts"].to_pylist(),
+                            strict=True):
+            events.setdefault(u, []).append((ts, i))
+        if len(events) >= users:
+            break
+    sequences = [(u, [i for _, i in sorted(ev)]) for u, ev in list(events.items())[:users]]
+    train_seqs, _ = training_prefixes(vocab, sequences)
+    cfg = D.DiffusionConfig(max_steps=max_steps, device="cpu")
+    t0 = time.perf_counter()
+    model, stats = D.train(vocab, train_seqs, cfg)
+    train_s = time.perf_counter() - t0
+    histories = [idx for _, items in sequences if (idx := vocab.encode(items[:-1])[0])]
+    log(f"{n:,} items: trained on {len(train_seqs):,} sequences in {train_s:.0f}s (loss {stats.first_loss:.2f} -> "
+        f"{stats.last_loss:.2f}); ranking {len(histories):,} users with pruning ...")
+    out: dict = {"items": n, "vocab_items": len(vocab.item_ids), "users": len(histories), "top_n": 10,
+                 "train": {"sequences": len(train_seqs), "steps": stats.steps, "seconds": round(train_s, 1),
+                           "first_loss": round(stats.first_loss, 3), "last_loss": round(stats.last_loss, 3)}}
+    few = histories[:exhaustive_users]
+    # The lists are compared on the same users in the same batches: a batch's shape changes the model's
+    # float results in their last bits (batched kernels), and so near-equal scores' order.
+    for name, hist, kwargs in (("pruned", histories, {}), ("pruned_same_batches", few, {"batch_size": 32}),
+                               ("every_item", few, {"exhaustive": True, "batch_size": 32})):
+        with MemorySampler() as mem:
+            t0 = time.perf_counter()
+            res = D.infer(model, vocab, hist, 10, **kwargs)
+            seconds = time.perf_counter() - t0
+        out[name] = {"users": len(hist), "seconds": round(seconds, 2), "users_per_s": round(len(hist) / seconds, 1),
+                     "items_scored_per_user": round(sum(r.scored for r in res) / len(res), 1),
+                     "peak_mb": mem.peak["driver_python_mb"]}
+        out[f"_{name}"] = res
+        log(f"{n:,} items: {name}: {len(hist):,} users in {seconds:.1f}s ({len(hist) / seconds:,.1f} users/s), "
+            f"{out[name]['items_scored_per_user']:,.0f} items scored per user")
+    out.pop("_pruned")
+    pruned, every = out.pop("_pruned_same_batches"), out.pop("_every_item")
+    out["lists_identical"] = all(a.item_idx == b.item_idx and a.scores == b.scores
+                                 for a, b in zip(pruned, every, strict=True))
+    out["speedup"] = round(out["pruned_same_batches"]["users_per_s"] / out["every_item"]["users_per_s"], 1)
+    out["measured_at"] = utc_now()
+    return out
+
+
+def beyond_log_table(data: dict) -> list[str]:
+    runs = sorted((data.get("beyond_log_inference") or {}).values(), key=lambda r: r["items"])
+    if not runs:
+        return []
+    lines = ["", "infer_beyond_log's ranking (`--beyond-log`): the rest of each user's top 10 by prefix bounds "
+             "against scoring every item, on the same model (default configuration, step-capped) and the "
+             "synthetic source's first users, with the semantic IDs of the `--quantizer` run:", "",
+             "| items | users | pruned, batches of 256: users/s | items scored per user | the first users in batches "
+             "of 32: pruned / every item, users/s | speedup | lists identical | Python MB pruned / every item |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in runs:
+        p, same, e = r["pruned"], r["pruned_same_batches"], r["every_item"]
+        lines.append(f"| {r['vocab_items']:,} | {r['users']:,} | {p['users_per_s']:,.0f} | "
+                     f"{p['items_scored_per_user']:,.0f} | {same['users_per_s']:,.0f} / {e['users_per_s']:,.1f} | "
+                     f"{r['speedup']:,.1f}x | {'yes' if r['lists_identical'] else 'NO'} ({e['users']:,} users) | "
+                     f"{p['peak_mb']:,.0f} / {e['peak_mb']:,.0f} |")
+    return lines
+
+
 def res_days(ctx) -> int:
     """Day partitions of bronze.interactions."""
     from feature_store import delta
@@ -297,6 +483,8 @@ def markdown(data: dict) -> str:
         files = [str(r.get("tables", {}).get(t, {}).get("files", "–")) for r in sizes]
         mbs = [f"{r['tables'][t]['bytes'] / 1e6:,.1f}" if t in r.get("tables", {}) else "–" for r in sizes]
         lines.append(f"| {t} | " + " | ".join(files) + " | " + " | ".join(mbs) + " |")
+    lines += quantizer_table(data)
+    lines += beyond_log_table(data)
     merges = sorted((data.get("nightly_merge") or {}).values(), key=lambda r: r["items"])
     if merges:
         lines += ["", "The next night's catalog MERGE (ingest_catalog) with 1% of the items changed, against the "
@@ -318,6 +506,24 @@ def markdown(data: dict) -> str:
             lines.append(f"| {m['items']:,} | {i.get('files', '–')} | {i.get('days', '–')} | "
                          f"{(i.get('bytes') or 0) / 1e6:,.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def quantizer_table(data: dict) -> list[str]:
+    quant = sorted((data.get("quantizer_stages") or {}).values(), key=lambda r: r["items"])
+    if not quant:
+        return []
+    lines = ["", "The two quantizer stages alone (`--quantizer`), each in its own process as the DAG runs them, "
+             "on the synthetic catalog's items embedded by the hashing stand-in (no earlier stage run); "
+             "the Python driver's peak is exact (getrusage), the JVM's sampled:", "",
+             "| items | stage | trained on | seconds | µs per item | Python driver peak MB | JVM MB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for q in quant:
+        for stage, r in q["stages"].items():
+            trained = r["metrics"].get("trained_on")
+            lines.append(f"| {q['items']:,} | {stage} | {'–' if trained is None else f'{trained:,}'} | "
+                         f"{r['seconds']:,.0f} | {r['us_per_unit']:,.0f} | "
+                         f"{r['memory']['driver_python_peak_mb']:,.0f} | {r['memory'].get('jvm_mb', 0):,.0f} |")
+    return lines
 
 
 def plot(data: dict, path: Path) -> None:
@@ -378,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nightly-merge", action="store_true",
                    help="only the next night's catalog MERGE with 1%% of the items changed, against the first "
                         "night's full load, at each size (results under nightly_merge)")
+    p.add_argument("--quantizer", action="store_true",
+                   help="only train_quantizer and assign_semantic_ids, each in its own process, on the synthetic "
+                        "catalog's items written straight to their input tables, at each size (results under "
+                        "quantizer_stages; a million items takes about half an hour)")
+    p.add_argument("--beyond-log", action="store_true",
+                   help="only infer_beyond_log's ranking, pruned against scoring every item, at each size (needs "
+                        "`--quantizer --keep` at that size first; results under beyond_log_inference)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = p.parse_args(argv)
     # The stages' own progress (diffusion epochs, quantizer levels, rows merged) is logged at INFO.
@@ -393,6 +606,20 @@ def main(argv: list[str] | None = None) -> int:
     data.setdefault("sizes", {})
     spark = None
     start = time.perf_counter()
+    if args.beyond_log:
+        data.setdefault("beyond_log_inference", {})
+        for n in sizes:
+            data["beyond_log_inference"][str(n)] = beyond_log_inference(n)
+            _write(args.out, data)
+        print("\n".join(beyond_log_table(data)))
+        return 0
+    if args.quantizer:
+        data.setdefault("quantizer_stages", {})
+        for n in sizes:
+            data["quantizer_stages"][str(n)] = quantizer_stages(n, keep=args.keep)
+            _write(args.out, data)
+        print("\n".join(quantizer_table(data)))
+        return 0
     if args.nightly_merge:
         data.setdefault("nightly_merge", {})
         for n in sizes:
