@@ -54,18 +54,22 @@ def load_embeddings(ctx: RunContext, embedder: str, version: int | None = None):
         batch = batch.filter(pc.is_in(batch.column("item_id"), value_set=current))
         if batch.num_rows == 0:
             continue
-        # A null vector counts as length 0: reported as a wrong dimension, as it always was.
-        sizes = pc.fill_null(pc.list_value_length(batch.column("embedding")), 0)
+        # A null vector is size -1 here: no vote for the common length, reported as a wrong dimension (0).
+        vectors = batch.column("embedding")
+        sizes = pc.if_else(pc.is_null(vectors), -1, pc.list_value_length(vectors))
         distinct = pc.unique(sizes).to_pylist()
         for size in distinct:
             rows = batch if len(distinct) == 1 else batch.filter(pc.equal(sizes, size))
+            if size == -1:
+                blocks.append((size, rows.column("item_id").to_pylist(), None))
+                continue
             # A null inside a vector becomes NaN here, and is caught with the non-finite values. Copied
             # out of Arrow: a view would keep Arrow's buffers, which its allocator holds on to once freed.
             mat = np.array(pc.list_flatten(rows.column("embedding")).to_numpy(zero_copy_only=False),
                            dtype=np.float32).reshape(rows.num_rows, size)
             blocks.append((size, rows.column("item_id").to_pylist(), mat))
             lengths[size] = lengths.get(size, 0) + rows.num_rows
-        batch = rows = mat = None
+        batch = rows = mat = vectors = None
     pa.default_memory_pool().release_unused()  # the batches' memory back to the system, not kept for reuse
     expected = max(lengths, key=lambda d: (lengths[d], d)) if lengths else 0
     ids: list[str] = []
@@ -74,7 +78,7 @@ def load_embeddings(ctx: RunContext, embedder: str, version: int | None = None):
     while blocks:
         size, item_ids, mat = blocks.pop(0)
         if size != expected:
-            bad += [(i, f"wrong_dimension: {size} != {expected}") for i in item_ids]
+            bad += [(i, f"wrong_dimension: {max(size, 0)} != {expected}") for i in item_ids]
             continue
         finite = np.isfinite(mat).all(axis=1)
         bad += [(i, "non_finite_embedding: NaN or inf values") for i, ok in zip(item_ids, finite, strict=True)

@@ -377,8 +377,8 @@ class PrefixIndex:
 
 # Prefixes taken, best bound first, for the first guess at the N-th score (then x4 while too few).
 _FIRST_PREFIXES = 16
-# Added to every prefix bound: far above float32 rounding of a sum of a few log-probs, far below the
-# gaps that prune.
+# Slack on the pruning test, absolute plus relative to the threshold: far above the float32 rounding of
+# a sum of G log-probs (G ulps of its size), far below the gaps that prune.
 _BOUND_MARGIN = 1e-3
 
 
@@ -392,10 +392,11 @@ def top_items(level_lp: Sequence[np.ndarray], index: PrefixIndex, excluded: np.n
     reach; every prefix whose bound reaches tau is then scored in full. The rest cannot reach tau.
     """
     split = index.split
-    # Bounds in float64 with a margin: an item whose score equals its prefix's bound must not lose it
-    # to rounding (scores are float32 sums, as scoring every item gives them).
+    # Bounds in float64; the test against tau has slack, so an item whose float32 score rounds above its
+    # prefix's bound is still found. A NaN log-prob bounds nothing: its prefixes are always scored.
     bound = sum(level_lp[g][index.prefixes[:, g]].astype(np.float64) for g in range(split))   # [P]
-    bound += sum(float(level_lp[g].max()) for g in range(split, len(level_lp))) + _BOUND_MARGIN
+    bound += sum(float(np.nanmax(level_lp[g])) for g in range(split, len(level_lp)))
+    bound[np.isnan(bound)] = np.inf
     n_prefixes = len(bound)
     scored = 0
 
@@ -404,7 +405,8 @@ def top_items(level_lp: Sequence[np.ndarray], index: PrefixIndex, excluded: np.n
         items = items[~np.isin(items, excluded)] if len(excluded) else items
         scored += len(items)
         codes = index.codes[items]
-        return items, sum(level_lp[g][codes[:, g]] for g in range(len(level_lp)))
+        values = sum(level_lp[g][codes[:, g]] for g in range(len(level_lp)))
+        return items, np.where(np.isnan(values), -np.inf, values)  # NaN ranks last, as no score
 
     chosen = np.zeros(0, np.int64)  # prefixes whose items are scored
     items, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -419,7 +421,8 @@ def top_items(level_lp: Sequence[np.ndarray], index: PrefixIndex, excluded: np.n
         k = min(k * 4, n_prefixes)
     if need and len(items) >= need and len(chosen) < n_prefixes:
         tau = float(np.partition(scores, len(scores) - need)[len(scores) - need])  # the need-th best so far
-        more, more_scores = score(index.items_of(np.setdiff1d(np.flatnonzero(bound >= tau), chosen)))
+        slack = _BOUND_MARGIN + 2 * len(level_lp) * float(np.finfo(np.float32).eps) * abs(tau)
+        more, more_scores = score(index.items_of(np.setdiff1d(np.flatnonzero(bound >= tau - slack), chosen)))
         items, scores = np.concatenate([items, more]), np.concatenate([scores, more_scores])
     ranked = np.lexsort((items, -scores))[:need]  # equal scores: the lower item index first
     return items[ranked], scores[ranked], scored
@@ -494,7 +497,10 @@ def infer(model: MaskedDiffusionLM, vocab: SemanticVocab, histories: Sequence[Se
                 row_lp[picked] = -np.inf
                 n_scored = len(row_lp)
                 need = top_n - len(picked)
-                cand = np.argpartition(-row_lp, min(need, len(row_lp) - 1))[: need + 1]
+                if need >= len(row_lp):
+                    cand = np.arange(len(row_lp))
+                else:  # every item reaching the need-th score: ties across the cut keep the lower index
+                    cand = np.flatnonzero(row_lp >= -np.partition(-row_lp, need - 1)[need - 1])
                 cand = cand[np.lexsort((cand, -row_lp[cand]))]  # equal scores: the lower item index first
                 for c in cand:
                     if len(picked) >= top_n or not np.isfinite(row_lp[c]):

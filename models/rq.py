@@ -188,8 +188,8 @@ def dedup_last_level(
     colliding items move, and their new codes are still their nearest available ones. When a prefix has
     more than K items some must keep colliding; the collision digit separates those.
     `last_level_distances(rows)` returns the rows' squared distances (len(rows) x K) to every
-    last-level code; it is asked for at most `_DEDUP_ROWS` rows at a time, the colliding rows once and
-    the moving rows once more. Returns (new codes, number of items moved).
+    last-level code; it is asked for at most `_DEDUP_ROWS` rows at a time (or one prefix's moving rows,
+    when more), the colliding rows once and the moving rows once more. Returns (new codes, number of items moved).
     """
     codes = np.asarray(codes)
     n = codes.shape[0]
@@ -243,7 +243,7 @@ def dedup_last_level(
             rows += groups[end].size
             end += 1
         block = groups[g:end]
-        dist = np.asarray(last_level_distances(losers[np.concatenate(block)]), dtype=np.float64)
+        dist = np.array(last_level_distances(losers[np.concatenate(block)]), dtype=np.float64)  # ours to edit
         at = 0
         for group in block:
             cost = dist[at : at + group.size]

@@ -291,6 +291,7 @@ def test_inference_with_pruning_gives_the_lists_of_scoring_every_item():
     catalog for every user, while scoring fewer items."""
     rng = np.random.default_rng(11)
     codes = _unique_codes(rng, 600, [12, 12, 6, 2])
+    codes[:90] = np.repeat(codes[90:120], 3, axis=0)  # 30 groups named by three items each: equal scores
     vocab = D.SemanticVocab.build([f"i{k}" for k in range(len(codes))], codes.tolist())
     seqs = [list(rng.choice(600, size=int(rng.integers(3, 9)), replace=False)) for _ in range(400)]
     cfg = D.DiffusionConfig(d_model=32, n_layers=1, n_heads=2, epochs=3, batch_size=64, slots=2, max_len=10,
@@ -304,3 +305,30 @@ def test_inference_with_pruning_gives_the_lists_of_scoring_every_item():
         assert not set(a.item_idx) & set(h)
         assert b.scored == 600
     assert sum(a.scored for a in pruned) < sum(b.scored for b in every)
+
+
+def test_top_items_stay_exact_with_large_scores_and_ties_at_the_cut():
+    """Float32 rounding grows with the scores' size (the pruning's slack grows with it): with log-probs
+    near -1e4 per level, neighbouring scores are a rounding apart, and the lists still match."""
+    rng = np.random.default_rng(5)
+    sizes = [64, 64, 1, 1]  # one item per prefix, at the best of the later levels: score == bound
+    codes = np.array([[a, b, 0, 0] for a in range(64) for b in range(64)], dtype=np.int64)
+    index = D.PrefixIndex(codes)
+    for _ in range(40):
+        # Every score near -40,002, where a float32 ulp is 0.004.
+        level_lp = [(-1e4 - rng.random(v)).astype(np.float32) for v in sizes]
+        items, scores, _ = D.top_items(level_lp, index, np.zeros(0, np.int64), 25)
+        want_items, want_scores = _scores_of_every_item(level_lp, codes, np.zeros(0, np.int64), 25)
+        assert items.tolist() == want_items.tolist() and np.array_equal(scores, want_scores)
+
+
+def test_a_nan_log_prob_disables_pruning_instead_of_dropping_items():
+    codes = _unique_codes(np.random.default_rng(2), 500, [8, 8, 8])
+    level_lp = [torch.log_softmax(torch.randn(8) * 3, -1).numpy() for _ in range(3)]
+    level_lp[2][5] = np.nan
+    items, scores, _ = D.top_items(level_lp, D.PrefixIndex(codes), np.zeros(0, np.int64), 10)
+    finite = np.isfinite(scores)
+    every = sum(level_lp[g][codes[:, g]] for g in range(3))
+    every = np.where(np.isnan(every), -np.inf, every)
+    want = np.lexsort((np.arange(500), -every))[:10]
+    assert items.tolist() == want.tolist() and finite.all()

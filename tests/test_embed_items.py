@@ -208,3 +208,25 @@ def test_embeddings_load_sorted_by_item_with_every_bad_vector_named(tmp_path, mo
         "null": f"wrong_dimension: 0 != {DIM}",
         "nan": "non_finite_embedding: NaN or inf values", "inf": "non_finite_embedding: NaN or inf values",
     }
+
+
+def test_null_vectors_do_not_vote_for_the_common_length(tmp_path):
+    """More null vectors than real ones: the real ones set the length, the nulls are named."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from feature_store import delta
+    from jobs import codebooks
+
+    ids = [f"n{k}" for k in range(5)] + ["a", "b"]
+    vectors = [None] * 5 + [[1.0] * DIM, [2.0] * DIM]
+    root = str(tmp_path)
+    write_deltalake(delta.table_path("silver.item_embeddings", root),
+                    pa.table({"item_id": ids, "embedder": ["m"] * 7,
+                              "embedding": pa.array(vectors, pa.list_(pa.float32()))}))
+    write_deltalake(delta.table_path("bronze.catalog_items", root), pa.table({"item_id": ids}))
+    got, mat, bad = codebooks.load_embeddings(SimpleNamespace(root=root), "m")
+    assert got == ["a", "b"] and mat.shape == (2, DIM)
+    assert dict(bad) == {f"n{k}": f"wrong_dimension: 0 != {DIM}" for k in range(5)}
