@@ -234,12 +234,13 @@ def nightly_merge(n: int, spark=None, changed: float = 0.01) -> tuple[dict, obje
 QUANTIZER_STAGES = ("train_quantizer", "assign_semantic_ids")
 
 
-def write_quantizer_inputs(n: int, base: Path, chunk_rows: int = 100_000) -> dict:
+def write_quantizer_inputs(n: int, base: Path, chunk_rows: int = 100_000, embeddings: bool = True) -> dict:
     """bronze.catalog_items and silver.item_embeddings for the synthetic catalog of `n` items, written by
     delta-rs chunk by chunk, without the stages before the quantizers: the items are the synthetic
     source's (what ingest_catalog would load), each embedded by the hashing stand-in from its title and
     description (the stages embed the knowledge text; the quantizers see 384-d unit vectors either way).
-    At a million items the stages before would take hours here; the quantizers' input is all they read."""
+    At a million items the stages before would take hours here; the quantizers' input is all they read.
+    `embeddings=False`: the catalog alone (the LLM stage's input)."""
     import datetime as dt
 
     import numpy as np
@@ -256,7 +257,7 @@ def write_quantizer_inputs(n: int, base: Path, chunk_rows: int = 100_000) -> dic
     root = str(base / "lakehouse")
     embedder = EmbedderConfig.from_dict(settings(n, base)["embedding"])
     day = dt.date.fromisoformat(DS)
-    bar = Progress("quantizer inputs: items written", n)
+    bar = Progress("quantizer inputs: items written" if embeddings else "catalog: items written", n)
     t0 = time.perf_counter()
     done = 0
     for batch in synthetic.iter_catalog(options=settings(n, base)["synthetic"], chunk_rows=chunk_rows):
@@ -268,34 +269,38 @@ def write_quantizer_inputs(n: int, base: Path, chunk_rows: int = 100_000) -> dic
                  "run_id": pa.array([f"bench_scale__{DS}"] * m)}
         catalog = pa.table({f.name: items.column(f.name) if f.name in items.column_names else stamp[f.name]
                             for f in CATALOG_ITEMS.schema}).cast(CATALOG_ITEMS.schema)
+        write_deltalake(delta.table_path("bronze.catalog_items", root), catalog, mode="append")
+        done += m
+        bar(done, n)
+        if not embeddings:
+            continue
         texts = pc.binary_join_element_wise(items.column("title"), pc.fill_null(items.column("description"), ""),
                                             " ").to_pylist()
         vectors = embed_texts(texts, embedder)
         dim = vectors.shape[1]
-        embeddings = pa.table({
+        vectors_table = pa.table({
             "item_id": items.column("item_id"), "embedder": pa.array([embedder.name] * m),
             "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32)),
                                                   pa.array(vectors.ravel())),
             "dim": pa.array([dim] * m, pa.int32()), "text_hash": pa.array(["bench"] * m),
             "prompt_version": pa.nulls(m, pa.string()), "model": pa.nulls(m, pa.string()),
             "ds": stamp["ds"], "run_id": stamp["run_id"]}).cast(ITEM_EMBEDDINGS.schema)
-        write_deltalake(delta.table_path("bronze.catalog_items", root), catalog, mode="append")
-        write_deltalake(delta.table_path("silver.item_embeddings", root), embeddings, mode="append")
-        done += m
-        bar(done, n)
-    return {"items": done, "seconds": round(time.perf_counter() - t0, 1), "embedder": embedder.name}
+        write_deltalake(delta.table_path("silver.item_embeddings", root), vectors_table, mode="append")
+    return {"items": done, "seconds": round(time.perf_counter() - t0, 1),
+            "embedder": embedder.name if embeddings else None}
 
 
-def _stage_alone(stage: str, n: int, base: str) -> dict:
+def _stage_alone(stage: str, n: int, base: str, overrides: dict | None = None, ds: str = DS) -> dict:
     """One stage in this (spawned) process, as an Airflow task runs it: seconds, result, peak memory.
-    The Python driver's peak is exact (getrusage); the JVM's is sampled."""
+    The Python driver's peak is exact (getrusage); the JVM's is sampled. `overrides`: the run's settings
+    (default: `settings(n, base)`)."""
     import resource
 
     from jobs.context import RunContext
     from jobs.runtime import execute
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    ctx = RunContext.create(ds=DS, overrides=settings(n, Path(base)))
+    ctx = RunContext.create(ds=ds, overrides=overrides or settings(n, Path(base)))
     t0 = time.perf_counter()
     with MemorySampler() as mem:
         res = execute(stage, ctx)
@@ -328,6 +333,209 @@ def quantizer_stages(n: int, keep: bool = False) -> dict:
     if not keep:
         shutil.rmtree(base, ignore_errors=True)
     return out
+
+
+# The LLM stage at scale (--llm): a night's budget of items against a fake server whose capacity is
+# set below what this machine's two cores can drive (client, server and Spark share them), so the
+# fan-out's own efficiency is what is measured; bench-llm measures the client's CPU limit separately.
+LLM_BUDGET = 25_000  # items a night
+LLM_CAPACITY = 64  # the fake server's slots
+LLM_LATENCY_S = 0.2  # per request: 320 requests a second
+LLM_MODEL = "fake-model"
+
+
+def _llm_settings(n: int, base: Path, base_url: str, budget: int, capacity: int) -> dict:
+    return {**settings(n, base), "llm": {
+        "backend": "openai", "base_url": base_url, "model": LLM_MODEL, "timeout_s": 30, "partitions": 2,
+        # 1.5x the server's slots in flight: requests queue there, as vLLM's scheduler queues them.
+        "max_concurrency": int(capacity * 1.5), "budget_items": budget}}
+
+
+def prefill_knowledge(root: str, count: int, ds: str, seed: int = 0, chunk_rows: int = 200_000) -> dict:
+    """`count` of the catalog's items (a seeded random choice) given knowledge rows for this prompt version
+    and the fake model, written by delta-rs as if earlier nights had answered them: the table the night's
+    commits MERGE into and the work set's anti-join reads. Only the keys are real; the rows say what
+    they are (summary, run_id)."""
+    import numpy as np
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from feature_store import delta
+    from feature_store.catalog import ITEM_KNOWLEDGE
+    from llm_agents import PROMPT_VERSION
+
+    keys = DeltaTable(delta.table_path("bronze.catalog_items", root)).to_pyarrow_table(columns=["item_id", "content_hash"])
+    chosen = np.sort(np.random.default_rng(seed).choice(keys.num_rows, size=count, replace=False))
+    path = delta.table_path("silver.item_knowledge", root)
+    day = np.datetime64(ds, "D")
+    for start in range(0, count, chunk_rows):
+        part = keys.take(pa.array(chosen[start:start + chunk_rows]))
+        m = part.num_rows
+        given = {"item_id": part["item_id"], "content_hash": part["content_hash"],
+                 "prompt_version": pa.array([PROMPT_VERSION] * m), "model": pa.array([LLM_MODEL] * m),
+                 "summary": pa.array(["bench-scale prefill: an earlier night's answer"] * m),
+                 "status": pa.array(["ok"] * m), "ds": pa.array(np.full(m, day)),
+                 "run_id": pa.array(["bench_scale_prefill"] * m)}
+        table = pa.table({f.name: given[f.name] if f.name in given else pa.nulls(m, f.type)
+                          for f in ITEM_KNOWLEDGE.schema}).cast(ITEM_KNOWLEDGE.schema)
+        write_deltalake(path, table, mode="append")
+    return {"rows": count, "files": len(DeltaTable(path).file_uris())}
+
+
+def _knowledge_rows(root: str) -> dict:
+    """silver.item_knowledge's rows and distinct keys for the fake model, and its files."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from feature_store import delta
+
+    dt = DeltaTable(delta.table_path("silver.item_knowledge", root))
+    t = dt.to_pyarrow_table(columns=["item_id", "content_hash", "model"], filters=[("model", "=", LLM_MODEL)])
+    keys = pc.binary_join_element_wise(t["item_id"], t["content_hash"], "|")
+    return {"rows": t.num_rows, "distinct_keys": len(pc.unique(keys)), "files": len(dt.file_uris())}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything under it (the stage's JVM and its Python workers): a crash, not
+    a shutdown."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _night(n: int, base: Path, overrides: dict, ds: str, base_url: str, capacity_rps: float) -> dict:
+    """reason_items for one night in its own process, with the server's count of what it served."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench.llm_fanout import _server_stats
+
+    _server_stats(base_url, reset=True)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        r = pool.submit(_stage_alone, "reason_items", n, str(base), overrides, ds).result()
+    served = _server_stats(base_url)
+    m = r["metrics"]
+    window = served.get("service_window_s") or 0.0
+    r["server"] = {k: served.get(k) for k in ("ok", "requests", "max_queued", "service_window_s")}
+    # How busy the fan-out kept the server: in the server's window (first request to last answer), and
+    # over the stage's fan-out and commits (its own seconds).
+    r["efficiency"] = round(served.get("ok", 0) / window / capacity_rps, 4) if window else None
+    r["job_efficiency"] = round(m["llm_calls"] / m["seconds"] / capacity_rps, 4) if m.get("seconds") else None
+    r["us_per_answered_item"] = round(r["seconds"] / max(m.get("ok") or 1, 1) * 1e6, 1)
+    r["knowledge"] = _knowledge_rows(overrides["lakehouse"])
+    return r
+
+
+def llm_stage(n: int, budget: int = LLM_BUDGET, capacity: int = LLM_CAPACITY, latency: float = LLM_LATENCY_S,
+              keep: bool = False) -> dict:
+    """reason_items over an `n`-item catalog whose knowledge table already holds all but two nights'
+    budget: night 1 runs its budget through; night 2 is killed (SIGKILL, the JVM and workers too) once
+    the server has answered half its budget's requests, then run again. Measured per night: the stage's
+    seconds and memory, the server's efficiency, each chunk's commit time and the fan-out's wait on
+    commits, the work set and backlog; after the kill: the rows committed, and how many items the
+    rerun asked for again."""
+    import datetime as dt
+    import multiprocessing as mp
+
+    from bench.llm_fanout import _server_stats, _start_server
+
+    base = Path(CACHE_DIR) / f"scale-llm-{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    root = str(base / "lakehouse")
+    prefill = max(0, n - 2 * budget)
+    out: dict = {"items": n, "budget_items": budget, "server_capacity": capacity, "server_latency_s": latency,
+                 "server_capacity_rps": capacity / latency}
+    log(f"{n:,} items: writing the catalog, then knowledge rows for {prefill:,} of them (earlier nights) ...")
+    out["catalog"] = write_quantizer_inputs(n, base, embeddings=False)
+    t0 = time.perf_counter()
+    out["prefill"] = {**prefill_knowledge(root, prefill, DS), "seconds": round(time.perf_counter() - t0, 1)} \
+        if prefill else {"rows": 0}
+    os.environ.setdefault("OPENAI_API_KEY", "bench-key")
+    server, base_url = _start_server(capacity, latency)
+    overrides = _llm_settings(n, base, base_url, budget, capacity)
+    nights = [DS, (dt.date.fromisoformat(DS) + dt.timedelta(days=1)).isoformat()]
+    try:
+        log(f"{n:,} items, night 1: {budget:,} items against {capacity} slots x {latency}s ...")
+        out["night"] = _night(n, base, overrides, nights[0], base_url, capacity / latency)
+        calls_per_item = out["night"]["metrics"]["llm_calls"] / max(out["night"]["metrics"]["ok"], 1)
+        before = _knowledge_rows(root)["rows"]
+        # Night 2, killed once the server has answered half of its budget's requests.
+        _server_stats(base_url, reset=True)
+        target = budget * calls_per_item / 2
+        log(f"{n:,} items, night 2: killed after {target:,.0f} answers ...")
+        proc = mp.get_context("spawn").Process(target=_stage_alone,
+                                               args=("reason_items", n, str(base), overrides, nights[1]))
+        proc.start()
+        t0 = time.perf_counter()
+        while proc.is_alive() and _server_stats(base_url).get("ok", 0) < target:
+            time.sleep(0.5)
+        _kill_tree(proc.pid)
+        proc.join()
+        killed_at = time.perf_counter() - t0
+        asked_before_kill = _server_stats(base_url).get("requests", 0)
+        committed = _knowledge_rows(root)["rows"] - before
+        log(f"{n:,} items: killed after {killed_at:.0f}s, {committed:,} items committed; running night 2 again ...")
+        resumed = _night(n, base, overrides, nights[1], base_url, capacity / latency)
+        m = resumed["metrics"]
+        asked_items = (asked_before_kill + m["llm_calls"]) / calls_per_item
+        out["killed"] = {
+            "killed_after_s": round(killed_at, 1), "requests_before_kill": asked_before_kill,
+            "items_committed_before_kill": committed, "resumed": resumed,
+            "resumed_work_set": m["work_set"], "resumed_answered": m["ok"],
+            # Items the two runs of night 2 asked for, beyond the night's budget: the chunks in flight and
+            # being committed when the process died.
+            "items_asked_again": round(asked_items - budget),
+            "knowledge_after": resumed["knowledge"],
+            "every_item_once": resumed["knowledge"]["rows"] == resumed["knowledge"]["distinct_keys"]
+                                == prefill + 2 * budget,
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    out["measured_at"] = utc_now()
+    if not keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def llm_table(data: dict) -> list[str]:
+    runs = sorted((data.get("llm_stage") or {}).values(), key=lambda r: r["items"])
+    if not runs:
+        return []
+    r0 = runs[0]
+    lines = ["", f"reason_items at scale (`--llm`): a night's budget of {r0['budget_items']:,} items against the fake "
+             f"OpenAI-compatible server ({r0['server_capacity']} slots x {r0['server_latency_s']} s = "
+             f"{r0['server_capacity_rps']:,.0f} requests/s), the knowledge table already holding the rest of the "
+             "catalog but two nights; the stage in its own process. Then night 2 killed (SIGKILL of the "
+             "process, its JVM and workers) at half its answers and run again:", "",
+             "| items | knowledge rows before | work set | answered / backlog | stage s | µs per answered item "
+             "| efficiency: server window / whole stage | commit s: first / last chunks, max | fan-out waited on "
+             "commits | Python driver / JVM / workers MB | killed: committed, asked again, every item once |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    before = sorted((v for key, v in (data.get("llm_stage_before") or {}).items() if key != "note"),
+                    key=lambda r: r["items"])
+    for r in runs + before:
+        label = f"{r['items']:,}" + (" (before: every chunk 1,000 items)" if r in before else "")
+        nt, m, k = r["night"], r["night"]["metrics"], r.get("killed") or {}
+        c, mem = m.get("commit_seconds") or {}, nt["memory"]
+        lines.append(
+            f"| {label} | {r['prefill']['rows']:,} | {m['work_set']:,} | {m['ok']:,} / {m['backlog']:,} | "
+            f"{nt['seconds']:,.0f} | {nt['us_per_answered_item']:,.0f} | {nt['efficiency']:.3f} / "
+            f"{nt['job_efficiency']:.3f} | {c.get('first', 0):.1f} / {c.get('last', 0):.1f}, {c.get('max', 0):.1f} | "
+            f"{m.get('commit_wait_seconds', 0):.1f} s | {mem['driver_python_peak_mb']:,.0f} / {mem.get('jvm_mb', 0):,.0f} "
+            f"/ {mem.get('workers_mb', 0):,.0f} | {k.get('items_committed_before_kill', 0):,}, "
+            f"{k.get('items_asked_again', 0):,}, {'yes' if k.get('every_item_once') else 'NO'} |")
+    return lines
 
 
 def beyond_log_inference(n: int, users: int = 20_000, exhaustive_users: int = 500, max_steps: int = 1_000) -> dict:
@@ -485,6 +693,7 @@ def markdown(data: dict) -> str:
         lines.append(f"| {t} | " + " | ".join(files) + " | " + " | ".join(mbs) + " |")
     lines += quantizer_table(data)
     lines += beyond_log_table(data)
+    lines += llm_table(data)
     merges = sorted((data.get("nightly_merge") or {}).values(), key=lambda r: r["items"])
     if merges:
         lines += ["", "The next night's catalog MERGE (ingest_catalog) with 1% of the items changed, against the "
@@ -591,6 +800,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beyond-log", action="store_true",
                    help="only infer_beyond_log's ranking, pruned against scoring every item, at each size (needs "
                         "`--quantizer --keep` at that size first; results under beyond_log_inference)")
+    p.add_argument("--llm", action="store_true",
+                   help=f"only reason_items: a night's budget ({LLM_BUDGET:,} items) against a fake server of known "
+                        "capacity on a catalog whose knowledge table holds the rest, then a night killed halfway and "
+                        "run again, at each size (results under llm_stage; about 20 minutes a size)")
+    p.add_argument("--llm-budget", type=int, default=LLM_BUDGET, metavar="ITEMS",
+                   help="with --llm: the night's llm.budget_items (default %(default)s)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = p.parse_args(argv)
     # The stages' own progress (diffusion epochs, quantizer levels, rows merged) is logged at INFO.
@@ -606,6 +821,13 @@ def main(argv: list[str] | None = None) -> int:
     data.setdefault("sizes", {})
     spark = None
     start = time.perf_counter()
+    if args.llm:
+        data.setdefault("llm_stage", {})
+        for n in sizes:
+            data["llm_stage"][str(n)] = llm_stage(n, budget=args.llm_budget, keep=args.keep)
+            _write(args.out, data)
+        print("\n".join(llm_table(data)))
+        return 0
     if args.beyond_log:
         data.setdefault("beyond_log_inference", {})
         for n in sizes:

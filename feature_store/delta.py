@@ -278,6 +278,48 @@ def apply_retention(spark: SparkSession | None, name: str, root: str | None = No
     return {"properties_set": changed, "files_deleted": None}
 
 
+def compact(spark: SparkSession | None, name: str, root: str | None = None, *, min_files: int,
+            target_mb: int) -> dict:
+    """Rewrite the table's small files (under `target_mb`) into files of about `target_mb`, once it has
+    `min_files` of them; a table with fewer is left alone (and nothing is committed).
+
+    Why: every chunk of reason_items' answers, every task's run record and every quarantine write adds
+    a file or two, so the tables written a little at a time every night gather thousands of files of a
+    few KB over a year, and every reader lists and opens each one. Compaction commits an OPTIMIZE
+    version whose rows are those of the version before (`dataChange` false), and older versions stay
+    readable for the retention window. On a local lakehouse delta-rs compacts; elsewhere Spark's
+    OPTIMIZE, with only files under `target_mb` as candidates.
+    Returns {"small_files": n, "compacted": bool, "files_removed": n, "files_added": n}."""
+    path = table_path(name, root)
+    target = target_mb * 1024 * 1024
+    if is_local(path):
+        from deltalake import DeltaTable as ArrowTable
+
+        table = ArrowTable(path)
+        sizes = table.get_add_actions(flatten=True).column("size_bytes").to_pylist()
+        small = sum(1 for b in sizes if b < target)
+        if small < min_files:
+            return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0}
+        m = table.optimize.compact(target_size=target)
+        return {"small_files": small, "compacted": True, "files_removed": int(m.get("numFilesRemoved", 0)),
+                "files_added": int(m.get("numFilesAdded", 0))}
+    if spark is None:
+        raise ValueError(f"{name}: {path} is not on a local disk: compact needs a Spark session there")
+    from delta.tables import DeltaTable
+
+    target_table = DeltaTable.forPath(spark, path)
+    detail = target_table.detail().select("numFiles", "sizeInBytes").first()
+    files, size = int(detail["numFiles"] or 0), int(detail["sizeInBytes"] or 0)
+    # Spark lists no file sizes cheaply: a table whose files average under the target counts as small.
+    small = files if files and size / files < target else 0
+    if small < min_files:
+        return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0}
+    for key in ("spark.databricks.delta.optimize.minFileSize", "spark.databricks.delta.optimize.maxFileSize"):
+        spark.conf.set(key, str(target))
+    m = target_table.optimize().executeCompaction().select("metrics.numFilesRemoved", "metrics.numFilesAdded").first()
+    return {"small_files": small, "compacted": True, "files_removed": int(m[0] or 0), "files_added": int(m[1] or 0)}
+
+
 def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 

@@ -128,6 +128,16 @@ class RetentionSettings(Section):
         "versions, so it would retrain them the next night")
 
 
+class CompactionSettings(Section):
+    """Small files merged into larger ones, by publish at the end of a good run."""
+
+    min_small_files: PositiveInt | None = Field(
+        64, description="publish compacts a table once it has this many files under target_mb (tables written a "
+        "chunk or a record at a time gather a few every night); null: never. The tables whose versions the "
+        "codebooks and the diffusion checkpoint pin are left alone (a new version would retrain them)")
+    target_mb: PositiveInt = Field(128, description="size of the files compaction writes, and below which a file counts as small")
+
+
 class AirflowSettings(Section):
     """How the DAGs are scheduled and how their tasks run."""
 
@@ -184,7 +194,13 @@ class LLMSettings(Section):
     commit_every_items: PositiveInt | None = Field(
         None, description="answers committed to the tables every this many items, in priority order, while the "
         "next ones are asked: a run killed midway keeps them and the rerun asks only for the rest; null: 1000 "
-        "(a GPU server), llm.local.commit_every_items on the local engine; the offline heuristic commits once")
+        "(a GPU server, then sized by commit_every_minutes), llm.local.commit_every_items on the local engine; "
+        "the offline heuristic commits once")
+    commit_every_minutes: PositiveFloat | None = Field(
+        2.0, description="with commit_every_items null and a server given by URL: chunks after the first are sized "
+        "to take about this long at the rate measured so far (1,000 to 20,000 items), so a fast server is not "
+        "held up by a Spark job and a commit every few seconds; a kill asks again for at most about two chunks' "
+        "minutes; null: every chunk 1,000 items")
     # The client's settings: null keeps llm_agents.LLMConfig's default.
     timeout_s: PositiveFloat | None = Field(None, description="per request; null: the client's default (local: 180)")
     max_retries: StrictInt | None = Field(None, ge=0, le=20, description="per request; null: the client's default")
@@ -237,6 +253,7 @@ class Settings(Section):
     spark: SparkSettings = Field(default_factory=SparkSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    compaction: CompactionSettings = Field(default_factory=CompactionSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     embedding: EmbedderConfig = Field(default_factory=EmbedderConfig)
     quantizer: QuantizerSettings = Field(default_factory=QuantizerSettings)

@@ -78,11 +78,22 @@ def llm_budget(ctx: RunContext) -> tuple[int | None, float | None]:
 # Answers per commit for a server given by URL: at a few items a second, minutes of work per commit, so
 # the commit (overlapped with the next chunk's requests) is a small share of the run.
 COMMIT_EVERY_ITEMS = 1000
+# A chunk's rows reach the driver as small columns and its partitions' items sit in the Python workers:
+# this bounds both however fast the server is.
+CHUNK_MAX_ITEMS = 20_000
 
 
-def llm_commit_every(ctx: RunContext) -> int:
-    """`llm.commit_every_items`; null: the local engine's own default, else COMMIT_EVERY_ITEMS."""
+def llm_commit_every(ctx: RunContext) -> tuple[int, float | None]:
+    """(the first chunk's items, the seconds later chunks are sized to last, or None for fixed chunks).
+
+    `llm.commit_every_items` set: every chunk that many items. Null: the local engine's
+    `llm.local.commit_every_items`, fixed (a few minutes of its work already); a server given by URL
+    starts with COMMIT_EVERY_ITEMS and sizes the next chunks to `llm.commit_every_minutes` at its
+    measured rate (null minutes: fixed chunks)."""
     cfg = ctx.config["llm"]
     if cfg["commit_every_items"] is not None:
-        return int(cfg["commit_every_items"])
-    return int(cfg["local"]["commit_every_items"]) if cfg["backend"] == "local" else COMMIT_EVERY_ITEMS
+        return int(cfg["commit_every_items"]), None
+    if cfg["backend"] == "local":
+        return int(cfg["local"]["commit_every_items"]), None
+    minutes = cfg["commit_every_minutes"]
+    return COMMIT_EVERY_ITEMS, None if minutes is None else 60.0 * float(minutes)

@@ -75,9 +75,36 @@ def keep_history(ctx: RunContext) -> dict:
     return out
 
 
+# Tables whose Delta version names what was trained on them: the quantizers' codebook version hashes
+# silver.item_embeddings' version (jobs/train_quantizer.py), the diffusion checkpoint gold.user_sequences'
+# (jobs/infer_beyond_log.py). A compaction commits a version, which would retrain both the next night.
+PINNED_BY_VERSION = ("silver.item_embeddings", "gold.user_sequences")
+
+
+def compact_tables(ctx: RunContext) -> dict:
+    """Every table but those PINNED_BY_VERSION compacted once it has `compaction.min_small_files` small
+    files: {table: what delta.compact did}, for the tables it compacted."""
+    from feature_store import delta
+    from feature_store.catalog import TABLES
+
+    cfg = ctx.config["compaction"]
+    if cfg["min_small_files"] is None:
+        return {}
+    spark = None if delta.is_local(ctx.root) else ctx.spark
+    out = {}
+    for name in TABLES:
+        if name in PINNED_BY_VERSION or not delta.exists(name, ctx.root):
+            continue
+        r = delta.compact(spark, name, ctx.root, min_files=cfg["min_small_files"], target_mb=cfg["target_mb"])
+        if r["compacted"]:
+            out[name] = r
+    return out
+
+
 def run(ctx: RunContext) -> JobResult:
     out_dir = Path(resolve_path(ctx.config["reports"])) / ctx.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
+    compacted = compact_tables(ctx)
     retention = keep_history(ctx)
     s = summary(ctx)
     from jobs.report import build_report
@@ -85,11 +112,12 @@ def run(ctx: RunContext) -> JobResult:
     report = build_report(ctx.root, ctx.run_id, out_dir / "report", reports_dir=Path(resolve_path(ctx.config["reports"])))
     s["report"] = str(report)
     s["retention"] = retention
+    s["compacted"] = compacted
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2, default=str))
     written = sum(v["rows"] or 0 for v in s["tables"].values())
     return JobResult(rows_in=written, rows_out=written,
                      metrics={"summary": str(out_dir / "summary.json"), "report": str(report),
-                              "retention": retention})
+                              "retention": retention, "compacted": compacted})
 
 
 if __name__ == "__main__":

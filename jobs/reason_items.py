@@ -10,8 +10,11 @@ prompt version and model (counted in ops.llm_attempts): from then on the item is
 to the quarantine as `dead_letter` in every run, until its content, the prompt or the model changes or
 an operator requeues it (`python -m jobs.cli requeue-llm`; see jobs/dead_letter.py).
 
-Committed while it runs. The items sent are cut, in priority order, into chunks of
-`llm.commit_every_items` (1,000 for a server given by URL, 25 on the local engine); each chunk's answers
+Committed while it runs. The items sent are cut, in priority order, into chunks: `llm.commit_every_items`
+when set, else 25 on the local engine (`llm.local.commit_every_items`), and for a server given by URL a
+first chunk of 1,000 and then chunks sized to last about `llm.commit_every_minutes` (2) at the rate
+measured so far, up to 20,000 items (each chunk costs a Spark job's launch and drain and a commit,
+whatever its size: against a fast server, chunks of 1,000 kept it 0.77 busy); each chunk's answers
 are merged into silver.item_knowledge (failures into silver.quarantine and ops.llm_attempts) in a
 background thread while the next chunk's requests run, so the server does not wait for Delta. A run
 killed midway (a lost node, a task timeout, Ctrl-C) keeps every committed chunk: the rerun's work set no
@@ -59,7 +62,7 @@ from dataclasses import dataclass, field
 
 from jobs import dead_letter
 from jobs.context import JobResult, RunContext
-from jobs.llm import llm_budget, llm_commit_every, llm_config
+from jobs.llm import CHUNK_MAX_ITEMS, llm_budget, llm_commit_every, llm_config
 from jobs.progress import progress_line
 from jobs.runtime import StageFailed, cli_main, write_quarantine
 
@@ -119,19 +122,29 @@ def select_for_run(ranked, order, budget_items: int | None):
     return ranked if budget_items is None else ranked.orderBy(*order).limit(budget_items)
 
 
-def with_chunks(chosen, order, chunk_items: int):
-    """`chosen` with `_chunk`: its rank in priority order, divided by `chunk_items`, so chunk 0 holds the most
-    important items. Ranked on the keys only, by zipWithIndex over a sorted RDD: a distributed sort and one
-    count per partition (a window without a partition would pull the whole work set into one task)."""
+def with_ranks(chosen, order):
+    """`chosen` with `_rank`: its place in priority order (0: the most important), which cuts the chunks.
+    Ranked on the keys only, by zipWithIndex over a sorted RDD: a distributed sort and one count per
+    partition (a window without a partition would pull the whole work set into one task)."""
     keys = chosen.select("item_id", *PRIORITY_COLUMNS).orderBy(*order)
-    ranks = keys.rdd.zipWithIndex().map(lambda pair: (pair[0]["item_id"], pair[1] // chunk_items))
-    return chosen.join(chosen.sparkSession.createDataFrame(ranks, "item_id string, _chunk long"), "item_id")
+    ranks = keys.rdd.zipWithIndex().map(lambda pair: (pair[0]["item_id"], pair[1]))
+    return chosen.join(chosen.sparkSession.createDataFrame(ranks, "item_id string, _rank long"), "item_id")
+
+
+def next_chunk_items(done: int, seconds: float, target_s: float | None, first: int, most: int) -> int:
+    """The next chunk's size: `first` when chunks are fixed (`target_s` None), else what the last chunk's
+    rate (`done` items in `seconds`, its fan-out's whole wall time) answers in `target_s`, between `first`
+    and `most`. A fast server gets long chunks: each chunk pays a Spark job's launch and drain and a
+    commit, the same at any size, and the next chunk's requests wait while a slow commit finishes."""
+    if target_s is None or seconds <= 0:
+        return first
+    return max(first, min(most, int(done / seconds * target_s)))
 
 
 def for_fan_out(chunk, order, partitions: int):
     """A chunk as the fan-out takes it: repartitioned by item_id, each partition in priority order (so a
     deadline cuts its least important items), helper columns dropped."""
-    return chunk.repartition(partitions, "item_id").sortWithinPartitions(*order).drop(*PRIORITY_COLUMNS, "_chunk")
+    return chunk.repartition(partitions, "item_id").sortWithinPartitions(*order).drop(*PRIORITY_COLUMNS, "_rank")
 
 
 def _partition_fn(config_json: str, schema, deadline: float | None = None):
@@ -289,25 +302,29 @@ def run(ctx: RunContext) -> JobResult:
     else:
         ranked.unpersist()
     # The offline heuristic answers thousands of items a second: one commit at the end is all it needs.
-    chunk_items = n if config.backend == "offline" else min(n, llm_commit_every(ctx))
-    n_chunks = -(-n // chunk_items) if n else 0
-    if n_chunks > 1:
+    chunk_items, target_s = (n, None) if config.backend == "offline" else llm_commit_every(ctx)
+    chunk_items = min(n, chunk_items)
+    chunked = n > chunk_items
+    if chunked:
         # Checkpointed, not cached: each commit writes silver.item_knowledge and ops.llm_attempts, which the
         # work set reads, and Spark recomputes a cached plan over a table just written, which would redo the
         # work set (without the committed items, so the ranks would shift) once per chunk.
-        ranked_chosen = with_chunks(chosen, order, chunk_items).localCheckpoint(eager=True)
+        ranked_chosen = with_ranks(chosen, order).localCheckpoint(eager=True)
         chosen.unpersist()
         chosen = ranked_chosen
     budget = ", ".join(x for x in (budget_items and f"{budget_items} items",
                                    budget_minutes and f"{budget_minutes:g} minutes") if x) or "none"
+    every = (f"{chunk_items} items" if target_s is None else
+             f"{chunk_items} items, then chunks sized to about {target_s / 60:g} min at the measured rate")
     log.info("reason_items: %d of %d items need knowledge, %d sent to %s this run in priority order (budget: %s), "
-             "%d skipped as dead-lettered (prompt %s, %d partitions x %d in flight, committed every %d items)",
+             "%d skipped as dead-lettered (prompt %s, %d partitions x %d in flight, committed every %s)",
              n_work, total_items, n, model, budget, len(dead), PROMPT_VERSION, partitions, config.max_concurrency,
-             chunk_items or 0)
+             every)
     metrics = {"prompt_version": PROMPT_VERSION, "model": model, "work_set": n_work, "scheduled": n,
                "catalog": total_items, "partitions": partitions, "per_partition_concurrency": config.max_concurrency,
                "dead_letter_after": limit, "dead_lettered_skipped": len(dead),
-               "budget_items": budget_items, "budget_minutes": budget_minutes, "commit_every_items": chunk_items}
+               "budget_items": budget_items, "budget_minutes": budget_minutes, "commit_every_items": chunk_items,
+               "commit_every_minutes": None if target_s is None else target_s / 60}
     if n == 0:
         chosen.unpersist()
         write_quarantine(ctx, dead_records)
@@ -319,26 +336,42 @@ def run(ctx: RunContext) -> JobResult:
     # Wall clock, not monotonic: the deadline is compared in the Spark workers' own processes.
     deadline = None if budget_minutes is None else time.time() + 60.0 * budget_minutes
     fan_out = _partition_fn(config.model_dump_json(), result_schema, deadline)
+    # The failure counters of the items sent, read once: an item is in one chunk of a run, so this
+    # snapshot is what each chunk's commit needs (not a join against ops.llm_attempts per chunk).
+    previous = {tuple(r[k] for k in dead_letter.KEY): r.asDict() for r in counters.join(
+        chosen.select("item_id", "content_hash"), ["item_id", "content_hash"], "left_semi").collect()}
     totals = ChunkTotals()
     t0 = time.monotonic()
     # Chunk c is committed in a thread while chunk c+1's requests run, so the server does not wait for
     # Delta: a kill loses at most the chunk in flight and the one being committed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reason_items-commit") as committer:
         committing = None
+        start = 0
         try:
-            for c in range(n_chunks):
-                if c and deadline is not None and time.time() >= deadline:
+            while start < n:
+                if start and deadline is not None and time.time() >= deadline:
                     break  # the chunks left are the backlog, as items a partition never started are
                 if committing is not None and committing.done():
                     committing.result()  # a failed commit stops the run before more requests are sent
-                chunk = chosen if n_chunks == 1 else chosen.filter(F.col("_chunk") == c)
+                end = min(n, start + chunk_items)
+                chunk = chosen.filter((F.col("_rank") >= start) & (F.col("_rank") < end)) if chunked else chosen
+                asked = time.monotonic()
                 results = _ask(for_fan_out(chunk, order, partitions).mapInArrow(fan_out, RESULT_DDL))
+                # The server's rate over this chunk's fan-out alone (a slow commit must not shrink the next).
+                took = time.monotonic() - asked
                 if committing is not None:
+                    # The server idles while the loop waits here: the cost of committing as the run goes.
+                    waited = time.monotonic()
                     committing.result()
-                committing = committer.submit(_commit, ctx, results, counters, model, limit, totals)
-                if n_chunks > 1:
-                    log.info(progress_line(f"reason_items: chunk {c + 1}/{n_chunks} answered, committing",
-                                           min(n, (c + 1) * chunk_items), n, time.monotonic() - t0, "items"))
+                    totals.commit_wait_s += time.monotonic() - waited
+                committing = committer.submit(_commit, ctx, results, previous, model, limit, totals)
+                totals.sizes.append(end - start)
+                if chunked:
+                    log.info(progress_line(f"reason_items: chunk {len(totals.sizes)} ({end - start:,} items) "
+                                           "answered, committing", end, n, time.monotonic() - t0, "items"))
+                chunk_items = next_chunk_items(end - start, took, target_s,
+                                               chunk_items if target_s is None else totals.sizes[0], CHUNK_MAX_ITEMS)
+                start = end
             if committing is not None:
                 committing.result()
         finally:
@@ -365,6 +398,10 @@ def run(ctx: RunContext) -> JobResult:
         "answers": answers, "answers_rejected": dict(totals.rejected),
         "schema_valid_rate": round(totals.valid / answers, 4) if answers else None,
         "answered": totals.ok, "attempted": attempted, "backlog": backlog, "budget_stop": stop,
+        # Whether committing while the next chunk's requests run keeps up as the table grows: the first and
+        # last chunks' commit seconds, and how long the fan-out waited on commits in all.
+        "commit_seconds": _spread(totals.commit_s), "commit_wait_seconds": round(totals.commit_wait_s, 2),
+        "chunk_items": _spread(totals.sizes),
     })
     if backlog:
         log.info("reason_items: %d items answered by %s, %d failed, %d wait in the backlog for the next run "
@@ -373,6 +410,16 @@ def run(ctx: RunContext) -> JobResult:
     # quarantine row; the backlog (not attempted) is counted in the metrics, not in rows_in.
     return JobResult(rows_in=attempted + len(dead), rows_out=totals.ok,
                      rows_quarantined=len(totals.failed) + len(dead), metrics=metrics)
+
+
+def _spread(seconds: list[float], ends: int = 5) -> dict:
+    """Per-chunk values (seconds, items) summed up: total, max, and the means of the first and of the last
+    `ends` chunks."""
+    if not seconds:
+        return {}
+    k = min(ends, len(seconds))
+    return {"chunks": len(seconds), "total": round(sum(seconds), 2), "max": round(max(seconds), 2),
+            "first": round(sum(seconds[:k]) / k, 2), "last": round(sum(seconds[-k:]) / k, 2)}
 
 
 def _ask(answers):
@@ -400,29 +447,41 @@ class ChunkTotals:
     llm_calls: int = 0
     valid: int = 0
     rejected: Counter = field(default_factory=Counter)
+    commit_s: list = field(default_factory=list)  # each chunk's commit, in order
+    sizes: list = field(default_factory=list)  # each chunk's items sent, in order
+    commit_wait_s: float = 0.0  # the fan-out loop blocked on the previous chunk's commit
 
 
-def _commit(ctx: RunContext, results, counters, model: str, limit: int, totals: ChunkTotals) -> None:
+def _commit(ctx: RunContext, results, previous: dict, model: str, limit: int, totals: ChunkTotals) -> None:
     """One chunk's answers into the tables: knowledge rows, quarantine rows for failures, the failure
-    counters (ops.llm_attempts); then its counts into `totals`."""
+    counters (ops.llm_attempts; `previous`: the run's items' counters as it began); then its counts into
+    `totals`. The chunk's small columns reach the driver in one Spark job (a chunk is at most
+    CHUNK_MAX_ITEMS rows), where the counts, failures and counters are worked out; the knowledge rows
+    go from the executors to one MERGE."""
     from pyspark.sql import functions as F
 
     from feature_store import delta
     from llm_agents import PROMPT_VERSION
 
     spark = ctx.spark
-    knowledge = (
-        results.filter(F.col("status") == "ok")
-        .withColumn("attributes", F.from_json("attributes_json", "map<string,string>"))
-        .withColumn("field_confidence", F.from_json("field_confidence_json", "map<string,double>"))
-        .withColumn("field_source", F.from_json("field_source_json", "map<string,string>"))
-        .withColumn("ds", F.lit(ctx.ds))
-        .withColumn("run_id", F.lit(ctx.run_id))
-    )
-    n_ok = knowledge.count()
+    started = time.monotonic()
+    ok = F.col("status") == "ok"
+    rows = results.select("item_id", "content_hash", "status", "error", F.when(~ok, F.col("raw")).alias("raw"),
+                          "tokens_in", "tokens_out", "llm_calls", "answers_valid", "answers_rejected_json").collect()
+    failed = [r for r in rows if r["status"] != "ok"]
+    n_ok = len(rows) - len(failed)
     if n_ok:
-        delta.merge(spark, knowledge, "silver.item_knowledge", ctx.root)
-    failed = results.filter(F.col("status") != "ok").select("item_id", "content_hash", "error", "raw").collect()
+        knowledge = (
+            results.filter(ok)
+            .withColumn("attributes", F.from_json("attributes_json", "map<string,string>"))
+            .withColumn("field_confidence", F.from_json("field_confidence_json", "map<string,double>"))
+            .withColumn("field_source", F.from_json("field_source_json", "map<string,string>"))
+            .withColumn("ds", F.lit(ctx.ds))
+            .withColumn("run_id", F.lit(ctx.run_id))
+        )
+        # Unique keys by construction (one row per item sent, bronze.catalog_items keyed by item_id): the
+        # duplicate-key check, a Spark job of its own per chunk, is skipped.
+        delta.merge(spark, knowledge, "silver.item_knowledge", ctx.root, keys_unique=True)
     write_quarantine(ctx, [
         {
             "source_table": "silver.item_knowledge",
@@ -434,32 +493,30 @@ def _commit(ctx: RunContext, results, counters, model: str, limit: int, totals: 
         }
         for r in failed
     ])
-    # Count this chunk's failures (and close the counters of keys that succeeded now). Items the deadline
+    # Count this chunk's failures, and close the counters of keys that succeeded now. Items the deadline
     # kept from starting have no result row, so their counters are untouched.
-    seen = counters.join(results.select("item_id", "content_hash", F.col("status").alias("_now")),
-                         ["item_id", "content_hash"], "inner").collect()
-    previous = {tuple(r[k] for k in dead_letter.KEY): {k: v for k, v in r.asDict().items() if k != "_now"}
-                for r in seen}
-    rows = dead_letter.attempt_rows(
+    attempt_rows = dead_letter.attempt_rows(
         previous,
         [{"item_id": r["item_id"], "content_hash": r["content_hash"], "prompt_version": PROMPT_VERSION,
           "model": model, "reason": r["error"]} for r in failed],
-        [tuple(r[k] for k in dead_letter.KEY) for r in seen if r["_now"] == "ok"],
+        [key for r in rows if r["status"] == "ok"
+         and (key := (r["item_id"], r["content_hash"], PROMPT_VERSION, model)) in previous],
         ctx.ds, ctx.run_id,
     )
-    if rows:
-        delta.upsert_rows(spark, rows, dead_letter.TABLE, ctx.root)
-    agg = results.agg(F.sum("tokens_in"), F.sum("tokens_out"), F.sum("llm_calls"), F.sum("answers_valid")).collect()[0]
-    rejected = results.select(F.explode(F.from_json("answers_rejected_json", "map<string,int>")).alias("reason", "n"))
-    totals.rejected.update({r["reason"]: int(r["n"]) for r in rejected.groupBy("reason").agg(F.sum("n").alias("n")).collect()})
+    if attempt_rows:
+        delta.upsert_rows(spark, attempt_rows, dead_letter.TABLE, ctx.root)
+    for r in rows:
+        totals.rejected.update({k: int(v) for k, v in json.loads(r["answers_rejected_json"] or "{}").items()})
     totals.chunks += 1
     totals.ok += n_ok
     totals.failed += failed
-    totals.newly_dead += [r["item_id"] for r in rows if r["status"] == "failing" and 0 < limit <= r["failures"]]
-    totals.tokens_in += int(agg[0] or 0)
-    totals.tokens_out += int(agg[1] or 0)
-    totals.llm_calls += int(agg[2] or 0)
-    totals.valid += int(agg[3] or 0)
+    totals.newly_dead += [r["item_id"] for r in attempt_rows
+                          if r["status"] == "failing" and 0 < limit <= r["failures"]]
+    totals.tokens_in += sum(int(r["tokens_in"] or 0) for r in rows)
+    totals.tokens_out += sum(int(r["tokens_out"] or 0) for r in rows)
+    totals.llm_calls += sum(int(r["llm_calls"] or 0) for r in rows)
+    totals.valid += sum(int(r["answers_valid"] or 0) for r in rows)
+    totals.commit_s.append(time.monotonic() - started)
 
 
 if __name__ == "__main__":

@@ -146,8 +146,12 @@ def test_a_bad_budget_stops_the_run_in_one_line_naming_the_key_and_its_variable(
 
 
 @pytest.mark.parametrize(("llm", "every"), [
-    ({"backend": "openai"}, 1000), ({"backend": "local"}, 25), ({"backend": "local", "local": {"commit_every_items": 7}}, 7),
-    ({"backend": "local", "commit_every_items": 300}, 300), ({"backend": "openai", "commit_every_items": 5}, 5),
+    # A server given by URL: 1,000 items first, then chunks sized to llm.commit_every_minutes (2 by default).
+    ({"backend": "openai"}, (1000, 120.0)), ({"backend": "openai", "commit_every_minutes": 0.5}, (1000, 30.0)),
+    ({"backend": "openai", "commit_every_minutes": None}, (1000, None)),
+    # Fixed chunks: the local engine's own default, or commit_every_items when set.
+    ({"backend": "local"}, (25, None)), ({"backend": "local", "local": {"commit_every_items": 7}}, (7, None)),
+    ({"backend": "local", "commit_every_items": 300}, (300, None)), ({"backend": "openai", "commit_every_items": 5}, (5, None)),
 ])
 def test_answers_are_committed_every_n_items_by_backend_unless_set(llm, every):
     from jobs.config import load_config
@@ -288,7 +292,7 @@ def _run_metrics(root: str, run_id: str) -> dict:
 @pytest.mark.spark
 def test_budget_takes_the_highest_priority_items_and_the_next_run_continues(ctx_factory, spark, monkeypatch):
     from feature_store import delta
-    from jobs.reason_items import current_items, for_fan_out, prioritized, select_for_run, with_chunks
+    from jobs.reason_items import current_items, for_fan_out, prioritized, select_for_run, with_ranks
     from jobs.runtime import execute
     from tests.fake_openai_server import FakeOpenAIServer
 
@@ -327,9 +331,9 @@ def test_budget_takes_the_highest_priority_items_and_the_next_run_continues(ctx_
         for p in parts:
             mine = [i for (i,) in p]
             assert mine == [i for i in order if i in set(mine)]
-        # Commits go in chunks of the same order: chunk 0 holds the 7 most important items, and so on.
-        chunks = dict(with_chunks(ranked, cols, 7).select("item_id", "_chunk").collect())
-        assert chunks == {i: rank // 7 for rank, i in enumerate(order)}
+        # Commits go in chunks of the same order: each chunk is a range of these ranks, the most important first.
+        ranks = dict(with_ranks(ranked, cols).select("item_id", "_rank").collect())
+        assert ranks == {i: rank for rank, i in enumerate(order)}
 
         # Night 1: the N items of highest priority; the rest waits, nothing is quarantined.
         before = srv.stats["requests"]

@@ -362,6 +362,49 @@ def test_retention_keeps_time_travel_for_its_days_and_vacuum_removes_only_what_i
         delta.apply_retention(None, name, ctx.root, days=-1)
 
 
+def _small_files(spark, name: str, root: str, rows: list[dict], files: int) -> None:
+    """`rows` appended to the table as `files` small files in one commit (what many small commits leave)."""
+    path = delta.ensure_table(spark, TABLES[name], root)
+    df = spark.createDataFrame(pa.Table.from_pylist(rows, schema=TABLES[name].schema))
+    df.repartition(files).write.format("delta").mode("append").save(path)
+
+
+@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
+def test_compaction_merges_small_files_keeps_rows_and_history_and_spares_pinned_tables(
+    ctx_factory, spark, monkeypatch, engine
+):
+    """publish's compaction: a table with `min_small_files` small files becomes one file with the same rows,
+    the version before it still reads (time travel), a second pass commits nothing; a table with fewer
+    small files is left alone, and so are the tables whose versions the codebooks and the diffusion
+    checkpoint pin. delta-rs compacts a local lakehouse, Spark's OPTIMIZE any other (s3a://)."""
+    from jobs.publish import compact_tables
+
+    if engine == "spark":
+        monkeypatch.setattr(delta, "is_local", lambda path: False)
+    ctx = ctx_factory(compaction={"min_small_files": 6, "target_mb": 16})
+    day = dt.date(2026, 11, 22)
+    name = "bronze.catalog_items"
+    _small_files(spark, name, ctx.root, [_catalog_row(f"i{k:03d}", f"t{k}", day) for k in range(60)], 8)
+    vectors = [{"item_id": f"i{k:03d}", "embedder": "e", "embedding": [0.1 * k, 1.0], "dim": 2, "text_hash": "h",
+                "ds": day, "run_id": "r"} for k in range(60)]
+    _small_files(spark, "silver.item_embeddings", ctx.root, vectors, 8)
+    delta.ensure_table(spark, TABLES["silver.quarantine"], ctx.root)  # no small files: nothing to do
+    before = delta.table_version(name, ctx.root)
+    pinned = delta.table_version("silver.item_embeddings", ctx.root)
+    assert len(delta.delta_table(name, ctx.root).file_uris()) >= 6
+
+    done = compact_tables(ctx)
+    assert list(done) == [name] and done[name]["compacted"] and done[name]["files_added"] == 1, done
+    assert len(delta.delta_table(name, ctx.root).file_uris()) == 1
+    assert delta.table_version(name, ctx.root) == before + 1
+    ids = sorted(delta.read_arrow(name, ctx.root, columns=["item_id"])["item_id"].to_pylist())
+    assert ids == [f"i{k:03d}" for k in range(60)] == sorted(
+        delta.read_arrow(name, ctx.root, version=before, columns=["item_id"])["item_id"].to_pylist())
+    assert delta.read_spark(spark, name, ctx.root).count() == 60
+    assert delta.table_version("silver.item_embeddings", ctx.root) == pinned  # pinned: left alone
+    assert compact_tables(ctx) == {} and delta.table_version(name, ctx.root) == before + 1  # nothing left to do
+
+
 def test_a_source_ingested_in_chunks_writes_what_one_chunk_writes(ctx_factory, tmp_path):
     """An amazon-json source streamed in chunks of 4 items (and about 4 events) goes through Parquet
     staging folders under the lakehouse and lands exactly as the same files read as one chunk: the same

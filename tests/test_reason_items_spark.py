@@ -61,6 +61,10 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
             assert q["reason"].split(":")[0] in ERROR_CODES, q["reason"]
             json.loads(q["payload"])
         assert srv.stats["ok"] > 0 and first.metrics["chunks"] == 2
+        # Each chunk's commit is timed, and the fan-out's wait on the previous one (bench-scale --llm).
+        commits = first.metrics["commit_seconds"]
+        assert commits["chunks"] == 2 and 0 < commits["first"] <= commits["max"] <= commits["total"]
+        assert 0 <= first.metrics["commit_wait_seconds"] <= commits["total"]
         codes = sorted(q["reason"].split(":")[0] for q in quarantine)
         print(f"reliability: {len(ok_ids)} knowledge + {len(bad_ids)} quarantined = {len(items)} items; "
               f"reasons {dict((c, codes.count(c)) for c in set(codes))}; server {dict(srv.stats)}")
@@ -89,6 +93,29 @@ def test_twenty_percent_faults_lose_nothing_and_the_rerun_completes_exactly_the_
         before = srv.stats["requests"]
         fourth = execute("reason_items", ctx)
         assert fourth.metrics["work_set"] == 0 and srv.stats["requests"] == before, "unchanged rerun: no call"
+
+
+def test_chunks_after_the_first_grow_to_the_minutes_set_at_the_rate_measured(ctx_factory, monkeypatch):
+    """With llm.commit_every_items null, a fast server gets longer chunks than the first (fewer Spark jobs
+    and commits per item), never past the items sent; every item still lands once."""
+    import jobs.llm
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setattr(jobs.llm, "COMMIT_EVERY_ITEMS", 40)  # the first chunk (1,000 in production)
+    n = 400
+    with FakeOpenAIServer(capacity=64, latency_s=0.002, injection="fields") as srv:
+        # 0.1 minutes: the first 40 items take about a second here, so the next chunk is several times longer.
+        ctx = ctx_factory(synthetic={"n_items": n, "n_users": 20, "seed": 4},
+                          llm=_llm(srv, timeout_s=30, max_retries=2, commit_every_minutes=0.1))
+        execute("ingest_catalog", ctx)
+        res = execute("reason_items", ctx)
+    sizes = res.metrics["chunk_items"]
+    assert res.metrics["commit_every_items"] == 40 and res.metrics["commit_every_minutes"] == 0.1
+    assert sizes["total"] == n
+    assert sizes["max"] > 40 and 2 <= sizes["chunks"] < n // 40, sizes
+    assert res.metrics["chunks"] == sizes["chunks"] and res.rows_out == n
+    known = _known(ctx.root)
+    assert len(known) == len(set(known)) == n
 
 
 def _injected_items(ctx) -> list[str]:
