@@ -508,6 +508,59 @@ def llm_stage(n: int, budget: int = LLM_BUDGET, capacity: int = LLM_CAPACITY, la
     return out
 
 
+def compaction(files: int = 1_000, rows_per_file: int = 25) -> dict:
+    """What compaction buys a table written a little at a time: `files` appends of `rows_per_file`
+    quarantine rows (a year of nightly chunk and record commits is thousands), read whole by delta-rs and
+    by Spark before and after `delta.compact`, each read timed once, warm."""
+    import datetime as dt
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from feature_store import delta
+    from feature_store.catalog import QUARANTINE
+    from jobs.spark import get_spark
+
+    base = Path(CACHE_DIR) / "scale-compaction"
+    shutil.rmtree(base, ignore_errors=True)
+    root = str(base / "lakehouse")
+    name = "silver.quarantine"
+    path = delta.table_path(name, root)
+    day = dt.date.fromisoformat(DS)
+    t0 = time.perf_counter()
+    for f in range(files):
+        rows = [{"source_table": "silver.item_knowledge", "key": f"item-{f}-{k}", "stage": "reason_items",
+                 "reason": "timeout: no answer in 30 s", "payload": "{}", "ds": day, "run_id": f"run-{f}"}
+                for k in range(rows_per_file)]
+        write_deltalake(path, pa.Table.from_pylist(rows, schema=QUARANTINE.schema), mode="append")
+    out: dict = {"files": files, "rows": files * rows_per_file, "write_s": round(time.perf_counter() - t0, 1)}
+    spark = get_spark()
+
+    def reads() -> dict:
+        delta.read_arrow(name, root)  # warm: each read below is the second of its kind
+        delta.read_spark(spark, name, root).count()
+        a = time.perf_counter()
+        n = delta.read_arrow(name, root).num_rows
+        b = time.perf_counter()
+        m = delta.read_spark(spark, name, root).count()
+        c = time.perf_counter()
+        assert n == m == out["rows"], (n, m)
+        return {"delta_rs_read_s": round(b - a, 3), "spark_count_s": round(c - b, 3),
+                "table_files": len(delta.delta_table(name, root).file_uris())}
+
+    out["before"] = reads()
+    t0 = time.perf_counter()
+    out["compact"] = {**delta.compact(None, name, root, min_files=64, target_mb=128),
+                      "seconds": round(time.perf_counter() - t0, 2)}
+    out["after"] = reads()
+    shutil.rmtree(base, ignore_errors=True)
+    log(f"compaction: {files:,} files -> {out['after']['table_files']} in {out['compact']['seconds']}s; delta-rs read "
+        f"{out['before']['delta_rs_read_s']}s -> {out['after']['delta_rs_read_s']}s, Spark count "
+        f"{out['before']['spark_count_s']}s -> {out['after']['spark_count_s']}s")
+    out["measured_at"] = utc_now()
+    return out
+
+
 def llm_table(data: dict) -> list[str]:
     runs = sorted((data.get("llm_stage") or {}).values(), key=lambda r: r["items"])
     if not runs:
@@ -694,6 +747,12 @@ def markdown(data: dict) -> str:
     lines += quantizer_table(data)
     lines += beyond_log_table(data)
     lines += llm_table(data)
+    if c := data.get("compaction"):
+        lines += ["", f"Compaction (`--compaction`): silver.quarantine written as {c['files']:,} appends of "
+                  f"{c['rows'] // c['files']} rows, read whole before and after `delta.compact` ({c['compact']['seconds']} s):",
+                  "", "| | files | delta-rs read s | Spark count s |", "|---|---:|---:|---:|"]
+        for k in ("before", "after"):
+            lines.append(f"| {k} | {c[k]['table_files']:,} | {c[k]['delta_rs_read_s']} | {c[k]['spark_count_s']} |")
     merges = sorted((data.get("nightly_merge") or {}).values(), key=lambda r: r["items"])
     if merges:
         lines += ["", "The next night's catalog MERGE (ingest_catalog) with 1% of the items changed, against the "
@@ -804,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"only reason_items: a night's budget ({LLM_BUDGET:,} items) against a fake server of known "
                         "capacity on a catalog whose knowledge table holds the rest, then a night killed halfway and "
                         "run again, at each size (results under llm_stage; about 20 minutes a size)")
+    p.add_argument("--compaction", action="store_true",
+                   help="only what compaction buys a table of 1,000 small appends: reads before and after (a minute)")
     p.add_argument("--llm-budget", type=int, default=LLM_BUDGET, metavar="ITEMS",
                    help="with --llm: the night's llm.budget_items (default %(default)s)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
@@ -821,6 +882,10 @@ def main(argv: list[str] | None = None) -> int:
     data.setdefault("sizes", {})
     spark = None
     start = time.perf_counter()
+    if args.compaction:
+        data["compaction"] = compaction()
+        _write(args.out, data)
+        return 0
     if args.llm:
         data.setdefault("llm_stage", {})
         for n in sizes:
