@@ -31,6 +31,9 @@ class TableSpec:
     # Columns a MERGE keeps from the existing row when the key matches (e.g. first_seen_ds).
     preserve_on_update: tuple[str, ...] = ()
     column_docs: dict[str, str] = field(default_factory=dict)
+    # Who names what it trained on by this table's Delta version (a codebook, a checkpoint): a commit that
+    # changes no row (compaction, VACUUM) would still retrain it the next night, so maintenance skips it.
+    version_pinned_by: str | None = None
 
     @property
     def layer(self) -> str:
@@ -163,6 +166,7 @@ ITEM_EMBEDDINGS = _register(
     TableSpec(
         name="silver.item_embeddings",
         key=("item_id", "embedder"),
+        version_pinned_by="the quantizers' codebook version (jobs/train_quantizer.py)",
         description="One embedding per item and embedder, of title + knowledge summary + key attributes.",
         schema=_schema(
             ("item_id", pa.string(), False),
@@ -225,6 +229,7 @@ USER_SEQUENCES = _register(
     TableSpec(
         name="gold.user_sequences",
         key=("user_id",),
+        version_pinned_by="the diffusion checkpoint (jobs/infer_beyond_log.py)",
         description="Each user's ordered history with semantic IDs, truncated to the configured maximum length, with leave-one-out targets.",
         schema=_schema(
             ("user_id", pa.string(), False),

@@ -31,6 +31,8 @@ def render() -> str:
             out.append(f"- partitioned by: `{', '.join(spec.partition_by)}`")
         if spec.preserve_on_update:
             out.append(f"- kept from the existing row on update: `{', '.join(spec.preserve_on_update)}`")
+        if spec.version_pinned_by:
+            out.append(f"- its Delta version is pinned by {spec.version_pinned_by}: never compacted by publish")
         out.append(f"- owner: {spec.owner}")
         out += ["", "| column | type | nullable | notes |", "|---|---|---|---|"]
         for f in spec.schema:

@@ -75,11 +75,10 @@ def llm_budget(ctx: RunContext) -> tuple[int | None, float | None]:
     return items, None if minutes is None else float(minutes)
 
 
-# Answers per commit for a server given by URL: at a few items a second, minutes of work per commit, so
-# the commit (overlapped with the next chunk's requests) is a small share of the run.
+# The first chunk for a server given by URL (its rate is not known yet); later chunks are sized by time.
 COMMIT_EVERY_ITEMS = 1000
-# A chunk's rows reach the driver as small columns and its partitions' items sit in the Python workers:
-# this bounds both however fast the server is.
+# A chunk's items sit in the Python workers and its answers in one checkpoint: this bounds both however
+# fast the server is.
 CHUNK_MAX_ITEMS = 20_000
 
 

@@ -363,10 +363,13 @@ def test_retention_keeps_time_travel_for_its_days_and_vacuum_removes_only_what_i
 
 
 def _small_files(spark, name: str, root: str, rows: list[dict], files: int) -> None:
-    """`rows` appended to the table as `files` small files in one commit (what many small commits leave)."""
-    path = delta.ensure_table(spark, TABLES[name], root)
-    df = spark.createDataFrame(pa.Table.from_pylist(rows, schema=TABLES[name].schema))
-    df.repartition(files).write.format("delta").mode("append").save(path)
+    """`rows` appended to the table as `files` small files in one commit (what many small commits leave);
+    a partitioned table gets one file per partition value."""
+    spec = TABLES[name]
+    path = delta.ensure_table(spark, spec, root)
+    df = spark.createDataFrame(pa.Table.from_pylist(rows, schema=spec.schema))
+    df = df.repartition(*spec.partition_by) if spec.partition_by else df.repartition(files)
+    df.write.format("delta").mode("append").save(path)
 
 
 @pytest.mark.parametrize("engine", ["delta-rs", "spark"])
@@ -389,6 +392,12 @@ def test_compaction_merges_small_files_keeps_rows_and_history_and_spares_pinned_
                 "ds": day, "run_id": "r"} for k in range(60)]
     _small_files(spark, "silver.item_embeddings", ctx.root, vectors, 8)
     delta.ensure_table(spark, TABLES["silver.quarantine"], ctx.root)  # no small files: nothing to do
+    # Eight days of events, one file per day partition: a lone file per partition has nothing to merge with.
+    events = [{"user_id": "u", "item_id": f"i{k:03d}", "event_ts": dt.datetime(2026, 11, 10 + k, 12),
+               "event_type": "click", "source": "test", "ds": dt.date(2026, 11, 10 + k), "run_id": "r"}
+              for k in range(8)]
+    _small_files(spark, "bronze.interactions", ctx.root, events, 8)
+    days = delta.table_version("bronze.interactions", ctx.root)
     before = delta.table_version(name, ctx.root)
     pinned = delta.table_version("silver.item_embeddings", ctx.root)
     assert len(delta.delta_table(name, ctx.root).file_uris()) >= 6
@@ -402,6 +411,8 @@ def test_compaction_merges_small_files_keeps_rows_and_history_and_spares_pinned_
         delta.read_arrow(name, ctx.root, version=before, columns=["item_id"])["item_id"].to_pylist())
     assert delta.read_spark(spark, name, ctx.root).count() == 60
     assert delta.table_version("silver.item_embeddings", ctx.root) == pinned  # pinned: left alone
+    assert delta.table_version("bronze.interactions", ctx.root) == days
+    assert len(delta.delta_table("bronze.interactions", ctx.root).file_uris()) == 8
     assert compact_tables(ctx) == {} and delta.table_version(name, ctx.root) == before + 1  # nothing left to do
 
 

@@ -104,13 +104,14 @@ def test_chunks_after_the_first_grow_to_the_minutes_set_at_the_rate_measured(ctx
     monkeypatch.setattr(jobs.llm, "COMMIT_EVERY_ITEMS", 40)  # the first chunk (1,000 in production)
     n = 400
     with FakeOpenAIServer(capacity=64, latency_s=0.002, injection="fields") as srv:
-        # 0.1 minutes: the first 40 items take about a second here, so the next chunk is several times longer.
+        # A minute: the first 40 items take seconds here (tens on a loaded machine), so the next chunk
+        # would be hundreds of items and is cut at the 360 left.
         ctx = ctx_factory(synthetic={"n_items": n, "n_users": 20, "seed": 4},
-                          llm=_llm(srv, timeout_s=30, max_retries=2, commit_every_minutes=0.1))
+                          llm=_llm(srv, timeout_s=30, max_retries=2, commit_every_minutes=1))
         execute("ingest_catalog", ctx)
         res = execute("reason_items", ctx)
     sizes = res.metrics["chunk_items"]
-    assert res.metrics["commit_every_items"] == 40 and res.metrics["commit_every_minutes"] == 0.1
+    assert res.metrics["commit_every_items"] == 40 and res.metrics["commit_every_minutes"] == 1
     assert sizes["total"] == n
     assert sizes["max"] > 40 and 2 <= sizes["chunks"] < n // 40, sizes
     assert res.metrics["chunks"] == sizes["chunks"] and res.rows_out == n
