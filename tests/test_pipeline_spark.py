@@ -461,3 +461,38 @@ def test_a_source_ingested_in_chunks_writes_what_one_chunk_writes(ctx_factory, t
     assert again.rows_out == 21 and again_events.rows_out == 21
     assert delta.table_version("bronze.catalog_items", ctx.root) == version  # nothing changed: no commit
     assert rows(ctx, "bronze.interactions") == events_before
+
+
+def test_a_large_format_movielens_release_is_ingested_in_chunks(ctx_factory, tmp_path):
+    """An ml-1m-style folder (movies.dat latin-1, ratings.dat, a user coming back after another and
+    repeating a rating) streamed in chunks of 2 lands what one chunk lands, every line accounted for."""
+    from pathlib import Path
+
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "movies.dat").write_bytes("1::Caf\xe9 (1995)::Comedy|Drama\n2::Two (1996)::Action\n3::Broken\n"
+                                        "4::Four (1997)::(no genres listed)\n".encode("latin-1"))
+    (folder / "ratings.dat").write_text("1::1::5::978300760\n1::2::3::978302109\n2::4::4::978301968\n"
+                                        "2::3::4::978301968\n1::4::2::978824291\n1::2::3::978302109\n")
+
+    def ingest(root: Path, chunk_rows: int):
+        ctx = ctx_factory(ds="2001-02-01", root=root, dataset="movielens", data=str(folder),
+                          source={"chunk_rows": chunk_rows})
+        return ctx, execute("ingest_catalog", ctx), execute("ingest_interactions", ctx)
+
+    def rows(c, name, drop=("run_id",)):
+        return sorted(({k: v for k, v in r.items() if k not in drop} for r in delta.read_arrow(name, c.root).to_pylist()),
+                      key=str)
+
+    one_ctx, one, one_events = ingest(tmp_path / "one", 50_000)
+    ctx, chunked, events = ingest(tmp_path / "chunked", 2)
+    assert chunked.metrics["chunks_staged"] == 2 and events.metrics["chunks_staged"] >= 2
+    assert (chunked.rows_in, chunked.rows_out, chunked.rows_quarantined) == (one.rows_in, one.rows_out, one.rows_quarantined) == (4, 3, 1)
+    # 6 ratings: 4 kept, one on the broken movie, one repeated (user 1 came back after user 2)
+    assert (events.rows_in, events.rows_out, events.rows_quarantined) == (one_events.rows_in, one_events.rows_out, one_events.rows_quarantined) == (6, 4, 2)
+    for name in ("bronze.catalog_items", "bronze.interactions", "silver.quarantine"):
+        assert rows(ctx, name) == rows(one_ctx, name), name
+    reasons = sorted(r["reason"].split(":")[0] for r in rows(ctx, "silver.quarantine"))
+    assert reasons == ["bad_field_type", "duplicate_event", "item_quarantined"]
+    titles = {r["item_id"]: r["title"] for r in rows(ctx, "bronze.catalog_items")}
+    assert titles == {"1": "Café (1995)", "2": "Two (1996)", "4": "Four (1997)"}

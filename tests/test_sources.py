@@ -698,12 +698,167 @@ def test_movielens_without_genre_file_and_missing_files(tmp_path):
     item_codes = Counter(q.code for q in batch.quarantine if q.source_table == ITEMS_TABLE)
     assert item_codes == Counter({"bad_field_type": 5, "duplicate_item_id": 1})
     (folder / "u.data").unlink()
-    with pytest.raises(SourceError, match=r"missing u\.data: pass the ml-100k folder"):
+    with pytest.raises(SourceError, match=r"missing u\.data: pass a MovieLens release folder: u\.item \+ u\.data"):
         load_source("movielens", folder)
     (folder / "u.data").write_text("")
     (folder / "u.genre").write_text("Action|0\nComedy|5\n")
     with pytest.raises(SourceError, match=r"u\.genre: genre indexes"):
         load_source("movielens", folder)
+
+
+def write_movielens_1m(folder: Path) -> Path:
+    """ml-1m's layout: movies.dat in latin-1 (one line UTF-8, as ml-10m writes it), ratings.dat."""
+    folder.mkdir(parents=True, exist_ok=True)
+    movies = [
+        "1::Caf\xe9 Story (1995)::Comedy|Drama".encode("latin-1"),
+        "2::Amélie (2001)::Romance".encode(),
+        b"3::Too few",
+        b"4::Part One:: The Return (1990)::(no genres listed)",
+        b"",
+        b"1::Duplicate (1995)::Action",
+        b"5::Untitled year::Documentary",
+    ]
+    (folder / "movies.dat").write_bytes(b"\n".join(movies) + b"\n")
+    ratings = [
+        "10::1::4::881250949",
+        "10::2::3.5::881250950",
+        "11::9::5::881250949",  # unknown movie
+        "11::3::1::881250949",  # quarantined movie
+        "12::1::five::881250949",
+        "10::1::4::881250949",  # duplicate of the first
+        "13::4::2::1000000000",
+        "10::4::2::881250951",  # user 10 again after others: still checked against their first block
+        "10::2::3.5::881250950",  # duplicate across blocks
+    ]
+    (folder / "ratings.dat").write_text("\n".join(ratings) + "\n")
+    return folder
+
+
+def test_movielens_dat_layout(tmp_path):
+    batch = load_source("movielens", write_movielens_1m(tmp_path))
+    check_batch(batch)
+    rows = {r["item_id"]: r for r in batch.items.to_pylist()}
+    assert set(rows) == {"1", "2", "4", "5"}
+    assert rows["1"]["title"] == "Café Story (1995)" and rows["2"]["title"] == "Amélie (2001)"
+    assert rows["1"]["description"] == "Released 1995. Genres: Comedy, Drama."
+    assert rows["1"]["categories"] == ["Movies", "Comedy", "Drama"] and rows["1"]["attributes"] is None
+    assert rows["4"]["title"] == "Part One:: The Return (1990)" and rows["4"]["categories"] == ["Movies"]
+    assert rows["5"]["description"] == "Genres: Documentary."
+    assert codes(batch) == Counter({"bad_field_type": 2, "duplicate_item_id": 1, "unknown_item_id": 1,
+                                    "item_quarantined": 1, "duplicate_event": 2})
+    assert batch.rows_read == {"items": 6, "interactions": 9, "interactions_after_until": 0}
+    assert batch.interactions.column("rating").to_pylist() == [4.0, 3.5, 2.0, 2.0]
+
+
+def write_movielens_25m(folder: Path) -> Path:
+    """ml-20m/25m/32m's layout: movies.csv (CSV quoting), ratings.csv, links.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        "1,Toy Story (1995),Adventure|Animation|Children\n"
+        '11,"American President, The (1995)",Comedy|Drama|Romance\n'
+        "12,Broken,row,with,commas\n"
+        "13,Lost genres (2019),(no genres listed)\n"
+    )
+    (folder / "links.csv").write_text("movieId,imdbId,tmdbId\n1,0114709,862\n11,0112346,\n")
+    (folder / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,1,4.0,1225734739\n1,11,3.5,1225865086\n2,13,0.5,1225734739\n"
+        "2,12,4,1225734739\n1,1,4.0,1225734739\n"
+    )
+    return folder
+
+
+def test_movielens_csv_layout_and_its_headers(tmp_path):
+    folder = write_movielens_25m(tmp_path / "ml-25m")
+    batch = load_source("movielens", folder)
+    check_batch(batch)
+    rows = {r["item_id"]: r for r in batch.items.to_pylist()}
+    assert set(rows) == {"1", "11", "13"}
+    assert rows["11"]["title"] == "American President, The (1995)"
+    assert rows["11"]["categories"] == ["Movies", "Comedy", "Drama", "Romance"]
+    assert dict(rows["1"]["attributes"]) == {"imdb_id": "tt0114709", "tmdb_id": "862"}
+    assert dict(rows["11"]["attributes"]) == {"imdb_id": "tt0112346"}
+    assert rows["13"]["categories"] == ["Movies"] and rows["13"]["description"] == "Released 2019."
+    assert codes(batch) == Counter({"bad_field_type": 1, "item_quarantined": 1, "duplicate_event": 1})
+    assert batch.rows_read == {"items": 4, "interactions": 5, "interactions_after_until": 0}
+    (folder / "ratings.csv").write_text("user,movie,rating,timestamp\n1,1,4.0,1225734739\n")
+    with pytest.raises(SourceError, match=r"ratings\.csv: the first line is 'user,movie,rating,timestamp', "
+                       r"expected the header 'userId,movieId,rating,timestamp'"):
+        load_source("movielens", folder)
+    (folder / "ratings.csv").unlink()
+    with pytest.raises(SourceError, match=r"missing ratings\.csv: pass a MovieLens release folder"):
+        load_source("movielens", folder)
+
+
+@pytest.mark.parametrize("writer", [write_movielens, write_movielens_1m, write_movielens_25m])
+@pytest.mark.parametrize("chunk_rows", [1, 2, 1000])
+def test_movielens_streamed_in_chunks_adds_up_to_the_whole_load(tmp_path, writer, chunk_rows):
+    from jobs.sources import movielens
+
+    folder = writer(tmp_path / "ml")
+    whole = load_source("movielens", folder, until=date(2001, 9, 8))
+    catalog = list(movielens.iter_catalog(folder, chunk_rows=chunk_rows))
+    events = list(movielens.iter_interactions(folder, until=date(2001, 9, 8), chunk_rows=chunk_rows))
+    assert pa.concat_tables([c.items for c in catalog]).equals(whole.items)
+    assert pa.concat_tables([c.interactions for c in events]).equals(whole.interactions)
+    streamed_q = [q for c in catalog + events for q in c.quarantine]
+    assert sorted(streamed_q, key=repr) == sorted(whole.quarantine, key=repr)  # duplicates caught across chunks
+    for key in ("items", "interactions", "interactions_after_until"):
+        assert sum(c.rows_read[key] for c in catalog + events) - (
+            sum(c.rows_read["items"] for c in events) if key == "items" else 0) == whole.rows_read[key]
+    assert max(c.items.num_rows for c in catalog) <= chunk_rows
+    assert catalog[-1].progress[0] == catalog[-1].progress[1] == (folder / movielens.locate(folder).items.name).stat().st_size
+
+
+def test_movielens_lines_over_the_row_limit_are_quarantined_not_read_whole(tmp_path, monkeypatch):
+    from jobs.sources import movielens
+
+    monkeypatch.setattr(movielens, "MAX_ROW_BYTES", 60)
+    folder = write_movielens_1m(tmp_path)
+    with open(folder / "movies.dat", "ab") as f:
+        f.write(b"6::" + b"A very long title " * 20 + b"(1999)::Drama\n7::Short (1999)::Drama\n")
+    with open(folder / "ratings.dat", "a") as f:
+        f.write("10::7::" + "9" * 200 + "::881250949\n10::7::3::881250999\n")
+    batch = load_source("movielens", folder)
+    check_batch(batch)
+    big = [q for q in batch.quarantine if q.code == "row_too_large"]
+    assert {q.key for q in big} == {"6", "ratings.dat:10"}
+    assert "7" in batch.items.column("item_id").to_pylist()
+    assert ("10", "7") in set(zip(batch.interactions.column("user_id").to_pylist(),
+                                  batch.interactions.column("item_id").to_pylist(), strict=True))
+
+
+def test_compact_event_keys_is_an_exact_set_in_a_fraction_of_its_memory():
+    import tracemalloc
+
+    from jobs.sources.base import CompactEventKeys
+
+    rng = random.Random(7)
+    keys = CompactEventKeys()
+    plain: set = set()
+    # Grouped users (MovieLens' order), then users coming back, keys that do not pack, and repeats.
+    events = [(str(u), str(rng.randrange(60_000)), rng.randrange(10**9) * 1_000_000) for u in range(300) for _ in range(20)]
+    events += [(str(rng.randrange(300)), str(rng.randrange(60_000)), rng.randrange(10**9) * 1_000_000) for _ in range(2000)]
+    events += [("u", "tt1", 5), ("u", "1", 1_500_000), ("u", str(1 << 32), 0), ("u", "1", (1 << 32) * 1_000_000)]
+    events += rng.sample(events, 1500)
+    rng.shuffle(events[6000:])
+    for e in events:
+        assert (e in keys) == (e in plain), e
+        keys.add(e)
+        plain.add(e)
+    assert len(keys) == len(plain)
+    assert all(e in keys for e in plain)
+    assert ("0", "60001", 0) not in keys and ("nobody", "1", 1_000_000) not in keys
+    # 100,000 ratings of 1,000 users, grouped: about 10 bytes a rating (a set of the tuples: ~240).
+    tracemalloc.start()
+    big = CompactEventKeys()
+    for u in range(1000):
+        for i in range(100):
+            big.add((str(u), str(i * 7), (1_000_000_000 + i) * 1_000_000))
+    big.add(("end", "1", 0))
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(big) == 100_001 and current < 2_000_000
 
 
 @pytest.mark.skipif(not MOVIELENS.is_dir(), reason="real MovieLens 100K data not present")

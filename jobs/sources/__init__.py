@@ -7,7 +7,7 @@
     batch.rows_read                      # {"items", "interactions", "interactions_after_until"}
 
 Datasets: "synthetic" (default; generated, path ignored), "amazon-json" (LC-Rec style <Name>.item.json +
-<Name>.inter.json), "movielens" (ml-100k u.item + u.data). The shared cleaning and quarantine rules are in
+<Name>.inter.json), "movielens" (a GroupLens release folder: ml-100k, ml-1m/10m, ml-20m/25m/32m/latest). The shared cleaning and quarantine rules are in
 `jobs.sources.base`; each loader's module docstring describes its format.
 
 Anything that makes a whole dataset unreadable (missing path, wrong layout, a file that is not JSON, an
@@ -26,7 +26,6 @@ from jobs.sources import amazon_json, movielens, synthetic
 from jobs.sources.base import (
     INTERACTION_SCHEMA,
     ITEM_SCHEMA,
-    ITEMS_TABLE,
     REASONS,
     QuarantineRecord,
     SourceBatch,
@@ -94,9 +93,9 @@ def load_source(
         raise _loader_bug(name, path, e) from e
 
 
-# The loaders that hand their source over in chunks (iter_catalog / iter_interactions); MovieLens-100k is
-# a few MB and comes whole.
-_STREAMED = {"amazon-json": amazon_json, "synthetic": synthetic}
+# Every loader hands its source over in chunks (iter_catalog / iter_interactions), so no dataset is ever
+# held whole by the ingest stages.
+_STREAMED = {"amazon-json": amazon_json, "movielens": movielens, "synthetic": synthetic}
 
 
 def _loader_options(ctx) -> dict:
@@ -118,35 +117,16 @@ def _streamed(ctx, stream) -> Iterator[SourceBatch]:
 
 def catalog_chunks_for_run(ctx) -> Iterator[SourceBatch]:
     """The configured dataset's catalog in chunks of at most `source.chunk_rows` kept items (what
-    ingest_catalog reads): amazon-json streamed from its file, synthetic generated chunk by chunk;
-    MovieLens as one chunk (its interactions dropped here: ingest_interactions reads those)."""
-    if ctx.dataset in _STREAMED:
-        yield from _streamed(ctx, _STREAMED[ctx.dataset].iter_catalog(
-            ctx.config["data"], options=_loader_options(ctx), chunk_rows=ctx.config["source"]["chunk_rows"]))
-        return
-    batch = load_for_run(ctx)
-    yield SourceBatch(batch.dataset, batch.items, batch.interactions.slice(0, 0),
-                      [q for q in batch.quarantine if q.source_table == ITEMS_TABLE],
-                      {"items": batch.rows_read.get("items", 0), "interactions": 0, "interactions_after_until": 0})
+    ingest_catalog reads): amazon-json and MovieLens streamed from their files, synthetic generated chunk
+    by chunk. Every loader takes the `source` settings, the synthetic generator also `synthetic`."""
+    yield from _streamed(ctx, _STREAMED[ctx.dataset].iter_catalog(
+        ctx.config["data"], options=_loader_options(ctx), chunk_rows=ctx.config["source"]["chunk_rows"]))
 
 
 def interaction_chunks_for_run(ctx) -> Iterator[SourceBatch]:
     """The configured dataset's events as of the run's day in chunks of about `source.chunk_rows` (what
-    ingest_interactions reads): amazon-json streamed from its files and synthetic generated (the catalog
-    first, for each item's fate), MovieLens as one chunk (its catalog dropped here)."""
-    if ctx.dataset in _STREAMED:
-        yield from _streamed(ctx, _STREAMED[ctx.dataset].iter_interactions(
-            ctx.config["data"], until=ctx.ds, options=_loader_options(ctx),
-            chunk_rows=ctx.config["source"]["chunk_rows"]))
-        return
-    batch = load_for_run(ctx)
-    yield SourceBatch(batch.dataset, batch.items.slice(0, 0), batch.interactions,
-                      [q for q in batch.quarantine if q.source_table != ITEMS_TABLE],
-                      {**batch.rows_read, "items": 0})
-
-
-def load_for_run(ctx) -> SourceBatch:
-    """The configured dataset as of the run's day (`ctx`: a jobs.context.RunContext): what both ingest
-    stages read for MovieLens (the streamed sources: the two functions above); every loader takes the
-    `source` settings, the synthetic generator also `synthetic`."""
-    return load_source(ctx.dataset, ctx.config["data"], until=ctx.ds, options=_loader_options(ctx))
+    ingest_interactions reads): amazon-json and MovieLens streamed from their files (the catalog first,
+    for each item's fate), synthetic generated."""
+    yield from _streamed(ctx, _STREAMED[ctx.dataset].iter_interactions(
+        ctx.config["data"], until=ctx.ds, options=_loader_options(ctx),
+        chunk_rows=ctx.config["source"]["chunk_rows"]))
