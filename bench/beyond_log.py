@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO_ROOT, log, machine_info, utc_now
+from bench.common import REPO_ROOT, exit_on_sigterm, log, machine_info, utc_now
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see the Makefile
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
@@ -287,4 +287,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -17,6 +18,13 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("REASEQ_BENCH_CACHE", Path.home() / ".cache" / "reaseq" / "bench"))
+
+
+def exit_on_sigterm() -> None:
+    """A SIGTERM (kill, a scheduler's stop) becomes SystemExit, so `finally` blocks run: a benchmark that
+    started the local LLM engine stops it instead of leaving it on both cores (Python's default ends the
+    process at once, and the engine lives in a session of its own)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def log(msg: str) -> None:

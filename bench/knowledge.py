@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO_ROOT, log, machine_info, utc_now, write_results
+from bench.common import REPO_ROOT, exit_on_sigterm, log, machine_info, utc_now, write_results
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 DATASETS = {"scientific": ("amazon-json", SHARED / "amazon18_scientific"),
@@ -466,4 +466,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import CACHE_DIR, REPO_ROOT, log
+from bench.common import CACHE_DIR, REPO_ROOT, exit_on_sigterm, log
 
 DATASETS = {
     # benchmark name: (jobs.sources loader, folder)
@@ -191,4 +191,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

@@ -14,9 +14,13 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 DELTA_VERSION = version("delta-spark")
 SCALA = "2.13"
 SPARK_COMPAT = ".".join(version("pyspark").split(".")[:2])
@@ -161,3 +165,23 @@ def delete_path(spark, uri: str) -> None:
     """Delete a folder (recursively) through Hadoop's FileSystem: local disk, s3a:// and HDFS alike."""
     path = spark._jvm.org.apache.hadoop.fs.Path(uri)
     path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)
+
+
+def interruptibly(spark, action: Callable[[], T]) -> T:
+    """`action()` (a blocking Spark action) run on a helper thread, so that Ctrl-C stops it.
+
+    Why: PySpark's SIGINT handler cancels the running jobs through py4j from the main thread. When the
+    main thread is itself blocked inside a py4j call (a collect, an eager checkpoint), that call is
+    re-entered and fails ("reentrant call inside BufferedReader"): the jobs keep running, the interrupt is
+    lost and the process goes on. Waiting on a thread leaves the main thread's py4j connection free (each
+    Python thread has its own), so the handler cancels the jobs and KeyboardInterrupt surfaces; this
+    function also cancels them for SystemExit (a SIGTERM turned into an exit) or any other exception
+    raised while waiting."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-action") as pool:
+        future = pool.submit(action)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                spark.sparkContext.cancelAllJobs()
+            raise

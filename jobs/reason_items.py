@@ -426,8 +426,11 @@ def _spread(seconds: list[float], ends: int = 5) -> dict:
 
 def _ask(answers):
     """The chunk's answers, computed exactly once (checkpointed before anything reads them twice)."""
+    from feature_store.spark import interruptibly
+
     try:
-        return answers.localCheckpoint(eager=True)
+        # Hours of requests on a local engine: on a helper thread so that Ctrl-C cancels them.
+        return interruptibly(answers.sparkSession, lambda: answers.localCheckpoint(eager=True))
     except Exception as exc:  # a circuit opened inside a worker arrives wrapped by Spark
         from llm_agents.config import unavailable_message
 

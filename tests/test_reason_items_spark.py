@@ -165,14 +165,22 @@ def _known(root: str) -> list[str]:
         return []
 
 
+@pytest.mark.parametrize("how", ["sigkill", "ctrl-c"])
 def test_a_stage_killed_midway_keeps_its_committed_chunks_and_the_rerun_asks_only_for_the_rest(
-    ctx_factory, tmp_path, monkeypatch
+    ctx_factory, tmp_path, monkeypatch, how
 ):
+    """sigkill: the driver and its JVM lost at once, as a lost node. ctrl-c: SIGINT to the driver alone, as
+    a terminal's Ctrl-C reaches it (pyspark's JVM ignores SIGINT): the stage must stop by itself, its
+    running Spark job cancelled (PySpark's own handler used to fail re-entering the py4j call the driver
+    was blocked in, and the requests went on)."""
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     n, chunk = 30, 10
     catalog = {"n_items": n, "n_users": 20, "seed": 8}
-    # Two service slots at 0.1 s a request: 5 items a second, so the stage can be cut between chunks.
-    with FakeOpenAIServer(capacity=2, latency_s=0.1, injection="fields") as srv:
+    # Two service slots at 0.1 s a request: 5 items a second, so the stage can be cut between chunks. For
+    # Ctrl-C one slot at 0.4 s (16 s a chunk, a commit takes a few): the signal lands while the driver
+    # waits on a chunk's fan-out, where the handler used to fail.
+    capacity, latency = (2, 0.1) if how == "sigkill" else (1, 0.4)
+    with FakeOpenAIServer(capacity=capacity, latency_s=latency, injection="fields") as srv:
         llm = _llm(srv, max_concurrency=4, timeout_s=30, max_retries=2, commit_every_items=chunk)
         ctx = ctx_factory(synthetic=catalog, llm=llm)
         execute("ingest_catalog", ctx)
@@ -184,11 +192,22 @@ def test_a_stage_killed_midway_keeps_its_committed_chunks_and_the_rerun_asks_onl
         stage = subprocess.Popen([sys.executable, "-m", "jobs.reason_items", "--ds", str(ctx.ds), "--lakehouse", root],
                                  env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
         deadline = time.monotonic() + 600
-        while not _known(root) and stage.poll() is None and time.monotonic() < deadline:
+        # SIGKILL once the first chunk is committed; Ctrl-C as soon as the first chunk's requests flow.
+        while (not _known(root) if how == "sigkill" else srv.stats["requests"] == 0) and stage.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert stage.poll() is None, f"the stage ended before its first commit was seen: {log.read_text()[-3000:]}"
-        os.killpg(stage.pid, signal.SIGKILL)  # the driver and its JVM, as a lost node would
-        stage.wait(timeout=60)
+        assert stage.poll() is None, f"the stage ended before it could be cut: {log.read_text()[-3000:]}"
+        if how == "sigkill":
+            os.killpg(stage.pid, signal.SIGKILL)  # the driver and its JVM, as a lost node would
+            stage.wait(timeout=60)
+        else:
+            stage.send_signal(signal.SIGINT)
+            try:
+                assert stage.wait(timeout=90) != 0  # a liveness bound, not a speed target
+            finally:
+                if stage.poll() is None:
+                    os.killpg(stage.pid, signal.SIGKILL)
+            assert "KeyboardInterrupt" in log.read_text()
         # pyspark's worker daemon puts itself in its own process group, so its workers outlive the kill
         # until they notice the JVM is gone (within about a second): wait until the server hears nothing.
         quiet, last = time.monotonic(), srv.stats["requests"]
@@ -197,7 +216,10 @@ def test_a_stage_killed_midway_keeps_its_committed_chunks_and_the_rerun_asks_onl
             if srv.stats["requests"] != last:
                 quiet, last = time.monotonic(), srv.stats["requests"]
         committed = _known(root)
-        assert chunk <= len(committed) < n and len(committed) % chunk == 0, len(committed)  # whole chunks only
+        if how == "sigkill":
+            assert chunk <= len(committed) < n and len(committed) % chunk == 0, len(committed)  # whole chunks only
+        else:  # the first chunk's job was cancelled, not run to its end: nothing to commit
+            assert committed == [] and srv.stats["requests"] < 4 * chunk, srv.stats["requests"]
         records = delta.read_arrow("ops.pipeline_runs", root, filter=pc.field("task") == "reason_items")
         assert records.num_rows == 0  # the killed run recorded nothing as done
 
