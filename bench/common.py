@@ -24,7 +24,11 @@ def exit_on_sigterm() -> None:
     """A SIGTERM (kill, a scheduler's stop) becomes SystemExit, so `finally` blocks run: a benchmark that
     started the local LLM engine stops it instead of leaving it on both cores (Python's default ends the
     process at once, and the engine lives in a session of its own)."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    def stop(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def log(msg: str) -> None:

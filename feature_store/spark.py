@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import suppress
 from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
@@ -174,14 +176,24 @@ def interruptibly(spark, action: Callable[[], T]) -> T:
     main thread is itself blocked inside a py4j call (a collect, an eager checkpoint), that call is
     re-entered and fails ("reentrant call inside BufferedReader"): the jobs keep running, the interrupt is
     lost and the process goes on. Waiting on a thread leaves the main thread's py4j connection free (each
-    Python thread has its own), so the handler cancels the jobs and KeyboardInterrupt surfaces; this
-    function also cancels them for SystemExit (a SIGTERM turned into an exit) or any other exception
-    raised while waiting."""
+    Python thread has its own), so the handler can cancel and KeyboardInterrupt surfaces. The action's
+    jobs carry a job group of their own, cancelled until the action ends: an action can be several jobs
+    (a shuffle, then the job reading it), and the signal may fall between two of them, when there is
+    nothing running to cancel yet. The same holds for SystemExit (a SIGTERM turned into an exit) or any
+    other exception raised while waiting."""
+    group = f"reaseq-interruptible-{uuid.uuid4().hex[:12]}"
+
+    def in_group() -> T:
+        spark.sparkContext.setJobGroup(group, "cancelled together on Ctrl-C", interruptOnCancel=True)
+        return action()
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-action") as pool:
-        future = pool.submit(action)
+        future = pool.submit(in_group)
         try:
             return future.result()
         except BaseException:
-            if not future.done():
-                spark.sparkContext.cancelAllJobs()
+            while not future.done():
+                with suppress(Exception):  # a stopped context, a broken gateway: the original error matters
+                    spark.sparkContext.cancelJobGroup(group)
+                wait([future], timeout=0.5)
             raise

@@ -665,7 +665,8 @@ class CompactEventKeys:
 
     @staticmethod
     def _pack(item_id: str, ts_us: int) -> int | None:
-        if ts_us % 1_000_000 or not (item_id.isascii() and item_id.isdigit()):
+        # Only the canonical spelling packs: "07" and "7" are different keys to a set, and must stay so.
+        if ts_us % 1_000_000 or not (item_id.isascii() and item_id.isdigit()) or (item_id[0] == "0" and len(item_id) > 1):
             return None
         seconds, item = ts_us // 1_000_000, int(item_id)
         return item << 32 | seconds if 0 <= seconds < 1 << 32 and item < 1 << 32 else None

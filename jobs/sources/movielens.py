@@ -140,7 +140,8 @@ def _decode(raw: bytes, encoding: str | None) -> str:
 def _lines(file: Path, encoding: str | None = None) -> Iterator[tuple[int, str, bool, int, int]]:
     """(line number, text, too large, size in bytes, bytes read so far) of every non-blank line, reading
     at most MAX_ROW_BYTES + 1 bytes at a time: a longer line is skipped to its end and handed over as its
-    first window with `too large` set. `encoding` None: UTF-8, a line that is not valid UTF-8 as latin-1."""
+    first window with `too large` set. `encoding` None: UTF-8, a line that is not valid UTF-8 as latin-1.
+    A UTF-8 byte order mark at the start (a file saved by a spreadsheet) is dropped."""
     try:
         with open(file, "rb") as f:
             done = lineno = 0
@@ -151,6 +152,8 @@ def _lines(file: Path, encoding: str | None = None) -> Iterator[tuple[int, str, 
                 lineno += 1
                 size = len(raw)
                 done += size
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
                 too_large = size > MAX_ROW_BYTES and not raw.endswith(b"\n")
                 rest = raw
                 while rest and not rest.endswith(b"\n"):  # the rest of a huge line, a window at a time
@@ -209,14 +212,22 @@ def _description(released: str, genres: list[str]) -> str | None:
     return " ".join(parts) or None
 
 
-def _csv_fields(line: str) -> list[str]:
-    return next(csv.reader([line])) if '"' in line else line.split(",")
+def _csv_fields(line: str) -> list[str] | None:
+    """A CSV line's fields (split on commas unless it quotes), or None when the csv module cannot read it
+    (a quoted field over its 128 KiB limit, a stray quote in strict places)."""
+    if '"' not in line:
+        return line.split(",")
+    try:
+        return next(csv.reader([line]))
+    except csv.Error:
+        return None
 
 
-def _header(file: Path, fields: list[str], lineno: int) -> None:
+def _header(file: Path, line: str) -> None:
+    """The first non-blank line of a release's CSV must be its header."""
     expected = CSV_HEADERS[file.name]
-    if lineno != 1 or [f.strip() for f in fields] != expected:
-        raise SourceError(f"{NAME}: {file}: the first line is {','.join(fields)[:200]!r}, expected the header "
+    if [f.strip() for f in _csv_fields(line) or []] != expected:
+        raise SourceError(f"{NAME}: {file}: the first line is {line[:200]!r}, expected the header "
                           f"{','.join(expected)!r}: {_HINT}")
 
 
@@ -226,12 +237,14 @@ def _links(folder: Path) -> dict[str, dict[str, str]]:
     if not file.is_file():
         return {}
     out: dict[str, dict[str, str]] = {}
-    for lineno, line, _, _, _ in _lines(file):
-        fields = _csv_fields(line)
-        if lineno == 1:
-            _header(file, fields, lineno)
+    header = True
+    for _, line, _, _, _ in _lines(file):
+        if header:
+            _header(file, line)
+            header = False
             continue
-        if len(fields) != 3:
+        fields = _csv_fields(line)
+        if fields is None or len(fields) != 3:
             continue  # links are an extra, not an item: a broken line loses only the ids it had
         movie, imdb, tmdb = (f.strip() for f in fields)
         out[_norm_id(movie)] = {k: v for k, v in (("imdb_id", f"tt{imdb}" if imdb else ""), ("tmdb_id", tmdb)) if v}
@@ -243,6 +256,7 @@ def _read_items(b: BatchBuilder, release: Release) -> Iterator[int]:
     file = release.items
     genres = read_genres(release.folder / "u.genre") if release.layout == "100k" else ()
     links = _links(release.folder) if release.layout == "csv" else {}
+    header = release.layout == "csv"  # the first non-blank line of a CSV
     for lineno, line, too_large, size, done in _lines(file, "latin-1" if release.layout == "100k" else None):
         where = f"{file.name}:{lineno}"
         raw = {"file": file.name, "line": lineno, "text": line}
@@ -271,19 +285,21 @@ def _read_items(b: BatchBuilder, release: Release) -> Iterator[int]:
             released, imdb_url = fields[2].strip(), fields[4].strip()
             attributes = {k: v for k, v in (("release_date", released), ("imdb_url", imdb_url)) if v}
         else:
+            if header:
+                _header(file, line)
+                header = False
+                yield done
+                continue
             if release.layout == "csv":
-                fields = _csv_fields(line)
-                if lineno == 1:
-                    _header(file, fields, lineno)
-                    yield done
-                    continue
+                fields = _csv_fields(line) or []
             else:
                 fields = line.split("::")
                 if len(fields) > 3:  # a title holding "::": the id is first and the genres last
                     fields = [fields[0], "::".join(fields[1:-1]), fields[-1]]
-            movie_id = _norm_id(fields[0])
+            movie_id = _norm_id(fields[0]) if fields else ""
             if len(fields) != 3:
-                b.reject_item(movie_id or None, "bad_field_type", f"{len(fields)} fields, expected 3", raw,
+                b.reject_item(movie_id or None, "bad_field_type",
+                              f"{len(fields)} fields, expected 3" if fields else "not a readable CSV line", raw,
                               where=where)
                 yield done
                 continue
@@ -308,6 +324,7 @@ def _read_ratings(b: BatchBuilder, release: Release) -> Iterator[int]:
     """Feed every rating to the builder; yields the bytes of the ratings file read after each line."""
     file = release.ratings
     name = file.name
+    header = release.layout == "csv"
     for lineno, line, too_large, size, done in _lines(file):
         raw = {"file": name, "line": lineno, "text": line}
         if too_large:
@@ -320,14 +337,16 @@ def _read_ratings(b: BatchBuilder, release: Release) -> Iterator[int]:
                 fields = line.split()
         elif release.layout == "dat":
             fields = line.split("::")
+        elif header:
+            _header(file, line)
+            header = False
+            yield done
+            continue
         else:
-            fields = _csv_fields(line)
-            if lineno == 1:
-                _header(file, fields, lineno)
-                yield done
-                continue
+            fields = _csv_fields(line) or []
         if len(fields) != 4:
-            b.reject_interaction(f"{name}:{lineno}", "bad_field_type", f"{len(fields)} fields, expected 4", raw)
+            b.reject_interaction(f"{name}:{lineno}", "bad_field_type",
+                                 f"{len(fields)} fields, expected 4" if fields else "not a readable CSV line", raw)
             yield done
             continue
         user, item, rating_text, ts_text = fields
