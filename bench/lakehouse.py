@@ -26,6 +26,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-items", type=int, default=None, metavar="N",
                    help="--knowledge local: send at most N items this call (the rest waits for the next call)")
     args = p.parse_args(argv)
+    # The stages' own lines (reason_items: each chunk committed, done of total, rate, ETA): a local build
+    # runs for hours, and the per-partition lines alone do not say how far the whole is.
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("reaseq").setLevel(logging.INFO)
     if args.budget_items is not None and args.budget_items < 1:
         p.error("--budget-items must be at least 1")
     unknown = [d for d in args.datasets if d not in DATASETS]

@@ -557,7 +557,79 @@ def compaction(files: int = 1_000, rows_per_file: int = 25) -> dict:
     log(f"compaction: {files:,} files -> {out['after']['table_files']} in {out['compact']['seconds']}s; delta-rs read "
         f"{out['before']['delta_rs_read_s']}s -> {out['after']['delta_rs_read_s']}s, Spark count "
         f"{out['before']['spark_count_s']}s -> {out['after']['spark_count_s']}s")
+    out["lookups"] = lookups()
     out["measured_at"] = utc_now()
+    return out
+
+
+def lookups(rows: int = 200_000, appends: int = 40, target_mb: int = 16, probes: int = 20) -> dict:
+    """What Z-ordering buys a point lookup: bronze.catalog_items (cluster_by item_id) written as `appends`
+    appends in random id order (every file spans every id, as nightly MERGEs leave it), ~1.2 KB of
+    incompressible description a row; `probes` lookups by item_id through the Arrow dataset (what DuckDB
+    and `make sql` read, file statistics skipping files) before compaction, after a plain compaction and
+    after the Z-order compaction does for a clustered table. Files of `target_mb` (16) over this ~150 MB
+    table stand for 128 MB files over a ~1 GB one: what counts is how many of the files a lookup opens."""
+    import datetime as dt
+    import random
+
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable, write_deltalake
+
+    from feature_store import delta
+    from feature_store.catalog import CATALOG_ITEMS
+
+    base = Path(CACHE_DIR) / "scale-lookups"
+    shutil.rmtree(base, ignore_errors=True)
+    root = str(base / "lakehouse")
+    name = CATALOG_ITEMS.name
+    path = delta.table_path(name, root)
+    rng = random.Random(0)
+    ids = [f"item-{k:08d}" for k in range(rows)]
+    rng.shuffle(ids)
+    day = dt.date.fromisoformat(DS)
+    for a in range(appends):
+        part = ids[a::appends]
+        batch = [{"item_id": i, "title": f"Item {i}", "description": os.urandom(600).hex(), "categories": ["A", "B"],
+                  "brand": "b", "price": 1.0, "attributes": [("k", "v")], "content_hash": i, "source": "bench",
+                  "first_seen_ds": day, "last_seen_ds": day, "ds": day, "run_id": "r"} for i in part]
+        write_deltalake(path, pa.Table.from_pylist(batch, schema=CATALOG_ITEMS.schema), mode="append")
+    sample = rng.sample(ids, probes)
+
+    def measure() -> dict:
+        table = DeltaTable(path)
+        dataset = table.to_pyarrow_dataset()
+        opened = [len(list(dataset.get_fragments(filter=pc.field("item_id") == i))) for i in sample]
+        con = duckdb.connect()
+        con.register("t", dataset)
+        for i in sample[:2]:  # warm
+            dataset.to_table(filter=pc.field("item_id") == i)
+        a = time.perf_counter()
+        for i in sample:
+            assert dataset.to_table(filter=pc.field("item_id") == i).num_rows == 1
+        b = time.perf_counter()
+        for i in sample:
+            assert con.execute("SELECT count(*) FROM t WHERE item_id = ?", [i]).fetchone()[0] == 1
+        c = time.perf_counter()
+        files = table.file_uris()
+        return {"files": len(files), "mb": round(sum(os.path.getsize(f) for f in files) / 1e6, 1),
+                "files_opened_per_lookup": round(sum(opened) / len(opened), 2),
+                "arrow_lookup_ms": round((b - a) / probes * 1000, 1), "duckdb_lookup_ms": round((c - b) / probes * 1000, 1)}
+
+    out: dict = {"rows": rows, "appends": appends, "target_mb": target_mb, "probes": probes, "appended": measure()}
+    t0 = time.perf_counter()
+    DeltaTable(path).optimize.compact(target_size=target_mb << 20)
+    out["compacted"] = {**measure(), "seconds": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
+    done = delta.compact(None, name, root, min_files=1, target_mb=target_mb)
+    assert done["sorted_by"] == ["item_id"], done
+    out["z_ordered"] = {**measure(), "seconds": round(time.perf_counter() - t0, 1)}
+    shutil.rmtree(base, ignore_errors=True)
+    z, c = out["z_ordered"], out["compacted"]
+    log(f"lookups: {c['files']} files compacted, {c['files_opened_per_lookup']} opened per lookup, "
+        f"{c['duckdb_lookup_ms']} ms; Z-ordered {z['files']} files, {z['files_opened_per_lookup']} opened, "
+        f"{z['duckdb_lookup_ms']} ms")
     return out
 
 
@@ -753,6 +825,16 @@ def markdown(data: dict) -> str:
                   "", "| | files | delta-rs read s | Spark count s |", "|---|---:|---:|---:|"]
         for k in ("before", "after"):
             lines.append(f"| {k} | {c[k]['table_files']:,} | {c[k]['delta_rs_read_s']} | {c[k]['spark_count_s']} |")
+        if lk := c.get("lookups"):
+            lines += ["", f"Point lookups by item_id (`--compaction`): bronze.catalog_items, {lk['rows']:,} rows appended "
+                      f"{lk['appends']} times in random id order, files of {lk['target_mb']} MB, {lk['probes']} lookups "
+                      "through the Arrow dataset (what `make sql` reads) and DuckDB over it:", "",
+                      "| table | files | MB | files opened per lookup | Arrow ms | DuckDB ms | compaction s |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            for k, label in (("appended", "as appended"), ("compacted", "compacted"), ("z_ordered", "Z-ordered by item_id")):
+                r = lk[k]
+                lines.append(f"| {label} | {r['files']} | {r['mb']} | {r['files_opened_per_lookup']} | "
+                             f"{r['arrow_lookup_ms']} | {r['duckdb_lookup_ms']} | {r.get('seconds', '')} |")
     merges = sorted((data.get("nightly_merge") or {}).values(), key=lambda r: r["items"])
     if merges:
         lines += ["", "The next night's catalog MERGE (ingest_catalog) with 1% of the items changed, against the "
@@ -864,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
                         "capacity on a catalog whose knowledge table holds the rest, then a night killed halfway and "
                         "run again, at each size (results under llm_stage; about 20 minutes a size)")
     p.add_argument("--compaction", action="store_true",
-                   help="only what compaction buys a table of 1,000 small appends: reads before and after (a minute)")
+                   help="only what compaction buys: a table of 1,000 small appends read before and after, and point "
+                   "lookups on a table of 200,000 rows as appended, compacted and Z-ordered (a few minutes)")
     p.add_argument("--llm-budget", type=int, default=LLM_BUDGET, metavar="ITEMS",
                    help="with --llm: the night's llm.budget_items (default %(default)s)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")

@@ -34,6 +34,10 @@ class TableSpec:
     # Who names what it trained on by this table's Delta version (a codebook, a checkpoint): a commit that
     # changes no row (compaction, VACUUM) would still retrain it the next night, so maintenance skips it.
     version_pinned_by: str | None = None
+    # The column rows are looked up by (an analyst's WHERE item_id = ..., a training job's item join):
+    # compaction sorts (Z-orders) the table by it, so each file covers a narrow range of it and a lookup
+    # opens one file instead of every one (file statistics skip the rest).
+    cluster_by: tuple[str, ...] = ()
 
     @property
     def layer(self) -> str:
@@ -74,6 +78,7 @@ CATALOG_ITEMS = _register(
     TableSpec(
         name="bronze.catalog_items",
         key=("item_id",),
+        cluster_by=("item_id",),
         description="Catalog items as extracted from the source, one row per item id, text cleaned and hashed.",
         schema=_schema(
             ("item_id", pa.string(), False),
@@ -125,6 +130,7 @@ ITEM_KNOWLEDGE = _register(
     TableSpec(
         name="silver.item_knowledge",
         key=("item_id", "content_hash", "prompt_version", "model"),
+        cluster_by=("item_id",),
         description="Knowledge distilled per item by the multi-agent chain of thought (profiler, audience, relations, reconciler).",
         schema=_schema(
             ("item_id", pa.string(), False),
@@ -208,6 +214,7 @@ ITEM_SEMANTIC_IDS = _register(
     TableSpec(
         name="gold.item_semantic_ids",
         key=("item_id", "codebook_version"),
+        cluster_by=("item_id",),
         description="Semantic IDs per item: hierarchical residual codes plus a collision digit, and MPQ expert tokens.",
         schema=_schema(
             ("item_id", pa.string(), False),
@@ -255,6 +262,7 @@ USER_AUGMENTED = _register(
     TableSpec(
         name="gold.user_augmented_behaviors",
         key=("user_id", "model_version"),
+        cluster_by=("user_id",),
         description="Beyond-log behaviours inferred per user: items the logs never showed, with scores.",
         schema=_schema(
             ("user_id", pa.string(), False),
@@ -275,6 +283,7 @@ USER_FEATURES = _register(
     TableSpec(
         name="gold.user_features",
         key=("user_id",),
+        cluster_by=("user_id",),
         description="User aggregates: knowledge-based affinities weighted by recency, counts, recency statistics, inferred-behaviour summaries.",
         schema=_schema(
             ("user_id", pa.string(), False),

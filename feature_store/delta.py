@@ -289,9 +289,12 @@ def compact(spark: SparkSession | None, name: str, root: str | None = None, *, m
     version whose rows are those of the version before (`dataChange` false), and older versions stay
     readable for the retention window. On a local lakehouse delta-rs compacts; elsewhere Spark's
     OPTIMIZE, with only files under `target_mb` as candidates.
-    Returns {"small_files": n, "compacted": bool, "files_removed": n, "files_added": n}."""
+    A table with `cluster_by` in the catalog is Z-ordered by it instead (all its files rewritten, sorted):
+    a point lookup then opens one file. Measured in bench/scale.py --compaction.
+    Returns {"small_files": n, "compacted": bool, "files_removed": n, "files_added": n, "sorted_by": [...]}."""
     path = table_path(name, root)
     target = target_mb * 1024 * 1024
+    cluster = get(name).cluster_by
     if is_local(path):
         from deltalake import DeltaTable as ArrowTable
 
@@ -307,10 +310,12 @@ def compact(spark: SparkSession | None, name: str, root: str | None = None, *, m
         # bronze.interactions) has nothing to merge with, so it does not count.
         small = sum(n for n in per_partition.values() if n > 1)
         if small < min_files:
-            return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0}
-        m = table.optimize.compact(target_size=target)
+            return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0, "sorted_by": []}
+        m = (table.optimize.z_order(list(cluster), target_size=target) if cluster
+             else table.optimize.compact(target_size=target))
         removed, added = int(m.get("numFilesRemoved", 0)), int(m.get("numFilesAdded", 0))
-        return {"small_files": small, "compacted": removed > 0, "files_removed": removed, "files_added": added}
+        return {"small_files": small, "compacted": removed > 0, "files_removed": removed, "files_added": added,
+                "sorted_by": list(cluster)}
     if spark is None:
         raise ValueError(f"{name}: {path} is not on a local disk: compact needs a Spark session there")
     from delta.tables import DeltaTable
@@ -322,19 +327,21 @@ def compact(spark: SparkSession | None, name: str, root: str | None = None, *, m
     # partitioned one may then be planned for nothing: a partition's lone file is left as it is).
     small = files if files and size / files < target else 0
     if small < min_files:
-        return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0}
+        return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0, "sorted_by": []}
     keys = ("spark.databricks.delta.optimize.minFileSize", "spark.databricks.delta.optimize.maxFileSize")
     saved = {k: spark.conf.get(k, None) for k in keys}
     try:
         for k in keys:
             spark.conf.set(k, str(target))
-        m = target_table.optimize().executeCompaction().select("metrics.numFilesRemoved",
-                                                               "metrics.numFilesAdded").first()
+        optimize = target_table.optimize()
+        done = optimize.executeZOrderBy(*cluster) if cluster else optimize.executeCompaction()
+        m = done.select("metrics.numFilesRemoved", "metrics.numFilesAdded").first()
     finally:  # the session is shared by the stages after
         for k, v in saved.items():
             spark.conf.unset(k) if v is None else spark.conf.set(k, v)
     removed, added = int(m[0] or 0), int(m[1] or 0)
-    return {"small_files": small, "compacted": removed > 0, "files_removed": removed, "files_added": added}
+    return {"small_files": small, "compacted": removed > 0, "files_removed": removed, "files_added": added,
+            "sorted_by": list(cluster)}
 
 
 def is_local(path: str) -> bool:

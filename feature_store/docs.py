@@ -33,6 +33,9 @@ def render() -> str:
             out.append(f"- kept from the existing row on update: `{', '.join(spec.preserve_on_update)}`")
         if spec.version_pinned_by:
             out.append(f"- its Delta version is pinned by {spec.version_pinned_by}: never compacted by publish")
+        if spec.cluster_by:
+            out.append(f"- compaction sorts it by {', '.join(f'`{c}`' for c in spec.cluster_by)} (Z-order), so a lookup "
+                       "by it opens one file")
         out.append(f"- owner: {spec.owner}")
         out += ["", "| column | type | nullable | notes |", "|---|---|---|---|"]
         for f in spec.schema:

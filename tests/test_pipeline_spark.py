@@ -496,3 +496,38 @@ def test_a_large_format_movielens_release_is_ingested_in_chunks(ctx_factory, tmp
     assert reasons == ["bad_field_type", "duplicate_event", "item_quarantined"]
     titles = {r["item_id"]: r["title"] for r in rows(ctx, "bronze.catalog_items")}
     assert titles == {"1": "Café (1995)", "2": "Two (1996)", "4": "Four (1997)"}
+
+
+@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
+def test_compaction_sorts_a_clustered_table_so_a_lookup_opens_one_file(ctx_factory, spark, monkeypatch, engine):
+    """bronze.catalog_items (cluster_by item_id): appends in random id order leave every file spanning the
+    whole id range; compaction Z-orders it, after which the files' id ranges do not overlap and a point
+    lookup's dataset keeps one file of several (what DuckDB and `make sql` read)."""
+    import os
+    import random
+
+    from jobs.publish import compact_tables
+
+    if engine == "spark":
+        monkeypatch.setattr(delta, "is_local", lambda path: False)
+    ctx = ctx_factory(compaction={"min_small_files": 4, "target_mb": 1})
+    name = "bronze.catalog_items"
+    ids = [f"i{k:05d}" for k in range(3000)]
+    random.Random(3).shuffle(ids)
+    day = dt.date(2026, 11, 22)
+    rows = [{**_catalog_row(i, "t", day), "description": os.urandom(400).hex()} for i in ids]
+    _small_files(spark, name, ctx.root, rows, 8)
+
+    def ranges():
+        actions = pa.table(delta.delta_table(name, ctx.root).get_add_actions(flatten=True))
+        return sorted(zip(actions["min.item_id"].to_pylist(), actions["max.item_id"].to_pylist(), strict=True))
+
+    assert all(lo < "i00100" and hi > "i02900" for lo, hi in ranges())  # every file spans everything
+    done = compact_tables(ctx)
+    assert done[name]["compacted"] and done[name]["sorted_by"] == ["item_id"], done
+    after = ranges()
+    assert len(after) >= 2 and all(a[1] < b[0] for a, b in zip(after, after[1:], strict=False)), after
+    dataset = delta.delta_table(name, ctx.root).to_pyarrow_dataset()
+    assert len(list(dataset.get_fragments(filter=pc.field("item_id") == "i01234"))) == 1
+    assert dataset.to_table(filter=pc.field("item_id") == "i01234").num_rows == 1
+    assert delta.read_spark(spark, name, ctx.root).count() == 3000

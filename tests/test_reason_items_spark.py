@@ -224,7 +224,8 @@ def test_a_stage_killed_midway_keeps_its_committed_chunks_and_the_rerun_asks_onl
         assert records.num_rows == 0  # the killed run recorded nothing as done
 
         before = srv.stats["requests"]
-        ctx.config["llm"]["commit_every_items"] = n  # the rerun's own chunks are not what is checked here
+        srv.latency_s = 0.02  # the rerun's speed is not what is checked here (one slot: 120 requests)
+        ctx.config["llm"]["commit_every_items"] = n  # nor its chunks
         rerun = execute("reason_items", ctx)
         left = n - len(committed)
         assert rerun.metrics["work_set"] == left and rerun.rows_out == left
