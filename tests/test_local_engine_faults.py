@@ -126,3 +126,32 @@ def test_a_machine_without_a_compiler_gets_one_line_naming_what_to_install(tmp_p
     up = subprocess.run([sys.executable, "-P", str(ROOT / "llm_agents" / "local_engine.py"), "up"],
                         env=env, capture_output=True, text=True, timeout=60)
     assert up.returncode == 2 and "make llm-engine" in up.stderr and "Traceback" not in up.stderr
+
+
+def test_a_benchmark_killed_with_sigterm_runs_its_clean_up(tmp_path):
+    """The benchmarks that start the engine turn SIGTERM into an exit (bench.common.exit_on_sigterm), so
+    `local_engine.engine()`'s `finally` stops the engine; Python's default would end the process at once
+    and leave the engine, in a session of its own, on both cores. A second SIGTERM during the clean-up
+    does not cut it short."""
+    marker = tmp_path / "cleaned"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from bench.common import exit_on_sigterm\n"
+        "exit_on_sigterm()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        "    print('cleaning', flush=True)\n"
+        "    time.sleep(1)\n"
+        f"    Path({str(marker)!r}).write_text('stopped')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "cleaning"
+    proc.send_signal(signal.SIGTERM)  # impatient: a second one while it cleans up
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "stopped"
