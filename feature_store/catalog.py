@@ -34,9 +34,12 @@ class TableSpec:
     # Who names what it trained on by this table's Delta version (a codebook, a checkpoint): a commit that
     # changes no row (compaction, VACUUM) would still retrain it the next night, so maintenance skips it.
     version_pinned_by: str | None = None
-    # The column rows are looked up by (an analyst's WHERE item_id = ..., a training job's item join):
-    # compaction sorts (Z-orders) the table by it, so each file covers a narrow range of it and a lookup
-    # opens one file instead of every one (file statistics skip the rest).
+    # The column rows are looked up by (an analyst's WHERE item_id = ...): compaction sorts (Z-orders) the
+    # table by it, so each file covers a narrow range of it and a lookup opens one file instead of every
+    # one (file statistics skip the rest). Only for tables mostly appended to or changed a little: a MERGE
+    # that rewrites a whole table every run (the gold tables) leaves every file spanning every key again.
+    # delta-rs tells string keys apart by about their first 14 bytes: ids with a longer shared prefix
+    # would not be sorted.
     cluster_by: tuple[str, ...] = ()
 
     @property
@@ -214,7 +217,6 @@ ITEM_SEMANTIC_IDS = _register(
     TableSpec(
         name="gold.item_semantic_ids",
         key=("item_id", "codebook_version"),
-        cluster_by=("item_id",),
         description="Semantic IDs per item: hierarchical residual codes plus a collision digit, and MPQ expert tokens.",
         schema=_schema(
             ("item_id", pa.string(), False),
@@ -262,7 +264,6 @@ USER_AUGMENTED = _register(
     TableSpec(
         name="gold.user_augmented_behaviors",
         key=("user_id", "model_version"),
-        cluster_by=("user_id",),
         description="Beyond-log behaviours inferred per user: items the logs never showed, with scores.",
         schema=_schema(
             ("user_id", pa.string(), False),
@@ -283,7 +284,6 @@ USER_FEATURES = _register(
     TableSpec(
         name="gold.user_features",
         key=("user_id",),
-        cluster_by=("user_id",),
         description="User aggregates: knowledge-based affinities weighted by recency, counts, recency statistics, inferred-behaviour summaries.",
         schema=_schema(
             ("user_id", pa.string(), False),

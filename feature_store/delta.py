@@ -278,10 +278,20 @@ def apply_retention(spark: SparkSession | None, name: str, root: str | None = No
     return {"properties_set": changed, "files_deleted": None}
 
 
+# Z-order rewrites every file of the table, not only the small ones: it is paid for only once the small
+# files hold this share of the table's bytes (the table grew by about a tenth since it was last sorted), so
+# rewrites add up to about ten times the data written instead of growing with the table at every pass;
+# otherwise the small files alone are compacted, as for any table.
+ZORDER_MIN_SMALL_SHARE = 0.1
+# delta-rs sorts in memory up to this, then spills to disk (its default is unbounded: ~1.1 MB of memory
+# per MB of table was measured; 40-120 MB failed "not enough memory to continue external sort").
+ZORDER_SPILL_BYTES = 1 << 30
+
+
 def compact(spark: SparkSession | None, name: str, root: str | None = None, *, min_files: int,
             target_mb: int) -> dict:
-    """Rewrite the table's small files (under `target_mb`) into files of about `target_mb`, once it has
-    `min_files` of them; a table with fewer is left alone (and nothing is committed).
+    """Rewrite the table's small files (under half of `target_mb`) into files of about `target_mb`, once it
+    has `min_files` of them; a table with fewer is left alone (and nothing is committed).
 
     Why: every chunk of reason_items' answers, every task's run record and every quarantine write adds
     a file or two, so the tables written a little at a time every night gather thousands of files of a
@@ -289,59 +299,80 @@ def compact(spark: SparkSession | None, name: str, root: str | None = None, *, m
     version whose rows are those of the version before (`dataChange` false), and older versions stay
     readable for the retention window. On a local lakehouse delta-rs compacts; elsewhere Spark's
     OPTIMIZE, with only files under `target_mb` as candidates.
-    A table with `cluster_by` in the catalog is Z-ordered by it instead (all its files rewritten, sorted):
-    a point lookup then opens one file. Measured in bench/scale.py --compaction.
+    A table with `cluster_by` in the catalog is Z-ordered by it instead once its small files hold
+    ZORDER_MIN_SMALL_SHARE of its bytes (every file rewritten, sorted): a point lookup then opens one file
+    until MERGEs rewrite files again. Measured in bench/scale.py --compaction.
     Returns {"small_files": n, "compacted": bool, "files_removed": n, "files_added": n, "sorted_by": [...]}."""
     path = table_path(name, root)
     target = target_mb * 1024 * 1024
+    # Small: under half the target. The files compaction writes come out a little under the target (Spark
+    # bins up to it), and must not count as small the next night.
+    small_below = target // 2
     cluster = get(name).cluster_by
+    nothing = {"files_removed": 0, "files_added": 0, "sorted_by": []}
     if is_local(path):
         from deltalake import DeltaTable as ArrowTable
 
         table = ArrowTable(path)
         actions = pa.table(table.get_add_actions(flatten=True))  # an arro3 table: to pyarrow, no copy
         parts = [c for c in actions.column_names if c.startswith("partition.")]
-        per_partition: dict[tuple, int] = {}
+        per_partition: dict[tuple, list[int]] = {}
+        total = 0
         for row in actions.select(["size_bytes", *parts]).to_pylist():
-            if row["size_bytes"] < target:
-                key = tuple(row[c] for c in parts)
-                per_partition[key] = per_partition.get(key, 0) + 1
+            total += row["size_bytes"]
+            if row["size_bytes"] < small_below:
+                per_partition.setdefault(tuple(row[c] for c in parts), []).append(row["size_bytes"])
         # Compaction bins files within a partition: a lone small file per partition (a day of
         # bronze.interactions) has nothing to merge with, so it does not count.
-        small = sum(n for n in per_partition.values() if n > 1)
+        bins = [sizes for sizes in per_partition.values() if len(sizes) > 1]
+        small, small_bytes = sum(map(len, bins)), sum(map(sum, bins))
         if small < min_files:
-            return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0, "sorted_by": []}
-        m = (table.optimize.z_order(list(cluster), target_size=target) if cluster
+            return {"small_files": small, "compacted": False, **nothing}
+        zorder = bool(cluster) and small_bytes >= ZORDER_MIN_SMALL_SHARE * total
+        m = (table.optimize.z_order(list(cluster), target_size=target, max_spill_size=ZORDER_SPILL_BYTES) if zorder
              else table.optimize.compact(target_size=target))
         removed, added = int(m.get("numFilesRemoved", 0)), int(m.get("numFilesAdded", 0))
         return {"small_files": small, "compacted": removed > 0, "files_removed": removed, "files_added": added,
-                "sorted_by": list(cluster)}
+                "sorted_by": list(cluster) if zorder else []}
     if spark is None:
         raise ValueError(f"{name}: {path} is not on a local disk: compact needs a Spark session there")
     from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
 
     target_table = DeltaTable.forPath(spark, path)
-    detail = target_table.detail().select("numFiles", "sizeInBytes").first()
-    files, size = int(detail["numFiles"] or 0), int(detail["sizeInBytes"] or 0)
-    # Spark lists no file sizes cheaply: a table whose files average under the target counts as small (a
-    # partitioned one may then be planned for nothing: a partition's lone file is left as it is).
-    small = files if files and size / files < target else 0
+    parts = list(get(name).partition_by)
+    # Each file's size from the scan's file metadata (no data column read), small files counted per
+    # partition as above: a partition's lone small file has nothing to merge with.
+    files = target_table.toDF().select(*parts, F.col("_metadata.file_path").alias("path"),
+                                       F.col("_metadata.file_size").alias("size")).distinct()
+    bins = (files.filter(F.col("size") < small_below).groupBy(*parts)
+            .agg(F.count("*").alias("n"), F.sum("size").alias("bytes")).filter(F.col("n") > 1)
+            .agg(F.sum("n").alias("small"), F.sum("bytes").alias("small_bytes")).first())
+    small, small_bytes = int(bins["small"] or 0), int(bins["small_bytes"] or 0)
+    total = int(files.agg(F.sum("size")).first()[0] or 0)
     if small < min_files:
-        return {"small_files": small, "compacted": False, "files_removed": 0, "files_added": 0, "sorted_by": []}
-    keys = ("spark.databricks.delta.optimize.minFileSize", "spark.databricks.delta.optimize.maxFileSize")
-    saved = {k: spark.conf.get(k, None) for k in keys}
+        return {"small_files": small, "compacted": False, **nothing}
+    zorder = bool(cluster) and small_bytes >= ZORDER_MIN_SMALL_SHARE * total
+    settings = {"spark.databricks.delta.optimize.minFileSize": str(target),
+                "spark.databricks.delta.optimize.maxFileSize": str(target)}
+    if zorder:
+        # Without noise and with rows sorted in each file, one key's rows never straddle two files and a
+        # file's min/max bound its keys (Delta's defaults add noise to balance skewed ranges).
+        settings |= {"spark.databricks.io.skipping.mdc.addNoise": "false",
+                     "spark.databricks.io.skipping.mdc.sortWithinFiles": "true"}
+    saved = {k: spark.conf.get(k, None) for k in settings}
     try:
-        for k in keys:
-            spark.conf.set(k, str(target))
+        for k, v in settings.items():
+            spark.conf.set(k, v)
         optimize = target_table.optimize()
-        done = optimize.executeZOrderBy(*cluster) if cluster else optimize.executeCompaction()
+        done = optimize.executeZOrderBy(*cluster) if zorder else optimize.executeCompaction()
         m = done.select("metrics.numFilesRemoved", "metrics.numFilesAdded").first()
     finally:  # the session is shared by the stages after
         for k, v in saved.items():
             spark.conf.unset(k) if v is None else spark.conf.set(k, v)
     removed, added = int(m[0] or 0), int(m[1] or 0)
     return {"small_files": small, "compacted": removed > 0, "files_removed": removed, "files_added": added,
-            "sorted_by": list(cluster)}
+            "sorted_by": list(cluster) if zorder else []}
 
 
 def is_local(path: str) -> bool:

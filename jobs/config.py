@@ -132,10 +132,10 @@ class CompactionSettings(Section):
     """Small files merged into larger ones, by publish at the end of a good run."""
 
     min_small_files: PositiveInt | None = Field(
-        64, description="publish compacts a table once it has this many files under target_mb (tables written a "
+        64, description="publish compacts a table once it has this many files under half of target_mb (tables written a "
         "chunk or a record at a time gather a few every night); null: never. The tables whose versions the "
         "codebooks and the diffusion checkpoint pin are left alone (a new version would retrain them)")
-    target_mb: PositiveInt = Field(128, description="size of the files compaction writes, and below which a file counts as small")
+    target_mb: PositiveInt = Field(128, description="size of the files compaction writes; a file under half of it counts as small")
 
 
 class AirflowSettings(Section):

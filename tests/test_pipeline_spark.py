@@ -512,17 +512,17 @@ def test_compaction_sorts_a_clustered_table_so_a_lookup_opens_one_file(ctx_facto
         monkeypatch.setattr(delta, "is_local", lambda path: False)
     ctx = ctx_factory(compaction={"min_small_files": 4, "target_mb": 1})
     name = "bronze.catalog_items"
-    ids = [f"i{k:05d}" for k in range(3000)]
+    ids = [f"i{k:05d}" for k in range(20_000)]
     random.Random(3).shuffle(ids)
     day = dt.date(2026, 11, 22)
     rows = [{**_catalog_row(i, "t", day), "description": os.urandom(400).hex()} for i in ids]
-    _small_files(spark, name, ctx.root, rows, 8)
+    _small_files(spark, name, ctx.root, rows, 40)  # ~16 MB of text in files of a few hundred KB
 
     def ranges():
         actions = pa.table(delta.delta_table(name, ctx.root).get_add_actions(flatten=True))
         return sorted(zip(actions["min.item_id"].to_pylist(), actions["max.item_id"].to_pylist(), strict=True))
 
-    assert all(lo < "i00100" and hi > "i02900" for lo, hi in ranges())  # every file spans everything
+    assert all(lo < "i01000" and hi > "i19000" for lo, hi in ranges())  # every file spans (nearly) everything
     done = compact_tables(ctx)
     assert done[name]["compacted"] and done[name]["sorted_by"] == ["item_id"], done
     after = ranges()
@@ -530,4 +530,12 @@ def test_compaction_sorts_a_clustered_table_so_a_lookup_opens_one_file(ctx_facto
     dataset = delta.delta_table(name, ctx.root).to_pyarrow_dataset()
     assert len(list(dataset.get_fragments(filter=pc.field("item_id") == "i01234"))) == 1
     assert dataset.to_table(filter=pc.field("item_id") == "i01234").num_rows == 1
-    assert delta.read_spark(spark, name, ctx.root).count() == 3000
+    assert delta.read_spark(spark, name, ctx.root).count() == 20_000
+    # A few new rows later (small files holding under a tenth of the bytes): only they are compacted,
+    # the sorted files are not rewritten for them.
+    _small_files(spark, name, ctx.root, [_catalog_row(f"j{k:02d}", "t", day) for k in range(40)], 4)
+    again = compact_tables(ctx)
+    assert again[name]["compacted"] and again[name]["sorted_by"] == [] and again[name]["files_removed"] >= 4, again
+    now = ranges()
+    assert sum(r in now for r in after) >= len(after) - 1  # the sorted files stay (bar a last, small one)
+    assert delta.read_spark(spark, name, ctx.root).count() == 20_040
