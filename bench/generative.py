@@ -11,7 +11,15 @@ is trained once and decoded three ways, then fine-tuned twice from it:
 * +dynamic_paths: M paths (path p starts from expert p), confidence-based step order, paths averaged;
 * +corp: + consistency-oriented pruning of invalid / disagreeing paths before averaging;
 * +pars: + PARS preference alignment (DPO-style, category-path partial credit), decoded like +corp;
-* +msra: + MSRA rewards (the next training interactions) in the alignment, decoded like +corp.
+* +msra: + MSRA rewards (the next training interactions) in the alignment, decoded like +corp;
+* +pars_knowledge: +pars whose partial credit also comes from the knowledge's product types (the same
+  seed as +pars, so the credit is the only difference); by default only with `--knowledge local`, where a
+  language model wrote them (the offline heuristic's product types re-parse catalog fields).
+
+With `--knowledge local` the lakehouse the local engine's model answered is read (built by `make
+bench-lakehouse KNOWLEDGE=local`; never started from here) and the files are generative_local.*; the
+report says whether the knowledge credit helped on validation (+pars_knowledge against +pars), the
+rule for keeping it.
 
 Selection uses the validation target only (fixed-order validation Recall@10 for early stopping and for
 the alignment epoch); the test target is decoded once per variant. Writes, under --out:
@@ -27,7 +35,6 @@ the alignment epoch); the test target is decoded once per variant. Writes, under
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,7 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 from bench.common import REPO_ROOT, log, machine_info, recall_bars, utc_now, write_results  # noqa: E402
 
 DATASETS = ("scientific", "movielens_100k")
-VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
+VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra", "+pars_knowledge")
 METRICS = ("recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20")
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 
@@ -56,13 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.generative", description="Ablation of the generative "
                                 "recommender's parts on the real datasets' feature lakehouses (mean and std over seeds).")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   help="default: all but +pars_knowledge; all six with --knowledge local")
+    p.add_argument("--knowledge", choices=("offline", "local"), default="offline",
+                   help="the lakehouse read: the offline heuristic's (default) or the local engine's model's "
+                   "(results go to generative_local.*)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any GenerativeConfig setting, for every dataset")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.variants is None:
+        a.variants = list(VARIANTS if a.knowledge != "offline" else VARIANTS[:5])
+    return a
 
 
 def summarize(values: list[float]) -> dict:
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.lakehouse import DATASETS as SOURCES
-    from bench.lakehouse import _fingerprint, available, lakehouse_root, root_for
+    from bench.lakehouse import available, consumer_lakehouse
     from jobs.train_generative import load_data
     from models.generative import GenerativeConfig, fit_variants
 
@@ -106,17 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     results, infos = {}, {}
     for name in todo:
-        root = lakehouse_root(name)  # an existing build is used as it is (bench-lakehouse refreshes)
-        stamp = root_for(name) / "BUILT.json"
-        build = json.loads(stamp.read_text()) if stamp.exists() else {}
-        build["matches_current_code"] = build.get("fingerprint") == _fingerprint(SOURCES[name][1])
+        root, build = consumer_lakehouse(name, args.knowledge)  # an existing build is used as it is
         settings = {**SETTINGS[name], **overrides}
         base_cfg = GenerativeConfig(**settings)
         t0 = time.perf_counter()
-        pinned, feats, cat, paths, stats = load_data(root, base_cfg)
+        pinned, feats, cat, credit, stats = load_data(root, base_cfg, knowledge="+pars_knowledge" in args.variants)
+        kinds = (f", product types for {stats['items_with_product_type']} from {stats['product_type_sources']} "
+                 f"({stats['product_types']} types, the most common {stats['most_common_product_type']!r} on "
+                 f"{stats['most_common_product_type_share'] or 0:.0%})") if credit.kinds is not None else ""
         log(f"{name}: {feats.n_items} items ({stats['items_with_mpq']} with MPQ tokens, {stats['mpq_experts']} experts "
             f"x {max(stats['mpq_codebook_sizes'])} codes, {stats['items_sharing_a_tuple']} sharing a tuple), "
-            f"{stats['users']} users, category paths for {stats['items_with_category_path']}; read in "
+            f"{stats['users']} users, category paths for {stats['items_with_category_path']}{kinds}; read in "
             f"{time.perf_counter() - t0:.1f}s")
         runs = []
         for seed in args.seeds:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"valid(fixed) recall@10 {rec['valid']:.4f} (best {rec['best']:.4f} @ {rec['best_epoch']}) "
                     f"{rec['train_seconds']:.0f}s")
 
-            res = fit_variants(pinned, feats, cat, paths, cfg, tuple(args.variants), on_epoch=on_epoch)
+            res = fit_variants(pinned, feats, cat, credit, cfg, tuple(args.variants), on_epoch=on_epoch)
             runs.append(res)
             done += 1
             elapsed = time.perf_counter() - start
@@ -157,14 +171,27 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - start, 1),
             "selection": "fixed-order validation Recall@10 (early stopping, alignment epoch); test decoded once",
             "std": "sample standard deviation over seeds (ddof=1)"}
+    meta["knowledge"] = args.knowledge
+    meta["knowledge_credit"] = {ds: credit_verdict(res) for ds, res in results.items() if "+pars_knowledge" in res
+                                and "+pars" in res}
     sci = results.get("scientific", {})
-    if "fixed_order" in sci and args.variants[-1] != "fixed_order":
-        full = args.variants[-1]
+    core = [v for v in args.variants if v != "+pars_knowledge"]
+    if "fixed_order" in sci and core[-1] != "fixed_order":
+        full = core[-1]
         ratio = sci[full]["recall@10"]["mean"] / max(sci["fixed_order"]["recall@10"]["mean"], 1e-12)
         meta["target"] = {"full_variant": full, "ratio_recall@10": round(ratio, 4), "met": ratio > 1.0}
-    write_results(args.out, "generative", results, meta, markdown(results, meta),
+    write_results(args.out, "generative" if args.knowledge == "offline" else f"generative_{args.knowledge}", results,
+                  meta, markdown(results, meta),
                   lambda path: recall_bars(results, path), meta["seconds"])
     return 0
+
+
+def credit_verdict(res: dict) -> dict:
+    """Whether the knowledge credit earns its place: +pars_knowledge against +pars (same seeds, same base
+    models) on the validation Recall@10 that selected them, the rule; the test figures beside it."""
+    valid = res["+pars_knowledge"]["valid_select"]["mean"] / max(res["+pars"]["valid_select"]["mean"], 1e-12)
+    test = res["+pars_knowledge"]["recall@10"]["mean"] / max(res["+pars"]["recall@10"]["mean"], 1e-12)
+    return {"valid_recall@10_ratio": round(valid, 4), "test_recall@10_ratio": round(test, 4), "helps": valid > 1.0}
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -184,6 +211,12 @@ def markdown(results: dict, meta: dict) -> str:
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {ratio} | {r['train_seconds']['mean']:.0f} | "
                          f"{r['users_per_second']['mean']:.0f} |")
         lines.append("")
+    for ds, v in meta.get("knowledge_credit", {}).items():
+        data = meta["datasets"][ds]["data"]
+        lines.append(f"{ds}: knowledge credit (product types of {data.get('items_with_product_type', 0):,} items from "
+                     f"{data.get('product_type_sources')}): +pars_knowledge ÷ +pars validation Recall@10 "
+                     f"{v['valid_recall@10_ratio']:.3f}×, test {v['test_recall@10_ratio']:.3f}×: "
+                     f"{'helps on validation, keep it' if v['helps'] else 'no help on validation, leave it off'}.")
     for ds, why in meta.get("skipped", {}).items():
         lines.append(f"{ds}: skipped ({why})")
     t = meta.get("target")

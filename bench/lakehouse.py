@@ -166,6 +166,31 @@ def lakehouse_root(name: str, **kw) -> str:
     return str(ensure(name, **kw) / "lakehouse")
 
 
+def consumer_lakehouse(name: str, knowledge: str = "offline", reuse: bool = False) -> tuple[str, dict]:
+    """(root, build record) of the lakehouse a consumer benchmark reads. The offline heuristic's is built or
+    refreshed first unless `reuse` (then the last build is read as it is); a model's is hours of engine
+    time, built by its own command only: a clear exit when it has no build yet, a warning while it still
+    has a backlog. The record (BUILT.json) says whether it matches the current pipeline code."""
+    home = root_for(name, knowledge)
+    stamp = home / "BUILT.json"
+    if knowledge != "offline":
+        if not stamp.exists():
+            raise SystemExit(f"{name}: no lakehouse answered by the {knowledge} model yet: run "
+                             f"`make bench-lakehouse KNOWLEDGE={knowledge} DATASETS={name}` first (resumable)")
+        if json.loads(stamp.read_text()).get("backlog"):
+            log(f"{name}: the {knowledge} model's lakehouse still has a backlog (BUILT.json): the benchmark "
+                f"reads knowledge for part of the catalog only")
+        reuse = True
+    if reuse and stamp.exists():
+        root = str(home / "lakehouse")
+        log(f"{name}: reusing the lakehouse built as {json.loads(stamp.read_text()).get('fingerprint')} ({root})")
+    else:
+        root = lakehouse_root(name, knowledge=knowledge)
+    build = json.loads(stamp.read_text()) if stamp.exists() else {}
+    build["matches_current_code"] = available(name) and build.get("fingerprint") == _fingerprint(DATASETS[name][1])
+    return root, build
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lakehouse",
                                 description="Build the real datasets' feature lakehouses the consumer "

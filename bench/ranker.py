@@ -43,7 +43,6 @@ A dataset whose shared data is absent is skipped with a message (and listed in m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -107,29 +106,12 @@ def summarize(values: list[float]) -> dict:
 def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     import torch
 
-    from bench.lakehouse import DATASETS as SOURCES
-    from bench.lakehouse import _fingerprint, lakehouse_root, root_for
+    from bench.lakehouse import consumer_lakehouse, root_for
     from jobs.train_ranker import load_data
     from models.ranker import RankerConfig, fit, make_streams
 
     home = root_for(name, args.knowledge)
-    stamp = home / "BUILT.json"
-    if args.knowledge != "offline":
-        # The model's lakehouse is hours of engine time: built by its own command, never started from here.
-        if not stamp.exists():
-            raise SystemExit(f"{name}: no lakehouse answered by the {args.knowledge} model yet: run "
-                             f"`make bench-lakehouse KNOWLEDGE={args.knowledge} DATASETS={name}` first (resumable)")
-        if json.loads(stamp.read_text()).get("backlog"):
-            log(f"{name}: the {args.knowledge} model's lakehouse still has a backlog (BUILT.json): the variants "
-                f"read knowledge for part of the catalog only")
-        args.reuse = True
-    if args.reuse and stamp.exists():
-        root = str(home / "lakehouse")
-        log(f"{name}: reusing the lakehouse built as {json.loads(stamp.read_text()).get('fingerprint')} ({root})")
-    else:
-        root = lakehouse_root(name, knowledge=args.knowledge)
-    build = json.loads(stamp.read_text()) if stamp.exists() else {}
-    build["matches_current_code"] = build.get("fingerprint") == _fingerprint(SOURCES[name][1])
+    root, build = consumer_lakehouse(name, args.knowledge, args.reuse)
     settings = {**SETTINGS[name], **overrides}
     if args.max_epochs:
         settings["max_epochs"] = args.max_epochs

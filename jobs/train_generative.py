@@ -5,8 +5,8 @@
     python -m jobs.train_generative --lakehouse /path/to/lakehouse --set beam=20 --no-record
 
 No Spark: gold.user_sequences, gold.item_semantic_ids, silver.item_embeddings (the ranker's reader aligns
-them) and silver.item_knowledge (category paths for PARS rewards) are read at pinned Delta versions
-through Arrow; the model is trained with torch (models.generative); checkpoints go to
+them), bronze.catalog_items (category paths: PARS's catalog credit) and, for +pars_knowledge only,
+silver.item_knowledge (product types: its knowledge credit) are read at pinned Delta versions through Arrow; the model is trained with torch (models.generative); checkpoints go to
 <artifacts>/generative/<version>/ where the version hashes the configuration, the pinned table versions
 and the codebook version; one ops.training_runs row (model `generative:<model version>`) is MERGEd on
 run_id. Settings: models.generative.GenerativeConfig's defaults, then the `generative` section of the
@@ -31,9 +31,12 @@ from jobs.train_ranker import _parse_set, write_training_run
 
 log = logging.getLogger("reaseq")
 MODEL_FAMILY = "generative"
-# Kept in sync with models.generative.VARIANTS without importing torch for --help.
-VARIANT_NAMES = ["fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra"]
+# Kept in sync with models.generative.VARIANTS without importing torch for --help (a test checks).
+VARIANT_NAMES = ["fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra", "+pars_knowledge"]
 READ = ("gold.user_sequences", "gold.item_semantic_ids", "bronze.catalog_items")  # sequences, tokens, catalog paths
+# Pinned only when +pars_knowledge is trained: otherwise each night's knowledge commit would be a new
+# checkpoint version of models that never read it.
+KNOWLEDGE = "silver.item_knowledge"
 
 
 def default_run_id(ds: dt.date, seed: int) -> str:
@@ -48,18 +51,20 @@ def generative_config(ctx_config: dict | None, overrides: dict | None = None):
     return GenerativeConfig.from_dict(merged)
 
 
-def load_data(root: str, config, versions: dict[str, int] | None = None):
-    """(pinned tables, item features, token catalogue, category paths, data statistics) for one lakehouse."""
-    from models.generative import build_catalog, load_category_paths
+def load_data(root: str, config, versions: dict[str, int] | None = None, knowledge: bool = False):
+    """(pinned tables, item features, token catalogue, reward credit, data statistics) for one lakehouse;
+    `knowledge`: also the items' kinds from silver.item_knowledge (what +pars_knowledge needs)."""
+    from models.generative import Credit, build_catalog, load_category_paths, load_item_kinds
     from models.ranker_data import load_item_features, pin
 
     t0 = time.perf_counter()
-    pinned = pin(root, tables=READ, versions=versions)
+    pinned = pin(root, tables=READ + ((KNOWLEDGE,) if knowledge else ()), versions=versions)
     feats = load_item_features(pinned, embedder=config.embedder, batch_size=config.read_batch_rows)
     cat = build_catalog(feats)
     paths, path_stats = load_category_paths(pinned, feats, config.read_batch_rows)
-    stats = {**feats.stats, **cat.stats, **path_stats, "load_seconds": round(time.perf_counter() - t0, 2)}
-    return pinned, feats, cat, paths, stats
+    kinds, kind_stats = load_item_kinds(pinned, feats, config.read_batch_rows) if knowledge else (None, {})
+    stats = {**feats.stats, **cat.stats, **path_stats, **kind_stats, "load_seconds": round(time.perf_counter() - t0, 2)}
+    return pinned, feats, cat, Credit(paths, kinds), stats
 
 
 class _TrainingLog(EpochProgress):
@@ -115,13 +120,13 @@ def train(root: str, config, *, ds: dt.date, artifacts: str | None = None, run_i
     """Train and evaluate the variants; returns the ops.training_runs row as a dict (metrics decoded)."""
     import torch
 
-    from models.generative import MODEL_VERSION, VARIANTS, fit_variants, version_of
+    from models.generative import DEFAULT_VARIANTS, MODEL_VERSION, fit_variants, version_of
 
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    variants = tuple(variants or VARIANTS)
+    variants = tuple(variants or DEFAULT_VARIANTS)
     run_id = run_id or default_run_id(ds, config.seed)
-    pinned, feats, cat, paths, stats = data or load_data(root, config)
+    pinned, feats, cat, credit, stats = data or load_data(root, config, knowledge="+pars_knowledge" in variants)
     version = version_of(config, pinned, feats.codebook_version)
     ckpt = Path(artifacts or "artifacts") / "generative" / version
     prefix = f"train_generative[s{config.seed}]"
@@ -129,7 +134,7 @@ def train(root: str, config, *, ds: dt.date, artifacts: str | None = None, run_i
              feats.n_items, stats["items_with_mpq"], stats["items_sharing_a_tuple"], stats["users"], pinned.to_json(),
              ckpt)
     prog = _TrainingLog(prefix, config, eval_users=stats["users"] - stats["users_too_short"]) if progress else None
-    res = fit_variants(pinned, feats, cat, paths, config, variants,
+    res = fit_variants(pinned, feats, cat, credit, config, variants,
                        on_epoch=prog.epoch if prog else None, on_step=prog.step if prog else None,
                        on_eval=prog.eval if prog else None, save=checkpoint_saver(ckpt, config, pinned, stats))
     extra = res.pop("_extra")
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--lakehouse", help="root of the Delta tables (default: the configuration's `lakehouse`)")
     p.add_argument("--variants", nargs="+", choices=VARIANT_NAMES,
-                   help="variants to train and evaluate (default: all; the base model is always trained)")
+                   help="variants to train and evaluate (default: all but +pars_knowledge, which also reads "
+                   "silver.item_knowledge; the base model is always trained)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="most base epochs (default: 20; early stopping first)")
     p.add_argument("--patience", type=int, help="base epochs without a better validation Recall@10 before stopping")

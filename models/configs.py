@@ -268,6 +268,10 @@ class GenerativeConfig:
     # Catalog credit: the reward of a wrong item sharing the target's whole catalog category path (a
     # catalog fact from bronze.catalog_items, not the agents' knowledge).
     pars_catalog_credit: float = 0.5
+    # Knowledge credit (+pars_knowledge only): the reward of a wrong item the knowledge calls the target's
+    # product type (half that for a type the target's complements name), from silver.item_knowledge rows
+    # whose product type the model wrote; the larger of the two credits counts.
+    pars_knowledge_credit: float = 0.5
     pars_min_margin: float = 0.05  # pairs need a reward gap at least this large
     pars_sft_weight: float = 1.0  # + the training cross-entropy on the example's target
     pars_examples_per_user: int = 2  # training positions per user drawn for alignment
@@ -287,8 +291,9 @@ class GenerativeConfig:
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if not 0.0 <= self.pars_catalog_credit < 1.0 or not 0.0 <= self.msra_weight < 1.0:
-            raise ValueError("pars_catalog_credit and msra_weight must lie in [0, 1): the target's reward is 1")
+        for name in ("pars_catalog_credit", "pars_knowledge_credit", "msra_weight"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1): the target's reward is 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

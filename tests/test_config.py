@@ -82,7 +82,7 @@ def test_an_unknown_key_is_one_line_naming_its_variable_and_the_nearest_key(env,
     ({"REASEQ__RANKER__VARIANT": "+knowledge"}, "setting ranker.variant='+knowledge' from REASEQ__RANKER__VARIANT: "
      "unknown variant '+knowledge'; choose from id_only, +catalog"),
     ({"REASEQ__GENERATIVE__PARS_CATALOG_CREDIT": "1.5"}, "setting generative.pars_catalog_credit=1.5 from "
-     "REASEQ__GENERATIVE__PARS_CATALOG_CREDIT: pars_catalog_credit and msra_weight must lie in [0, 1)"),
+     "REASEQ__GENERATIVE__PARS_CATALOG_CREDIT: pars_catalog_credit must lie in [0, 1)"),
 ])
 def test_a_wrongly_typed_value_is_one_line_naming_key_value_and_variable(env, start):
     assert error(env=env).startswith(start)

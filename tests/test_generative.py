@@ -19,8 +19,10 @@ from test_ranker import CB, DS, N_ITEMS, build_lakehouse, item_id, sequence_rows
 
 from feature_store import delta
 from models.generative import (
+    Credit,
     GenerativeConfig,
     GenerativeRecommender,
+    ItemKind,
     aggregate,
     alignment_examples,
     banned_matrix,
@@ -31,7 +33,9 @@ from models.generative import (
     dense_scores,
     item_logprob,
     item_rewards,
+    knowledge_credit,
     load_category_paths,
+    load_item_kinds,
     user_sequences,
 )
 from models.ranker_data import DataError, ItemFeatures, load_item_features, pin
@@ -196,15 +200,34 @@ def test_alignment_examples_and_msra_rewards_never_use_validation_or_test_target
             assert ex.future.tolist() == seq[t + 1: min(t + 4, 8)].tolist()
     paths = [None, *[["A", "B", "C"]] * 8, ["A", "B", "X"], ["A", "B", "C"]]
     cands = np.array([5, 6, 7, 9, 10, 2, 0])
-    r = item_rewards(cands, target=5, future=np.array([6, 7]), paths=paths, config=cfg, msra=True)
+    r = item_rewards(cands, target=5, future=np.array([6, 7]), credit=Credit(paths), config=cfg, msra=True)
     assert r[0] == 1.0
     assert r[1] == pytest.approx(0.6) and r[2] == pytest.approx(0.4)  # max(0.6 * 0.5, 0.4 * 3/3)
     assert r[3] == pytest.approx(0.4 * 2 / 3) and r[4] == pytest.approx(0.4)  # category credit only
     assert r[6] == 0.0
-    plain = item_rewards(cands, target=5, future=np.array([6, 7]), paths=paths, config=cfg, msra=False)
+    plain = item_rewards(cands, target=5, future=np.array([6, 7]), credit=Credit(paths), config=cfg, msra=False)
     assert plain[1] == pytest.approx(0.4) and plain[0] == 1.0
     # Too short for a training target: no example at all.
     assert alignment_examples(np.array([1, 2, 3]), rng, 4, 50, 3) == []
+
+
+def test_knowledge_credit_adds_to_catalog_credit_and_never_reaches_the_target():
+    film, doc = ItemKind("film", frozenset({"popcorn"})), ItemKind("documentary", frozenset())
+    kinds = [None, film, ItemKind("film", frozenset()), ItemKind("popcorn", frozenset()), doc, None]
+    assert knowledge_credit(kinds, 1, 2) == 1.0  # the same product type
+    assert knowledge_credit(kinds, 1, 3) == 0.5  # a type the target's complements name
+    assert knowledge_credit(kinds, 3, 1) == 0.0  # complements are the target's, not the candidate's
+    assert knowledge_credit(kinds, 1, 4) == 0.0 and knowledge_credit(kinds, 1, 5) == 0.0  # other type; none
+    paths = [None, ["A", "B"], ["A", "X"], ["A", "B"], ["A", "B"], ["A", "B"]]
+    cfg = GenerativeConfig(pars_catalog_credit=0.4, pars_knowledge_credit=0.6)
+    cands = np.array([1, 2, 3, 4, 5, 0])
+    catalog_only = item_rewards(cands, 1, np.zeros(0, np.int64), Credit(paths), cfg, msra=False)
+    assert catalog_only.tolist() == pytest.approx([1.0, 0.2, 0.4, 0.4, 0.4, 0.0])
+    both = item_rewards(cands, 1, np.zeros(0, np.int64), Credit(paths, kinds), cfg, msra=False)
+    # the larger of the two credits: 0.6 x 1 for the other film, 0.6 x 0.5 for popcorn, catalog otherwise
+    assert both.tolist() == pytest.approx([1.0, 0.6, 0.4, 0.4, 0.4, 0.0])
+    with pytest.raises(ValueError, match="pars_knowledge_credit must lie in"):
+        GenerativeConfig(pars_knowledge_credit=1.0)
 
 
 @pytest.fixture
@@ -230,6 +253,30 @@ def test_examples_from_the_lakehouse_hold_no_held_out_target(glake):
     assert n > 0 and len(build_examples(pinned, feats, GenerativeConfig(pars_examples_per_user=10))) == n
     paths, stats = load_category_paths(pinned, feats)
     assert stats["items_with_category_path"] == N_ITEMS and paths[index[item_id(4)]] == ["Root", "dept1", "leaf4"]
+
+
+def test_item_kinds_come_from_the_newest_model_written_rows_only(glake):
+    from jobs.train_generative import KNOWLEDGE, READ
+
+    # Item 0 gets a newer row from another model; item 1's only row has a product type that is a catalog
+    # fact (source `catalog`), so it has no kind; item 2 gets a newer row that failed (ignored).
+    rows = delta.read_arrow(KNOWLEDGE, glake).to_pylist()
+    by_id = {r["item_id"]: r for r in rows}
+    later = DS + dt.timedelta(days=1)
+    newer = {**by_id[item_id(0)], "model": "m2", "product_type": " Film ", "complements": ["Popcorn"], "ds": later}
+    catalog_fact = {**by_id[item_id(1)], "field_source": [("product_type", "catalog")]}
+    failed = {**by_id[item_id(2)], "model": "m3", "product_type": "other", "status": "failed", "ds": later}
+    rows = [catalog_fact if r["item_id"] == item_id(1) else r for r in rows]
+    write(Path(glake), KNOWLEDGE, [*rows, newer, failed], mode="overwrite")
+    pinned = pin(glake, tables=READ + (KNOWLEDGE,))
+    feats = load_item_features(pinned)
+    index = feats.index()
+    kinds, stats = load_item_kinds(pinned, feats)
+    assert kinds[index[item_id(0)]] == ItemKind("film", frozenset({"popcorn"}))
+    assert kinds[index[item_id(1)]] is None
+    assert kinds[index[item_id(2)]] == ItemKind("type2", frozenset({"comp2", "only2"}))
+    assert stats["items_with_product_type"] == N_ITEMS - 1 and stats["items_without_product_type"] == 1
+    assert stats["product_type_sources"] == {"m": N_ITEMS - 2, "m2": 1}
 
 
 # ---------------------------------------------------------------- end to end
@@ -268,6 +315,26 @@ def test_short_training_run_end_to_end_records_the_run_and_checkpoints(glake, tm
     assert out2["metrics"]["version"] != m["version"]
 
 
+def test_pars_knowledge_trains_on_request_and_pins_the_knowledge_it_read(glake, tmp_path):
+    from jobs.train_generative import KNOWLEDGE, load_data, train
+    from models.generative import fit_variants
+
+    torch.set_num_threads(1)
+    config = GenerativeConfig(seed=3, **{**SMALL, "max_epochs": 1})
+    pinned, feats, cat, credit, _ = load_data(glake, config)
+    assert credit.kinds is None and KNOWLEDGE not in pinned.versions  # not read unless asked for
+    with pytest.raises(ValueError, match="needs the items' kinds"):
+        fit_variants(pinned, feats, cat, credit, config, ("fixed_order", "+pars_knowledge"))
+    out = train(glake, config, ds=DS, artifacts=str(tmp_path / "art"), progress=False, record=False,
+                variants=["+pars", "+pars_knowledge"])
+    m = out["metrics"]
+    assert set(m["variants"]) == {"+pars", "+pars_knowledge"}
+    assert out["table_versions"][KNOWLEDGE] == delta.table_version(KNOWLEDGE, glake)
+    assert m["data"]["items_with_product_type"] == N_ITEMS and m["data"]["product_type_sources"] == {"m": N_ITEMS}
+    assert {h["stage"] for h in m["history"]} == {"base", "pars", "pars_knowledge"}
+    assert (Path(m["checkpoint_dir"]) / "pars_knowledge.pt").exists()
+
+
 def test_codebook_version_mismatch_is_a_clear_error(glake):
     from jobs.train_generative import load_data
 
@@ -303,3 +370,42 @@ def test_train_generative_dag_is_scheduled_on_the_published_gold_assets(tmp_path
 
 
 _ = dt  # keep the datetime import for readers adapting the fixtures
+
+
+def test_variant_names_for_help_match_the_models_variants():
+    from jobs.train_generative import VARIANT_NAMES
+    from models.generative import DEFAULT_VARIANTS, VARIANTS
+
+    assert VARIANT_NAMES == list(VARIANTS) and "+pars_knowledge" not in DEFAULT_VARIANTS
+
+
+def test_bench_keeps_the_knowledge_credit_only_when_it_helps_on_validation(tmp_path, monkeypatch):
+    import bench.lakehouse
+    from bench.generative import credit_verdict, markdown, parse_args
+
+    assert "+pars_knowledge" not in parse_args([]).variants
+    assert parse_args(["--knowledge", "local"]).variants[-1] == "+pars_knowledge"
+
+    def rec(valid, test):
+        metric = {"mean": test, "std": 0.0}
+        return {**{m: metric for m in ("recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20")},
+                "valid_select": {"mean": valid}, "train_seconds": {"mean": 1.0}, "users_per_second": {"mean": 1.0}}
+
+    res = {"fixed_order": rec(0.10, 0.09), "+pars": rec(0.10, 0.10), "+pars_knowledge": rec(0.09, 0.11)}
+    verdict = credit_verdict(res)
+    # Selected on validation, never on test: a better test figure does not keep it.
+    assert verdict == {"valid_recall@10_ratio": 0.9, "test_recall@10_ratio": 1.1, "helps": False}
+    meta = {"date": "d", "seeds": [0], "threads": 1, "machine": {"cpu_count": 2}, "knowledge_credit": {"ml": verdict},
+            "datasets": {"ml": {"items": 3, "test_users": 2, "data": {"items_with_product_type": 3,
+                                                                      "product_type_sources": {"gemma": 3}}}}}
+    assert "no help on validation, leave it off" in markdown({"ml": res}, meta)
+
+    # A model's lakehouse is never built from a consumer benchmark: a clear exit until it exists.
+    monkeypatch.setattr(bench.lakehouse, "CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="make bench-lakehouse KNOWLEDGE=local DATASETS=movielens_100k"):
+        bench.lakehouse.consumer_lakehouse("movielens_100k", "local")
+    home = bench.lakehouse.root_for("movielens_100k", "local")
+    home.mkdir(parents=True)
+    (home / "BUILT.json").write_text(json.dumps({"fingerprint": "old", "backlog": 5}))
+    root, build = bench.lakehouse.consumer_lakehouse("movielens_100k", "local")
+    assert root == str(home / "lakehouse") and build["backlog"] == 5 and build["matches_current_code"] is False

@@ -46,14 +46,18 @@ from __future__ import annotations
 
 from models.configs import GenerativeConfig
 from models.generative.align import (
+    Credit,
     Example,
+    ItemKind,
     align,
     alignment_examples,
     catalog_credit,
     dpo_loss,
     item_logprob,
     item_rewards,
+    knowledge_credit,
     load_category_paths,
+    load_item_kinds,
     mine_pairs,
     user_sequences,
 )
@@ -68,6 +72,8 @@ from models.generative.decode import (
     score_modes,
 )
 from models.generative.model import (
+    ALIGNED,
+    DEFAULT_VARIANTS,
     INFERENCE_MODES,
     MODEL_VERSION,
     VARIANTS,
@@ -79,4 +85,4 @@ from models.generative.model import (
 from models.generative.optim import StageResult
 from models.generative.train import build_examples, finite, fit_variants, make_streams, train_base
 
-__all__ = ["GenerativeConfig", "Example", "align", "alignment_examples", "catalog_credit", "dpo_loss", "item_logprob", "item_rewards", "load_category_paths", "mine_pairs", "user_sequences", "TokenCatalog", "build_catalog", "aggregate", "banned_matrix", "beam_search", "corp_keep", "dense_scores", "evaluate", "score_modes", "INFERENCE_MODES", "MODEL_VERSION", "VARIANTS", "GenerativeRecommender", "random_commits", "token_loss", "version_of", "StageResult", "build_examples", "finite", "fit_variants", "make_streams", "train_base"]
+__all__ = ["ALIGNED", "Credit", "DEFAULT_VARIANTS", "ItemKind", "knowledge_credit", "load_item_kinds", "GenerativeConfig", "Example", "align", "alignment_examples", "catalog_credit", "dpo_loss", "item_logprob", "item_rewards", "load_category_paths", "mine_pairs", "user_sequences", "TokenCatalog", "build_catalog", "aggregate", "banned_matrix", "beam_search", "corp_keep", "dense_scores", "evaluate", "score_modes", "INFERENCE_MODES", "MODEL_VERSION", "VARIANTS", "GenerativeRecommender", "random_commits", "token_loss", "version_of", "StageResult", "build_examples", "finite", "fit_variants", "make_streams", "train_base"]

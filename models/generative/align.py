@@ -18,7 +18,7 @@ from models.generative.decode import _chunks, banned_matrix, beam_search, dense_
 from models.generative.model import GenerativeRecommender, token_loss
 from models.generative.optim import StageResult, _optimizer, _select
 from models.ranker import _autocast
-from models.ranker_data import CATALOG, ItemFeatures, Pinned, SequenceStream
+from models.ranker_data import CATALOG, ItemFeatures, Pinned, SequenceStream, newest_knowledge
 from models.training import optimizer_step
 
 # ---------------------------------------------------------------- PARS and MSRA
@@ -90,10 +90,77 @@ def catalog_credit(paths: list, target: int, item: int) -> float:
     return common / max(len(a), len(b))
 
 
-def item_rewards(cands: np.ndarray, target: int, future: np.ndarray, paths: list, config: GenerativeConfig,
+@dataclass(frozen=True)
+class ItemKind:
+    """What the knowledge says an item is: its product type and the product types it goes with."""
+
+    product_type: str
+    complements: frozenset[str]
+
+
+def _kind_text(text) -> str | None:
+    out = " ".join(str(text).split()).lower() if text is not None else ""
+    return out or None
+
+
+def load_item_kinds(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> tuple[list, dict]:
+    """Per item index, its ItemKind from its newest `ok` silver.item_knowledge row whose product type the
+    writer of the row produced (`field_source` is not "catalog": the catalog's own leaf category is
+    catalog credit already); None where there is none. The source of PARS's knowledge credit, so the
+    statistics say which models (or heuristic) wrote it and how concentrated the types are."""
+    index = feats.index()
+
+    def usable(row: dict) -> bool:
+        source = dict(row["field_source"] or [])
+        return source.get("product_type", row["model"]) != "catalog" and _kind_text(row["product_type"]) is not None
+
+    newest, rows = newest_knowledge(pinned, index, ["product_type", "complements", "field_source", "model"],
+                                    batch_size, usable=usable)
+    kinds: list = [None] * (feats.n_items + 1)
+    models: dict[str, int] = {}
+    types: dict[str, int] = {}
+    for i, row in newest.items():
+        source = dict(row["field_source"] or [])
+        complements = frozenset(c for x in (row["complements"] or []) if (c := _kind_text(x))) \
+            if source.get("complements", row["model"]) != "catalog" else frozenset()
+        kinds[i] = ItemKind(_kind_text(row["product_type"]), complements)
+        models[row["model"]] = models.get(row["model"], 0) + 1
+        types[kinds[i].product_type] = types.get(kinds[i].product_type, 0) + 1
+    top = max(types.items(), key=lambda kv: (kv[1], kv[0]), default=(None, 0))
+    return kinds, {"knowledge_rows": rows, "items_with_product_type": len(newest),
+                   "items_without_product_type": feats.n_items - len(newest),
+                   "product_types": len(types), "most_common_product_type": top[0],
+                   "most_common_product_type_share": round(top[1] / len(newest), 4) if newest else None,
+                   "product_type_sources": dict(sorted(models.items()))}
+
+
+def knowledge_credit(kinds: list, target: int, item: int) -> float:
+    """1 when the knowledge gives both items the same product type, 0.5 when the item's type is one the
+    target's complements name, else 0 (also when either has no knowledge)."""
+    a, b = kinds[target], kinds[item]
+    if a is None or b is None:
+        return 0.0
+    if a.product_type == b.product_type:
+        return 1.0
+    return 0.5 if b.product_type in a.complements else 0.0
+
+
+@dataclass
+class Credit:
+    """Where a wrong item's partial reward comes from: the catalog's category paths (per item index,
+    load_category_paths), and, for +pars_knowledge, the knowledge's item kinds (load_item_kinds; None:
+    catalog credit only)."""
+
+    paths: list
+    kinds: list | None = None
+
+
+def item_rewards(cands: np.ndarray, target: int, future: np.ndarray, credit: Credit, config: GenerativeConfig,
                  msra: bool) -> np.ndarray:
-    """Reward of each candidate: 1 for the target; catalog credit for a wrong item by category-path overlap;
-    with MSRA, max(that, msra_weight * msra_discount**(k-1)) for the k-th next training interaction."""
+    """Reward of each candidate: 1 for the target; for a wrong item, catalog credit by category-path overlap
+    and, when `credit.kinds` is given, knowledge credit by product type, the larger of the two (each weighted;
+    both < 1, so the target stays first); with MSRA, max(that, msra_weight * msra_discount**(k-1)) for the
+    k-th next training interaction."""
     r = np.zeros(len(cands), dtype=np.float32)
     steps = {}
     if msra:
@@ -106,7 +173,9 @@ def item_rewards(cands: np.ndarray, target: int, future: np.ndarray, paths: list
         if c == target:
             r[j] = 1.0
             continue
-        r[j] = config.pars_catalog_credit * catalog_credit(paths, target, c)
+        r[j] = config.pars_catalog_credit * catalog_credit(credit.paths, target, c)
+        if credit.kinds is not None:
+            r[j] = max(r[j], config.pars_knowledge_credit * knowledge_credit(credit.kinds, target, c))
         if c in steps:
             r[j] = max(r[j], config.msra_weight * config.msra_discount ** (steps[c] - 1))
     return r
@@ -144,7 +213,7 @@ def _pad_rows(rows: list[np.ndarray], width: int | None = None, left: bool = Tru
 
 @torch.no_grad()
 def mine_pairs(model: GenerativeRecommender, ref: GenerativeRecommender, cat: TokenCatalog, examples: list[Example],
-               paths: list, config: GenerativeConfig, device: torch.device, msra: bool,
+               credit: Credit, config: GenerativeConfig, device: torch.device, msra: bool,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Candidates (target, [future], rejected from the current model's fixed-order decode), rewards,
     commit orders and reference log-probs of every example."""
@@ -173,7 +242,7 @@ def mine_pairs(model: GenerativeRecommender, ref: GenerativeRecommender, cat: To
         cands = torch.cat(parts, 1)[:, :n_cand]
         cands = cands.masked_fill(~cat.has_tokens[cands], 0)
         rewards = torch.as_tensor(np.stack([
-            item_rewards(cands[i].cpu().numpy(), e.target, e.future, paths, config, msra)
+            item_rewards(cands[i].cpu().numpy(), e.target, e.future, credit, config, msra)
             for i, e in enumerate(ex)]), device=device)
         order = torch.rand(len(ex), cat.n_experts, generator=generator).argsort(1).to(device)
         with _autocast(device, config.amp):
@@ -198,15 +267,18 @@ def dpo_loss(policy_lp: torch.Tensor, ref_lp: torch.Tensor, rewards: torch.Tenso
 
 
 def align(model: GenerativeRecommender, cat: TokenCatalog, streams: dict[str, SequenceStream],
-          examples: list[Example], paths: list, config: GenerativeConfig, device: torch.device, msra: bool,
-          on_epoch: Callable[[dict], None] | None = None) -> tuple[GenerativeRecommender, StageResult]:
+          examples: list[Example], credit: Credit, config: GenerativeConfig, device: torch.device, msra: bool,
+          on_epoch: Callable[[dict], None] | None = None, stage: str | None = None,
+          ) -> tuple[GenerativeRecommender, StageResult]:
     """PARS (and with msra=True, MSRA): a short preference-alignment stage from the base model.
 
     DPO-style pairwise preference optimisation against a frozen reference copy of the starting model.
     Each epoch the *current* model decodes every alignment example (fixed order, history excluded) and its
     top `pars_negatives` wrong items become the rejected side; the chosen side is the true next training
     item. Rewards: 1 for the target, `pars_catalog_credit` x the shared catalog category-path fraction
-    (silver.item_knowledge) for a wrong item; with MSRA the user's next `msra_horizon` training
+    (bronze.catalog_items) for a wrong item, or, where `credit.kinds` is given and it is larger,
+    `pars_knowledge_credit` x the knowledge credit (same product type 1, a type the target's complements
+    name 0.5); with MSRA the user's next `msra_horizon` training
     interactions after the target join the candidates with reward msra_weight x msra_discount^(k-1).
     Every pair (a, b) with r_a - r_b >= pars_min_margin contributes -log σ(β[(π_a - ref_a) - (π_b - ref_b)])
     weighted by r_a - r_b; an item's log-prob is its path log-prob under one random commit order per example
@@ -227,7 +299,7 @@ def align(model: GenerativeRecommender, cat: TokenCatalog, streams: dict[str, Se
     best, best_epoch, best_state, history, train_time = -1.0, 0, None, [], 0.0
     for epoch in range(1, config.pars_epochs + 1):
         t0 = time.perf_counter()
-        mined = mine_pairs(model, ref, cat, examples, paths, config, device, msra, gen)
+        mined = mine_pairs(model, ref, cat, examples, credit, config, device, msra, gen)
         model.train()
         perm = rng.permutation(len(examples))
         total, pairs, steps = 0.0, 0, 0
@@ -254,7 +326,7 @@ def align(model: GenerativeRecommender, cat: TokenCatalog, streams: dict[str, Se
         if score > best:
             best, best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
-        rec = {"stage": "msra" if msra else "pars", "epoch": epoch, "loss": total / max(steps, 1), "pairs": pairs,
+        rec = {"stage": stage or ("msra" if msra else "pars"), "epoch": epoch, "loss": total / max(steps, 1), "pairs": pairs,
                "valid": score, "best": best, "best_epoch": best_epoch, "train_seconds": seconds,
                "examples": len(examples), "max_epochs": config.pars_epochs}
         history.append(rec)

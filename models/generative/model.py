@@ -18,7 +18,11 @@ from models.ranker import Block
 from models.ranker_data import Pinned
 
 MODEL_VERSION = "reg4rec-generative-v1"
-VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra")
+# +pars_knowledge: PARS whose partial credit also comes from the knowledge (product types), trained on
+# request only (not in DEFAULT_VARIANTS): it pays for itself only where the knowledge helps on validation.
+VARIANTS = ("fixed_order", "+dynamic_paths", "+corp", "+pars", "+msra", "+pars_knowledge")
+DEFAULT_VARIANTS = VARIANTS[:5]
+ALIGNED = ("+pars", "+msra", "+pars_knowledge")
 INFERENCE_MODES = ("fixed_order", "+dynamic_paths", "+corp")
 
 

@@ -13,10 +13,17 @@ import torch
 
 from models.configs import GenerativeConfig  # noqa: F401  (defined there; re-exported)
 from models.device import resolve_device
-from models.generative.align import Example, align, alignment_examples, user_sequences
+from models.generative.align import Credit, Example, align, alignment_examples, user_sequences
 from models.generative.catalog import TokenCatalog
 from models.generative.decode import evaluate
-from models.generative.model import INFERENCE_MODES, VARIANTS, GenerativeRecommender, token_loss
+from models.generative.model import (
+    ALIGNED,
+    DEFAULT_VARIANTS,
+    INFERENCE_MODES,
+    VARIANTS,
+    GenerativeRecommender,
+    token_loss,
+)
 from models.generative.optim import StageResult, _optimizer, _select
 from models.ranker import _autocast, seed_everything
 from models.ranker_data import ItemFeatures, Pinned, SequenceStream
@@ -90,21 +97,25 @@ def build_examples(pinned: Pinned, feats: ItemFeatures, config: GenerativeConfig
     return out
 
 
-def fit_variants(pinned: Pinned, feats: ItemFeatures, cat: TokenCatalog, paths: list, config: GenerativeConfig,
-                 variants: tuple[str, ...] = VARIANTS, on_epoch: Callable[[dict], None] | None = None,
+def fit_variants(pinned: Pinned, feats: ItemFeatures, cat: TokenCatalog, credit: Credit, config: GenerativeConfig,
+                 variants: tuple[str, ...] = DEFAULT_VARIANTS, on_epoch: Callable[[dict], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None, on_eval: Callable[[str, int], None] | None = None,
                  save: Callable[[str, GenerativeRecommender, StageResult], None] | None = None) -> dict:
-    """Train the base model once, evaluate its inference modes, then fine-tune +pars / +msra from it.
+    """Train the base model once, evaluate its inference modes, then fine-tune +pars / +msra /
+    +pars_knowledge from it.
 
     Returns {variant: {"test": metrics, "users_per_second", "train_seconds", "valid_select", "best_epoch",
     "epochs", ...}, "_extra": {...}}. fixed_order / +dynamic_paths / +corp share the base model (they differ
-    at inference); +pars is PARS from the base, +msra is PARS with MSRA rewards from the base; both are
-    decoded with dynamic paths + CORP. train_seconds: the stages that produced the variant's weights,
+    at inference); +pars is PARS from the base (catalog credit), +msra is PARS with MSRA rewards from the
+    base, +pars_knowledge is +pars with the knowledge credit too (`credit.kinds`, which it needs; the same
+    seed as +pars, so the credit is the only difference); all three are decoded with dynamic paths + CORP. train_seconds: the stages that produced the variant's weights,
     validation passes included (base, or base + alignment).
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown generative variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if "+pars_knowledge" in variants and credit.kinds is None:
+        raise ValueError("+pars_knowledge needs the items' kinds from silver.item_knowledge (load_item_kinds)")
     device = resolve_device(config.device)
     cat = cat.to(device)
     streams = make_streams(pinned, feats, config)
@@ -126,15 +137,16 @@ def fit_variants(pinned: Pinned, feats: ItemFeatures, cat: TokenCatalog, paths: 
             out[mode] = {"test": ev["metrics"][mode], "users_per_second": ev["users_per_second"][mode],
                          "train_seconds": base_seconds, "valid_select": base_res.valid,
                          "best_epoch": base_res.best_epoch, "epochs": base_res.epochs}
-    aligned = [v for v in ("+pars", "+msra") if v in variants]
+    aligned = [v for v in ALIGNED if v in variants]
     if aligned:
         examples = build_examples(pinned, feats, config)
         out["_extra"]["alignment_examples"] = len(examples)
         for variant in aligned:
             seed_everything(config.seed + (11 if variant == "+msra" else 7))
             t1 = time.perf_counter()
-            model, res = align(copy.deepcopy(base), cat, streams, examples, paths, config, device,
-                               msra=variant == "+msra", on_epoch=on_epoch)
+            used = credit if variant == "+pars_knowledge" else Credit(credit.paths)
+            model, res = align(copy.deepcopy(base), cat, streams, examples, used, config, device,
+                               msra=variant == "+msra", on_epoch=on_epoch, stage=variant.lstrip("+"))
             seconds = time.perf_counter() - t1
             if save is not None:
                 save(variant.lstrip("+"), model, res)
