@@ -161,11 +161,11 @@ bench-beyond: setup $(if $(LLM_USERS),llm-engine) ## beyond-log inference hit ra
 bench-scale: setup ## every stage at 10,000 and 100,000 synthetic items (~40 min on 2 cores; not in `make bench`) [SIZES=1000000: a million, hours]
 	@$(PY) -m bench.scale $(if $(SIZES),--sizes $(SIZES))
 
-bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse]
-	@$(PY) -m bench.ranker $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE))
+bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse] [DATASETS=movielens_100k]
+	@$(PY) -m bench.ranker $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(DATASETS),--datasets $(DATASETS))
 
-bench-generative: setup ## generative recommender ablation (fixed_order, +dynamic_paths, +corp, +pars, +msra; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse, + the knowledge credit (+pars_knowledge)]
-	@$(PY) -m bench.generative $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE))
+bench-generative: setup ## generative recommender ablation (fixed_order, +dynamic_paths, +corp, +pars, +msra; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse, + the knowledge credit (+pars_knowledge)] [DATASETS=movielens_100k]
+	@$(PY) -m bench.generative $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(DATASETS),--datasets $(DATASETS))
 
 train-generative: setup ## train REG4Rec's generative recommender on the current lakehouse: make train-generative [SEED=0] [EPOCHS=20]
 	@$(PY) -m jobs.train_generative $(if $(SEED),--seed $(SEED)) $(if $(EPOCHS),--epochs $(EPOCHS))

@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from bench.lakehouse import DATASETS as SOURCES
-    from bench.lakehouse import available, consumer_lakehouse
+    from bench.lakehouse import consumer_lakehouse, unusable
     from jobs.train_generative import load_data
     from models.generative import GenerativeConfig, fit_variants
 
@@ -109,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = s.partition("=")
         overrides[k] = yaml.safe_load(v)
     start = time.perf_counter()
-    todo = [d for d in args.datasets if available(d)]
-    skipped = {d: f"{SOURCES[d][1]} not found" for d in args.datasets if d not in todo}
+    skipped = {d: why for d in args.datasets if (why := unusable(d, args.knowledge))}
+    todo = [d for d in args.datasets if d not in skipped]
     for d, why in skipped.items():
-        log(f"skipping {d}: its shared data is absent ({why})")
+        log(f"skipping {d}: {why}")
     if not todo:
         log("no dataset available: nothing measured")
         return 1

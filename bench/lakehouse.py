@@ -166,6 +166,18 @@ def lakehouse_root(name: str, **kw) -> str:
     return str(ensure(name, **kw) / "lakehouse")
 
 
+def unusable(name: str, knowledge: str = "offline") -> str | None:
+    """Why a consumer benchmark cannot read this dataset's lakehouse (it skips the dataset and says so),
+    or None: the shared data is absent, or a model's lakehouse has no build yet (hours of engine time,
+    never started from a consumer benchmark)."""
+    if not available(name):
+        return f"its shared data is absent ({DATASETS[name][1]} not found)"
+    if knowledge != "offline" and not (root_for(name, knowledge) / "BUILT.json").exists():
+        return (f"no lakehouse answered by the {knowledge} model yet: run `make bench-lakehouse "
+                f"KNOWLEDGE={knowledge} DATASETS={name}` first (resumable)")
+    return None
+
+
 def consumer_lakehouse(name: str, knowledge: str = "offline", reuse: bool = False) -> tuple[str, dict]:
     """(root, build record) of the lakehouse a consumer benchmark reads. The offline heuristic's is built or
     refreshed first unless `reuse` (then the last build is read as it is); a model's is hours of engine

@@ -207,7 +207,7 @@ def markdown(results: dict, meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from bench.lakehouse import available
+    from bench.lakehouse import unusable
 
     args = parse_args(argv)
     # The jobs' own progress lines (the as-of diffusion model's epochs, context inference) on stderr.
@@ -220,11 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results, infos, skipped = {}, {}, {}
     for name in args.datasets:
-        if not available(name):
-            from bench.lakehouse import DATASETS as SOURCES
-
-            skipped[name] = f"{SOURCES[name][1]} not found"
-            log(f"skipping {name}: its shared data is absent ({SOURCES[name][1]} not found)")
+        if why := unusable(name, args.knowledge):
+            skipped[name] = why
+            log(f"skipping {name}: {why}")
             continue
         results[name], infos[name] = run_dataset(name, args, overrides)
     if not results:

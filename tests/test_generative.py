@@ -402,6 +402,10 @@ def test_bench_keeps_the_knowledge_credit_only_when_it_helps_on_validation(tmp_p
 
     # A model's lakehouse is never built from a consumer benchmark: a clear exit until it exists.
     monkeypatch.setattr(bench.lakehouse, "CACHE_DIR", str(tmp_path))
+    (tmp_path / "data").mkdir()  # the shared data may be absent here
+    monkeypatch.setitem(bench.lakehouse.DATASETS, "movielens_100k", ("movielens", tmp_path / "data"))
+    assert "make bench-lakehouse KNOWLEDGE=local DATASETS=movielens_100k" in bench.lakehouse.unusable(
+        "movielens_100k", "local")  # the benchmark skips it and says how to build it
     with pytest.raises(SystemExit, match="make bench-lakehouse KNOWLEDGE=local DATASETS=movielens_100k"):
         bench.lakehouse.consumer_lakehouse("movielens_100k", "local")
     home = bench.lakehouse.root_for("movielens_100k", "local")
@@ -409,3 +413,4 @@ def test_bench_keeps_the_knowledge_credit_only_when_it_helps_on_validation(tmp_p
     (home / "BUILT.json").write_text(json.dumps({"fingerprint": "old", "backlog": 5}))
     root, build = bench.lakehouse.consumer_lakehouse("movielens_100k", "local")
     assert root == str(home / "lakehouse") and build["backlog"] == 5 and build["matches_current_code"] is False
+    assert bench.lakehouse.unusable("movielens_100k", "local") is None
