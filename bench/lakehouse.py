@@ -178,11 +178,11 @@ def unusable(name: str, knowledge: str = "offline") -> str | None:
     return None
 
 
-def consumer_lakehouse(name: str, knowledge: str = "offline", reuse: bool = False) -> tuple[str, dict]:
-    """(root, build record) of the lakehouse a consumer benchmark reads. The offline heuristic's is built or
-    refreshed first unless `reuse` (then the last build is read as it is); a model's is hours of engine
-    time, built by its own command only: a clear exit when it has no build yet, a warning while it still
-    has a backlog. The record (BUILT.json) says whether it matches the current pipeline code."""
+def consumer_lakehouse(name: str, knowledge: str = "offline") -> tuple[str, dict]:
+    """(root, build record) of the lakehouse a consumer benchmark reads. The offline heuristic's is built
+    when it has no build yet, else read as it is (`make bench-lakehouse` refreshes it); a model's is hours
+    of engine time, built by its own command only: a clear exit when it has no build yet, a warning while
+    it still has a backlog. The record (BUILT.json) says whether it matches the current pipeline code."""
     home = root_for(name, knowledge)
     stamp = home / "BUILT.json"
     if knowledge != "offline":
@@ -192,14 +192,17 @@ def consumer_lakehouse(name: str, knowledge: str = "offline", reuse: bool = Fals
         if json.loads(stamp.read_text()).get("backlog"):
             log(f"{name}: the {knowledge} model's lakehouse still has a backlog (BUILT.json): the benchmark "
                 f"reads knowledge for part of the catalog only")
-        reuse = True
-    if reuse and stamp.exists():
+    if stamp.exists():
         root = str(home / "lakehouse")
-        log(f"{name}: reusing the lakehouse built as {json.loads(stamp.read_text()).get('fingerprint')} ({root})")
+        log(f"{name}: reading the lakehouse built as {json.loads(stamp.read_text()).get('fingerprint')} ({root})")
     else:
         root = lakehouse_root(name, knowledge=knowledge)
     build = json.loads(stamp.read_text()) if stamp.exists() else {}
     build["matches_current_code"] = available(name) and build.get("fingerprint") == _fingerprint(DATASETS[name][1])
+    if not build["matches_current_code"]:
+        log(f"{name}: the lakehouse was built by other pipeline code or data; read as it is "
+            f"(`make bench-lakehouse{'' if knowledge == 'offline' else f' KNOWLEDGE={knowledge}'} DATASETS={name}` "
+            "refreshes it)")
     return root, build
 
 

@@ -73,9 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most epochs per run (default: per dataset, see SETTINGS)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other RankerConfig setting")
-    p.add_argument("--reuse", action="store_true",
-                   help="read the last completed lakehouse build as it is, even if the pipeline's code changed since "
-                   "(default: bench.lakehouse.lakehouse_root, which rebuilds a stale lakehouse first)")
     p.add_argument("--knowledge", choices=("offline", "local"), default="offline",
                    help="the lakehouse whose knowledge the variants read: the offline heuristic's (default) or the "
                    "local engine's model's (built by `python -m bench.lakehouse --knowledge local`; results go to "
@@ -111,7 +108,7 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     from models.ranker import RankerConfig, fit, make_streams
 
     home = root_for(name, args.knowledge)
-    root, build = consumer_lakehouse(name, args.knowledge, args.reuse)
+    root, build = consumer_lakehouse(name, args.knowledge)
     settings = {**SETTINGS[name], **overrides}
     if args.max_epochs:
         settings["max_epochs"] = args.max_epochs

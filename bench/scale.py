@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,7 +118,21 @@ def own_peak_mb() -> float:
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # without /proc: the best there is
+    # Without /proc, the best there is: KiB on Linux, bytes on macOS.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+# Runs before own_peak_mb recorded getrusage's figure (`driver_python_peak_mb`), which can be the benchmark's
+# own memory: the tables show their sampled RSS instead, marked.
+SAMPLED_NOTE = "figures marked ~ are sampled RSS, from runs before the high-water mark was recorded"
+
+
+def python_peak(memory: dict) -> str:
+    """A stage process's Python peak for the tables: its own high-water mark, else (older runs) its
+    sampled RSS, marked ~."""
+    if "driver_python_own_peak_mb" in memory:
+        return f"{memory['driver_python_own_peak_mb']:,.0f}"
+    return f"~{memory.get('driver_python_mb', 0):,.0f}"
 
 
 def delta_layout(root: str) -> dict[str, dict]:
@@ -323,7 +338,7 @@ def _stage_alone(stage: str, n: int, base: str, overrides: dict | None = None, d
     return {"seconds": round(seconds, 2), "unit": "items", "units": n,
             "us_per_unit": round(seconds / n * 1e6, 2), "rows_in": res.rows_in, "rows_out": res.rows_out,
             "rows_quarantined": res.rows_quarantined,
-            "memory": {**mem.peak, "driver_python_peak_mb": own_peak_mb()},
+            "memory": {**mem.peak, "driver_python_own_peak_mb": own_peak_mb()},
             "metrics": json.loads(json.dumps(res.metrics, default=str))}
 
 
@@ -342,7 +357,7 @@ def quantizer_stages(n: int, keep: bool = False) -> dict:
             r = pool.submit(_stage_alone, stage, n, str(base)).result()
         out["stages"][stage] = r
         log(f"{n:,} items: {stage} {r['seconds']:.0f}s ({r['us_per_unit']:,.0f} µs per item), Python driver "
-            f"peak {r['memory']['driver_python_peak_mb']:,.0f} MB, JVM {r['memory']['jvm_mb']:,.0f} MB")
+            f"peak {python_peak(r['memory'])} MB, JVM {r['memory']['jvm_mb']:,.0f} MB")
     out["measured_at"] = utc_now()
     if not keep:
         shutil.rmtree(base, ignore_errors=True)
@@ -661,7 +676,7 @@ def llm_table(data: dict) -> list[str]:
              f"OpenAI-compatible server ({r0['server_capacity']} slots x {r0['server_latency_s']} s = "
              f"{r0['server_capacity_rps']:,.0f} requests/s), the knowledge table already holding the rest of the "
              "catalog but two nights; the stage in its own process. Then night 2 killed (SIGKILL of the "
-             "process, its JVM and workers) at half its answers and run again:", "",
+             f"process, its JVM and workers) at half its answers and run again ({SAMPLED_NOTE}):", "",
              "| items | knowledge rows before | work set | answered / backlog | stage s | µs per answered item "
              "| efficiency: server window / whole stage | commit s: first / last chunks, max | fan-out waited on "
              "commits | Python driver / JVM / workers MB | killed: committed, asked again, every item once |",
@@ -676,7 +691,7 @@ def llm_table(data: dict) -> list[str]:
             f"| {label} | {r['prefill']['rows']:,} | {m['work_set']:,} | {m['ok']:,} / {m['backlog']:,} | "
             f"{nt['seconds']:,.0f} | {nt['us_per_answered_item']:,.0f} | {nt['efficiency']:.3f} / "
             f"{nt['job_efficiency']:.3f} | {c.get('first', 0):.1f} / {c.get('last', 0):.1f}, {c.get('max', 0):.1f} | "
-            f"{m.get('commit_wait_seconds', 0):.1f} s | {mem['driver_python_peak_mb']:,.0f} / {mem.get('jvm_mb', 0):,.0f} "
+            f"{m.get('commit_wait_seconds', 0):.1f} s | {python_peak(mem)} / {mem.get('jvm_mb', 0):,.0f} "
             f"/ {mem.get('workers_mb', 0):,.0f} | {k.get('items_committed_before_kill', 0):,}, "
             f"{k.get('items_asked_again', 0):,}, {'yes' if k.get('every_item_once') else 'NO'} |")
     return lines
@@ -883,7 +898,8 @@ def quantizer_table(data: dict) -> list[str]:
         return []
     lines = ["", "The two quantizer stages alone (`--quantizer`), each in its own process as the DAG runs them, "
              "on the synthetic catalog's items embedded by the hashing stand-in (no earlier stage run); "
-             "the Python driver's peak is exact (the process's own high-water mark), the JVM's sampled:", "",
+             f"the Python driver's peak is exact (the process's own high-water mark), the JVM's sampled; {SAMPLED_NOTE}:",
+             "",
              "| items | stage | trained on | seconds | µs per item | Python driver peak MB | JVM MB |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for q in quant:
@@ -891,7 +907,7 @@ def quantizer_table(data: dict) -> list[str]:
             trained = r["metrics"].get("trained_on")
             lines.append(f"| {q['items']:,} | {stage} | {'–' if trained is None else f'{trained:,}'} | "
                          f"{r['seconds']:,.0f} | {r['us_per_unit']:,.0f} | "
-                         f"{r['memory']['driver_python_peak_mb']:,.0f} | {r['memory'].get('jvm_mb', 0):,.0f} |")
+                         f"{python_peak(r['memory'])} | {r['memory'].get('jvm_mb', 0):,.0f} |")
     return lines
 
 

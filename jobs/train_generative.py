@@ -55,11 +55,13 @@ def load_data(root: str, config, versions: dict[str, int] | None = None, knowled
     """(pinned tables, item features, token catalogue, reward credit, data statistics) for one lakehouse;
     `knowledge`: also the items' kinds from silver.item_knowledge (what +pars_knowledge needs)."""
     from models.generative import Credit, build_catalog, load_category_paths, load_item_kinds
-    from models.ranker_data import load_item_features, pin
+    from models.ranker_data import Pinned, load_item_features, pin
 
     t0 = time.perf_counter()
     pinned = pin(root, tables=READ + ((KNOWLEDGE,) if knowledge else ()), versions=versions)
-    feats = load_item_features(pinned, embedder=config.embedder, batch_size=config.read_batch_rows)
+    # The item features without the knowledge: the ranker's reader would turn it into tokens nobody reads here.
+    features = Pinned(pinned.root, {k: v for k, v in pinned.versions.items() if k != KNOWLEDGE})
+    feats = load_item_features(features, embedder=config.embedder, batch_size=config.read_batch_rows)
     cat = build_catalog(feats)
     paths, path_stats = load_category_paths(pinned, feats, config.read_batch_rows)
     kinds, kind_stats = load_item_kinds(pinned, feats, config.read_batch_rows) if knowledge else (None, {})

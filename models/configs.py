@@ -270,7 +270,7 @@ class GenerativeConfig:
     pars_catalog_credit: float = 0.5
     # Knowledge credit (+pars_knowledge only): the reward of a wrong item the knowledge calls the target's
     # product type (half that for a type the target's complements name), from silver.item_knowledge rows
-    # whose product type the model wrote; the larger of the two credits counts.
+    # whose product type is not a catalog fact (a model's, or the offline heuristic's); the larger counts.
     pars_knowledge_credit: float = 0.5
     pars_min_margin: float = 0.05  # pairs need a reward gap at least this large
     pars_sft_weight: float = 1.0  # + the training cross-entropy on the example's target

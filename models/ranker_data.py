@@ -326,7 +326,8 @@ def _categorical_columns(names: list[str], values: dict[int, list], n: int) -> t
     return fields, sizes, kept_names, per_col
 
 
-def _norm(text) -> str | None:
+def normalize_text(text) -> str | None:
+    """Lower case, runs of whitespace made one space; None for nothing left (how a knowledge value is compared)."""
     out = " ".join(str(text).split()).lower() if text is not None else ""
     return out or None
 
@@ -346,7 +347,7 @@ def _catalog_fields(pinned: Pinned, index: dict[str, int], n: int, batch_size: i
                 raise DataError(f"{CATALOG}: item {item} appears twice (its key is item_id)")
             path = [str(x).strip() for x in (cats or []) if x is not None and str(x).strip()]
             ok_price = price if price is not None and math.isfinite(price) and price > 0 else None
-            rows[i] = (path, _norm(brand), ok_price)
+            rows[i] = (path, normalize_text(brand), ok_price)
     prices = np.log([p for _, _, p in rows.values() if p is not None])
     edges = np.quantile(prices, np.linspace(0, 1, PRICE_BANDS + 1)[1:-1]) if len(prices) else np.zeros(0)
     values = {}
@@ -373,12 +374,12 @@ def _llm_knowledge(pinned: Pinned, index: dict[str, int], n: int, batch_size: in
         source = dict(row["field_source"] or [])
         theirs = {f for f in (*LLM_SINGLE_FIELDS, *LLM_LIST_FIELDS, "attributes", "summary")
                   if source.get(f, row["model"]) != "catalog"}
-        toks = [f"{f}={v}" for f in LLM_SINGLE_FIELDS if f in theirs and (v := _norm(row[f]))]
-        toks += [f"{f}={v}" for f in LLM_LIST_FIELDS if f in theirs for x in (row[f] or []) if (v := _norm(x))]
+        toks = [f"{f}={v}" for f in LLM_SINGLE_FIELDS if f in theirs and (v := normalize_text(row[f]))]
+        toks += [f"{f}={v}" for f in LLM_LIST_FIELDS if f in theirs for x in (row[f] or []) if (v := normalize_text(x))]
         if "attributes" in theirs:
             toks += [f"attribute {k}={v}" for key, val in (row["attributes"] or [])
-                     if (k := _norm(key)) and k not in CATALOG_ATTRIBUTE_KEYS and (v := _norm(val))]
-        summary = _norm(row["summary"]) if "summary" in theirs else None
+                     if (k := normalize_text(key)) and k not in CATALOG_ATTRIBUTE_KEYS and (v := normalize_text(val))]
+        summary = normalize_text(row["summary"]) if "summary" in theirs else None
         if summary:
             summaries[i] = str(row["summary"]).strip()
         if toks:

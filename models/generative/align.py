@@ -18,7 +18,7 @@ from models.generative.decode import _chunks, banned_matrix, beam_search, dense_
 from models.generative.model import GenerativeRecommender, token_loss
 from models.generative.optim import StageResult, _optimizer, _select
 from models.ranker import _autocast
-from models.ranker_data import CATALOG, ItemFeatures, Pinned, SequenceStream, newest_knowledge
+from models.ranker_data import CATALOG, ItemFeatures, Pinned, SequenceStream, newest_knowledge, normalize_text
 from models.training import optimizer_step
 
 # ---------------------------------------------------------------- PARS and MSRA
@@ -98,21 +98,18 @@ class ItemKind:
     complements: frozenset[str]
 
 
-def _kind_text(text) -> str | None:
-    out = " ".join(str(text).split()).lower() if text is not None else ""
-    return out or None
-
-
 def load_item_kinds(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096) -> tuple[list, dict]:
-    """Per item index, its ItemKind from its newest `ok` silver.item_knowledge row whose product type the
-    writer of the row produced (`field_source` is not "catalog": the catalog's own leaf category is
-    catalog credit already); None where there is none. The source of PARS's knowledge credit, so the
-    statistics say which models (or heuristic) wrote it and how concentrated the types are."""
+    """Per item index, its ItemKind from its newest `ok` silver.item_knowledge row that has a product type
+    not marked as a catalog fact (`field_source`), older rows standing in where the newest has none; None
+    where no row has one. The source of PARS's knowledge credit. The row's writer may be a language
+    model or the offline heuristic (whose product types are parsed from the catalog's fields), so the
+    statistics say which wrote them (`product_type_sources`) and how concentrated the types are: a type
+    most items share gives most wrong items the same credit."""
     index = feats.index()
 
     def usable(row: dict) -> bool:
         source = dict(row["field_source"] or [])
-        return source.get("product_type", row["model"]) != "catalog" and _kind_text(row["product_type"]) is not None
+        return source.get("product_type", row["model"]) != "catalog" and normalize_text(row["product_type"]) is not None
 
     newest, rows = newest_knowledge(pinned, index, ["product_type", "complements", "field_source", "model"],
                                     batch_size, usable=usable)
@@ -121,9 +118,9 @@ def load_item_kinds(pinned: Pinned, feats: ItemFeatures, batch_size: int = 4096)
     types: dict[str, int] = {}
     for i, row in newest.items():
         source = dict(row["field_source"] or [])
-        complements = frozenset(c for x in (row["complements"] or []) if (c := _kind_text(x))) \
+        complements = frozenset(c for x in (row["complements"] or []) if (c := normalize_text(x))) \
             if source.get("complements", row["model"]) != "catalog" else frozenset()
-        kinds[i] = ItemKind(_kind_text(row["product_type"]), complements)
+        kinds[i] = ItemKind(normalize_text(row["product_type"]), complements)
         models[row["model"]] = models.get(row["model"], 0) + 1
         types[kinds[i].product_type] = types.get(kinds[i].product_type, 0) + 1
     top = max(types.items(), key=lambda kv: (kv[1], kv[0]), default=(None, 0))

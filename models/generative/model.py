@@ -15,7 +15,7 @@ from torch import nn
 from models.configs import GenerativeConfig  # noqa: F401  (defined there; re-exported)
 from models.generative.catalog import TokenCatalog
 from models.ranker import Block
-from models.ranker_data import Pinned
+from models.ranker_data import KNOWLEDGE, Pinned
 
 MODEL_VERSION = "reg4rec-generative-v1"
 # +pars_knowledge: PARS whose partial credit also comes from the knowledge (product types), trained on
@@ -28,7 +28,10 @@ INFERENCE_MODES = ("fixed_order", "+dynamic_paths", "+corp")
 
 def version_of(config: GenerativeConfig, pinned: Pinned, codebook_version: str) -> str:
     """12 hex digits over the configuration, the pinned table versions and the codebook version."""
-    blob = json.dumps({"model": MODEL_VERSION, "config": config.model_dict(), "tables": pinned.versions,
+    settings = config.model_dict()
+    if KNOWLEDGE not in pinned.versions:  # +pars_knowledge not trained: its credit shapes no checkpoint
+        settings.pop("pars_knowledge_credit")
+    blob = json.dumps({"model": MODEL_VERSION, "config": settings, "tables": pinned.versions,
                        "codebook_version": codebook_version}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
