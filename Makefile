@@ -158,7 +158,7 @@ bench-lakehouse: setup $(if $(filter local,$(KNOWLEDGE)),llm-engine) ## build th
 bench-beyond: setup $(if $(LLM_USERS),llm-engine) ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data [LLM_USERS=200: also the LLM method on that many users, local engine or LLM_URL= LLM_MODEL=]
 	@$(PY) -m bench.beyond_log $(if $(LLM_USERS),--llm-users $(LLM_USERS)) $(if $(LLM_URL),--llm-url "$(LLM_URL)" --llm-model "$(LLM_MODEL)")
 
-bench-scale: setup ## every stage at 10,000 and 100,000 synthetic items (~40 min on 2 cores; not in `make bench`) [SIZES=1000000: a million, hours]
+bench-scale: setup ## every stage at 10,000 and 100,000 synthetic items (~60 min on 2 cores; not in `make bench`) [SIZES=1000000: a million, hours]
 	@$(PY) -m bench.scale $(if $(SIZES),--sizes $(SIZES))
 
 bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse] [DATASETS=movielens_100k]

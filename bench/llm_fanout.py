@@ -304,4 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from bench.common import exit_on_sigterm
+
+    exit_on_sigterm()  # the engine phase starts the local engine: a `kill` must stop it too
     sys.exit(main())

@@ -89,7 +89,7 @@ class SourceSettings(Section):
     max_description_chars: PositiveInt = Field(
         DEFAULT_MAX_DESCRIPTION_CHARS, description="and first to this many characters (a ceiling against huge text)")
     chunk_rows: PositiveInt = Field(
-        DEFAULT_CHUNK_ROWS, description="a streamed source (amazon-json, synthetic) reaches the ingests this many items "
+        DEFAULT_CHUNK_ROWS, description="a streamed source (amazon-json, movielens, synthetic) reaches the ingests this many items "
         "(or events) at a time: the driver holds one chunk, never the whole source")
 
 
