@@ -152,8 +152,8 @@ bench-knowledge: setup llm-engine ## knowledge recovery with the catalog hidden:
 bench-sids: setup ## semantic-ID quantizers on the Amazon Scientific items
 	@$(PY) -m bench.semantic_ids
 
-bench-lakehouse: setup $(if $(filter local,$(KNOWLEDGE)),llm-engine) ## build the real datasets' feature lakehouses the consumer benchmarks read (cached) [KNOWLEDGE=local: the local model answers every item, ~12 h for Scientific, resumable] [BUDGET_ITEMS=N per call] [DATASETS=scientific]
-	@$(PY) -m bench.lakehouse $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(BUDGET_ITEMS),--budget-items $(BUDGET_ITEMS)) $(DATASETS)
+bench-lakehouse: setup $(if $(filter local,$(KNOWLEDGE)),llm-engine) ## build the real datasets' feature lakehouses the consumer benchmarks read (cached) [KNOWLEDGE=local: the local model answers every item, ~12 h for Scientific, resumable] [BEYOND=llm: the LLM method's beyond-log inferences over a copy of that build] [BUDGET_ITEMS=N per call] [DATASETS=scientific]
+	@$(PY) -m bench.lakehouse $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(BEYOND),--beyond-log $(BEYOND)) $(if $(BUDGET_ITEMS),--budget-items $(BUDGET_ITEMS)) $(DATASETS)
 
 bench-beyond: setup $(if $(LLM_USERS),llm-engine) ## beyond-log inference hit rate: masked diffusion vs popularity vs random, real data [LLM_USERS=200: also the LLM method on that many users, local engine or LLM_URL= LLM_MODEL=]
 	@$(PY) -m bench.beyond_log $(if $(LLM_USERS),--llm-users $(LLM_USERS)) $(if $(LLM_URL),--llm-url "$(LLM_URL)" --llm-model "$(LLM_MODEL)")
@@ -161,8 +161,8 @@ bench-beyond: setup $(if $(LLM_USERS),llm-engine) ## beyond-log inference hit ra
 bench-scale: setup ## every stage at 10,000 and 100,000 synthetic items (~60 min on 2 cores; not in `make bench`) [SIZES=1000000: a million, hours]
 	@$(PY) -m bench.scale $(if $(SIZES),--sizes $(SIZES))
 
-bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse] [DATASETS=movielens_100k]
-	@$(PY) -m bench.ranker $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(DATASETS),--datasets $(DATASETS))
+bench-ranker: setup ## ranker ablation (id_only, +catalog, +semantic_ids, +llm_knowledge, +beyond_log, catalog+llm, all; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse] [BEYOND=llm: the LLM method's beyond-log inferences] [DATASETS=movielens_100k]
+	@$(PY) -m bench.ranker $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(BEYOND),--beyond-log $(BEYOND)) $(if $(DATASETS),--datasets $(DATASETS))
 
 bench-generative: setup ## generative recommender ablation (fixed_order, +dynamic_paths, +corp, +pars, +msra; 3 seeds) on the real feature lakehouses [KNOWLEDGE=local: the local model's lakehouse, + the knowledge credit (+pars_knowledge)] [DATASETS=movielens_100k]
 	@$(PY) -m bench.generative $(if $(KNOWLEDGE),--knowledge $(KNOWLEDGE)) $(if $(DATASETS),--datasets $(DATASETS))

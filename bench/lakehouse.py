@@ -18,6 +18,12 @@ item (k = 1, no nightly time budget): Scientific's 4,344 items take about 12 hou
 resumable: reason_items commits every `llm.local.commit_every_items` answers, so a build stopped at any
 point (Ctrl-C, a reboot) continues where it stopped when run again, and `--budget-items N` caps one
 call at N items, leaving the rest in the backlog for the next call (BUILT.json counts what is left).
+
+Beyond-log: every build's gold.user_augmented_behaviors comes from the masked diffusion model.
+`--beyond-log llm` copies a finished build to `lakehouse-<dataset>[-<knowledge>]-beyond_llm` (the
+original is never changed) and runs infer_beyond_log there with `beyond_log.method: llm` (a language
+model's interests per user, mapped to items: one call per user) and the stages after it, so the ranker
+can compare the two methods' `+beyond_log` (`python -m bench.ranker --beyond-log llm`).
 """
 
 from __future__ import annotations
@@ -50,10 +56,21 @@ _FINGERPRINT_SKIP = ("jobs/train_ranker.py", "jobs/train_generative.py", "jobs/c
 
 
 KNOWLEDGE = ("offline", "local")
+# Who infers gold.user_augmented_behaviors: the masked diffusion model (every build), or the LLM method
+# (`beyond_log.method: llm`, a language model's interests mapped to items): a copy of a finished build
+# with infer_beyond_log and the stages after it run again (lakehouse-<...>-beyond_llm).
+BEYOND = ("diffusion", "llm")
 
 
-def root_for(name: str, knowledge: str = "offline") -> Path:
-    return Path(CACHE_DIR) / (f"lakehouse-{name}" if knowledge == "offline" else f"lakehouse-{name}-{knowledge}")
+def root_for(name: str, knowledge: str = "offline", beyond: str = "diffusion") -> Path:
+    base = f"lakehouse-{name}" if knowledge == "offline" else f"lakehouse-{name}-{knowledge}"
+    return Path(CACHE_DIR) / (base if beyond == "diffusion" else f"{base}-beyond_{beyond}")
+
+
+def build_command(name: str, knowledge: str = "offline", beyond: str = "diffusion") -> str:
+    """The command that builds (or continues) a lakehouse, for messages."""
+    return ("make bench-lakehouse" + ("" if knowledge == "offline" else f" KNOWLEDGE={knowledge}")
+            + ("" if beyond == "diffusion" else f" BEYOND={beyond}") + f" DATASETS={name}")
 
 
 def llm_settings(knowledge: str, budget_items: int | None = None) -> dict:
@@ -88,9 +105,10 @@ def available(name: str) -> bool:
 
 
 def ensure(name: str, force: bool = False, refresh: bool = False, spark=None, knowledge: str = "offline",
-           budget_items: int | None = None) -> Path:
+           budget_items: int | None = None, beyond: str = "diffusion") -> Path:
     """Root of the dataset's feature lakehouse, building or refreshing it when the code or data changed
-    (or, with `refresh`, when an earlier build left items without knowledge)."""
+    (or, with `refresh`, when an earlier build left items without knowledge). `beyond="llm"`: the LLM
+    method's beyond-log inferences over a copy of the finished `knowledge` build (_build_beyond_llm)."""
     if name not in DATASETS:
         raise SystemExit(f"unknown benchmark dataset {name!r}; choose from {', '.join(DATASETS)}")
     loader, data = DATASETS[name]
@@ -98,18 +116,50 @@ def ensure(name: str, force: bool = False, refresh: bool = False, spark=None, kn
         raise SystemExit(f"{data} not found: the benchmark needs the shared dataset there")
     if knowledge not in KNOWLEDGE:
         raise SystemExit(f"unknown knowledge source {knowledge!r}; choose from {', '.join(KNOWLEDGE)}")
-    base = root_for(name, knowledge)
+    if beyond not in BEYOND:
+        raise SystemExit(f"unknown beyond-log method {beyond!r}; choose from {', '.join(BEYOND)}")
+    base = root_for(name, knowledge, beyond)
     base.mkdir(parents=True, exist_ok=True)
     # One builder at a time per dataset: a second caller waits, then finds the stamp current.
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if beyond == "llm":
+            return _build_beyond_llm(name, loader, data, base, force, spark, knowledge)
         return _build(name, loader, data, base, force, refresh, spark, knowledge, budget_items)
+
+
+def _context(base: Path, loader: str, data: Path, spark, **overrides):
+    from jobs.context import RunContext
+
+    ctx = RunContext.create(ds=DS, overrides={
+        "lakehouse": str(base / "lakehouse"), "artifacts": str(base / "artifacts"),
+        "reports": str(base / "reports"), "dataset": loader, "data": str(data), **overrides})
+    if spark is not None:
+        ctx._spark = spark
+    return ctx
+
+
+def _run_stages(ctx, stages: list[str], model_stages: set[str]) -> dict:
+    """Run `stages` in order (each as a task runs it); the local engine runs only around `model_stages`
+    (the ones that ask it), so the Spark stages get both cores. Returns each stage's JobResult."""
+    from jobs.runtime import execute
+
+    results = {}
+    for i, stage in enumerate(stages, 1):
+        t0 = time.perf_counter()
+        if stage in model_stages:
+            from llm_agents import local_engine
+
+            with local_engine.engine("bench-lakehouse", slots=8):
+                results[stage] = execute(stage, ctx)
+        else:
+            results[stage] = execute(stage, ctx)
+        log(f"  [{i}/{len(stages)}] {stage}: {results[stage].rows_out} rows in {time.perf_counter() - t0:.0f}s")
+    return results
 
 
 def _build(name: str, loader: str, data: Path, base: Path, force: bool, refresh: bool, spark,
            knowledge: str = "offline", budget_items: int | None = None) -> Path:
-    from jobs.context import RunContext
-    from jobs.runtime import execute
     from jobs.stages import PIPELINE
 
     stamp = base / "BUILT.json"
@@ -125,35 +175,17 @@ def _build(name: str, loader: str, data: Path, base: Path, force: bool, refresh:
                 log(f"{name}: the feature lakehouse was built by other pipeline code or data; using it as is "
                     f"(`make bench-lakehouse` refreshes it)")
             return base
-    ctx = RunContext.create(ds=DS, overrides={
-        "lakehouse": str(base / "lakehouse"), "artifacts": str(base / "artifacts"),
-        "reports": str(base / "reports"), "dataset": loader, "data": str(data),
-        # By default the offline heuristic (its rows say offline-heuristic-v1): the local engine answers a
-        # few items a minute on two cores, so all of Scientific's 4,344 items take about 12 hours
-        # (`--knowledge local`, resumable); what the model's knowledge is worth against the catalog is
-        # also measured on its own (bench-knowledge).
-        "llm": llm_settings(knowledge, budget_items),
-    })
-    if spark is not None:
-        ctx._spark = spark
+    # By default the offline heuristic (its rows say offline-heuristic-v1): the local engine answers a
+    # few items a minute on two cores, so all of Scientific's 4,344 items take about 12 hours
+    # (`--knowledge local`, resumable); what the model's knowledge is worth against the catalog is
+    # also measured on its own (bench-knowledge).
+    ctx = _context(base, loader, data, spark, llm=llm_settings(knowledge, budget_items))
     log(f"building the {name} feature lakehouse under {base} (the pipeline's stages, incremental; "
         f"knowledge: {knowledge}) ...")
     start = time.perf_counter()
-    reasoning: dict = {}
-    for i, stage in enumerate(PIPELINE, 1):
-        t0 = time.perf_counter()
-        if stage == "reason_items" and knowledge == "local":
-            from llm_agents import local_engine
-
-            # The engine only while the model answers: the Spark stages after it get both cores.
-            with local_engine.engine("bench-lakehouse", slots=8):
-                res = execute(stage, ctx)
-        else:
-            res = execute(stage, ctx)
-        if stage == "reason_items":
-            reasoning = {k: res.metrics.get(k) for k in ("model", "work_set", "answered", "failed", "backlog",
-                                                         "seconds", "tokens_in", "tokens_out", "llm_calls")}
-        log(f"  [{i}/{len(PIPELINE)}] {stage}: {res.rows_out} rows in {time.perf_counter() - t0:.0f}s")
+    res = _run_stages(ctx, PIPELINE, {"reason_items"} if knowledge == "local" else set())["reason_items"]
+    reasoning = {k: res.metrics.get(k) for k in ("model", "work_set", "answered", "failed", "backlog",
+                                                 "seconds", "tokens_in", "tokens_out", "llm_calls")}
     stamp.write_text(json.dumps({"fingerprint": fp, "dataset": loader, "data": str(data), "knowledge": knowledge,
                                  "backlog": reasoning.get("backlog"), "reason_items": reasoning,
                                  "seconds": round(time.perf_counter() - start, 1)}, indent=2))
@@ -162,33 +194,75 @@ def _build(name: str, loader: str, data: Path, base: Path, force: bool, refresh:
     return base
 
 
+def _build_beyond_llm(name: str, loader: str, data: Path, base: Path, force: bool, spark, knowledge: str) -> Path:
+    """The `knowledge` build with its beyond-log inferences made by the LLM method instead of diffusion:
+    the finished build is copied (never changed), then infer_beyond_log runs with `beyond_log.method:
+    llm` (one interests call per user, on the same model that answered the items; the offline
+    heuristic's interests for an offline build) and the stages after it (user features, the gold
+    checks, publish) run again on the copy. Current while the source build's stamp is the one copied."""
+    import shutil
+
+    from jobs.stages import PIPELINE
+
+    source = root_for(name, knowledge)
+    source_stamp = source / "BUILT.json"
+    stamp = base / "BUILT.json"
+    if not source_stamp.exists():
+        raise SystemExit(f"{name}: the {knowledge} lakehouse has no finished build to infer from: run "
+                         f"`{build_command(name, knowledge)}` first")
+    built_from = json.loads(source_stamp.read_text())
+    if not force and stamp.exists() and json.loads(stamp.read_text()).get("source_build") == built_from:
+        return base
+    if built_from.get("backlog"):
+        log(f"{name}: the {knowledge} lakehouse still has a backlog: the interests read knowledge for part of "
+            "the catalog only")
+    with open(source / ".lock", "w") as lock:  # not while a build of the source writes it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for part in ("lakehouse", "artifacts"):
+            shutil.rmtree(base / part, ignore_errors=True)
+            if (source / part).exists():
+                shutil.copytree(source / part, base / part)
+    stamp.unlink(missing_ok=True)
+    ctx = _context(base, loader, data, spark, llm=llm_settings(knowledge),
+                   beyond_log={"method": "llm"})
+    stages = PIPELINE[PIPELINE.index("infer_beyond_log"):]
+    log(f"{name}: the LLM method's beyond-log inferences over a copy of the {knowledge} build, under {base} "
+        f"({', '.join(stages)}) ...")
+    start = time.perf_counter()
+    res = _run_stages(ctx, stages, {"infer_beyond_log"} if knowledge == "local" else set())["infer_beyond_log"]
+    stamp.write_text(json.dumps({**built_from, "beyond_log": "llm", "source_build": built_from,
+                                 "infer_beyond_log": res.metrics, "beyond_seconds": round(time.perf_counter() - start, 1)},
+                                indent=2, default=str))
+    return base
+
+
 def lakehouse_root(name: str, **kw) -> str:
     return str(ensure(name, **kw) / "lakehouse")
 
 
-def unusable(name: str, knowledge: str = "offline") -> str | None:
+def unusable(name: str, knowledge: str = "offline", beyond: str = "diffusion") -> str | None:
     """Why a consumer benchmark cannot read this dataset's lakehouse (it skips the dataset and says so),
     or None: the shared data is absent, or a model's lakehouse has no build yet (hours of engine time,
     never started from a consumer benchmark)."""
     if not available(name):
         return f"its shared data is absent ({DATASETS[name][1]} not found)"
-    if knowledge != "offline" and not (root_for(name, knowledge) / "BUILT.json").exists():
-        return (f"no lakehouse answered by the {knowledge} model yet: run `make bench-lakehouse "
-                f"KNOWLEDGE={knowledge} DATASETS={name}` first (resumable)")
+    if (knowledge, beyond) != ("offline", "diffusion") and not (root_for(name, knowledge, beyond) / "BUILT.json").exists():
+        return (f"no lakehouse answered by the {knowledge} model" + ("" if beyond == "diffusion" else
+                f" with the {beyond} method's beyond-log inferences") + f" yet: run `{build_command(name, knowledge, beyond)}` "
+                "first" + (" (resumable)" if beyond == "diffusion" else ""))
     return None
 
 
-def consumer_lakehouse(name: str, knowledge: str = "offline") -> tuple[str, dict]:
+def consumer_lakehouse(name: str, knowledge: str = "offline", beyond: str = "diffusion") -> tuple[str, dict]:
     """(root, build record) of the lakehouse a consumer benchmark reads. The offline heuristic's is built
     when it has no build yet, else read as it is (`make bench-lakehouse` refreshes it); a model's is hours
     of engine time, built by its own command only: a clear exit when it has no build yet, a warning while
     it still has a backlog. The record (BUILT.json) says whether it matches the current pipeline code."""
-    home = root_for(name, knowledge)
+    home = root_for(name, knowledge, beyond)
     stamp = home / "BUILT.json"
-    if knowledge != "offline":
-        if not stamp.exists():
-            raise SystemExit(f"{name}: no lakehouse answered by the {knowledge} model yet: run "
-                             f"`make bench-lakehouse KNOWLEDGE={knowledge} DATASETS={name}` first (resumable)")
+    if (knowledge, beyond) != ("offline", "diffusion"):
+        if (why := unusable(name, knowledge, beyond)) is not None:
+            raise SystemExit(f"{name}: {why}")
         if json.loads(stamp.read_text()).get("backlog"):
             log(f"{name}: the {knowledge} model's lakehouse still has a backlog (BUILT.json): the benchmark "
                 f"reads knowledge for part of the catalog only")
@@ -201,8 +275,7 @@ def consumer_lakehouse(name: str, knowledge: str = "offline") -> tuple[str, dict
     build["matches_current_code"] = available(name) and build.get("fingerprint") == _fingerprint(DATASETS[name][1])
     if not build["matches_current_code"]:
         log(f"{name}: the lakehouse was built by other pipeline code or data; read as it is "
-            f"(`make bench-lakehouse{'' if knowledge == 'offline' else f' KNOWLEDGE={knowledge}'} DATASETS={name}` "
-            "refreshes it)")
+            f"(`{build_command(name, knowledge, beyond)}` refreshes it)")
     return root, build
 
 
@@ -217,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knowledge", choices=KNOWLEDGE, default="offline",
                    help="who answers reason_items: the offline heuristic (default) or the local engine's model "
                    "(a separate lakehouse, lakehouse-<dataset>-local; ~12 h for Scientific on 2 cores, resumable)")
+    p.add_argument("--beyond-log", choices=BEYOND, default="diffusion",
+                   help="who infers the beyond-log behaviours: the diffusion model (default, every build) or the "
+                   "LLM method over a copy of the finished --knowledge build (lakehouse-<...>-beyond_llm; one "
+                   "interests call per user: about an hour for MovieLens-100k's 943 users on the local engine)")
     p.add_argument("--budget-items", type=int, default=None, metavar="N",
                    help="--knowledge local: send at most N items this call (the rest waits for the next call)")
     args = p.parse_args(argv)
@@ -231,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown dataset {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     for name in args.datasets or list(DATASETS):
         print(ensure(name, force=args.force, refresh=True, knowledge=args.knowledge,
-                     budget_items=args.budget_items) / "lakehouse")
+                     budget_items=args.budget_items, beyond=args.beyond_log) / "lakehouse")
     return 0
 
 

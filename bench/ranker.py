@@ -36,6 +36,12 @@ load of the moment. Writes, under --out:
 * ranker.md: the tables printed at the end;
 * ranker.png: test Recall@10 per variant and dataset (error bars: std over seeds), with the ratio to id_only.
 With `--knowledge local` (the lakehouse the local engine's model filled) the files are ranker_local.*.
+With `--beyond-log llm` the lakehouse whose beyond-log inferences the LLM method made (`make
+bench-lakehouse BEYOND=llm`, over a copy of that knowledge build) is read and the files get `_beyond_llm`.
+Its inferences cannot be rebuilt as of earlier cuts (point-in-time contexts are the diffusion model's),
+so there every split's context is the published one (`beyond_log_point_in_time: false`): made from the
+history up to the validation target, it has seen the training targets' futures (never the targets
+themselves, which are history and so excluded from it) and, for selection, the validation target's.
 
 A dataset whose shared data is absent is skipped with a message (and listed in meta.skipped).
 """
@@ -77,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the lakehouse whose knowledge the variants read: the offline heuristic's (default) or the "
                    "local engine's model's (built by `python -m bench.lakehouse --knowledge local`; results go to "
                    "ranker_local.*)")
+    p.add_argument("--beyond-log", choices=("diffusion", "llm"), default="diffusion",
+                   help="whose beyond-log inferences +beyond_log reads: the diffusion model's (default) or the LLM "
+                   "method's (built by `make bench-lakehouse BEYOND=llm`; results go to ranker_*_beyond_llm.*)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -107,9 +116,11 @@ def run_dataset(name: str, args, overrides: dict) -> tuple[dict, dict]:
     from jobs.train_ranker import load_data
     from models.ranker import RankerConfig, fit, make_streams
 
-    home = root_for(name, args.knowledge)
-    root, build = consumer_lakehouse(name, args.knowledge)
+    home = root_for(name, args.knowledge, args.beyond_log)
+    root, build = consumer_lakehouse(name, args.knowledge, args.beyond_log)
     settings = {**SETTINGS[name], **overrides}
+    if args.beyond_log == "llm":  # the LLM method's inferences exist as published only (module docstring)
+        settings["beyond_log_point_in_time"] = False
     if args.max_epochs:
         settings["max_epochs"] = args.max_epochs
     if args.patience:
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results, infos, skipped = {}, {}, {}
     for name in args.datasets:
-        if why := unusable(name, args.knowledge):
+        if why := unusable(name, args.knowledge, args.beyond_log):
             skipped[name] = why
             log(f"skipping {name}: {why}")
             continue
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": utc_now(), "machine": machine_info(), "threads": args.threads, "seeds": args.seeds,
         "variants": args.variants, "settings": overrides, "datasets": infos, "skipped": skipped,
-        "knowledge": args.knowledge,
+        "knowledge": args.knowledge, "beyond_log_method": args.beyond_log,
         "ratios": {ds: ratios(r) for ds, r in results.items()},
         "ratios_over_catalog": {ds: ratios(r, "+catalog") for ds, r in results.items()}, "seconds": round(time.perf_counter() - start, 1),
         "selection": "early stopping on validation Recall@10; test read once at the best validation epoch",
@@ -238,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if sci and sci.get("recall@10") is not None:
         meta["target"] = {"ratio": sci["recall@10"], "required": TARGET, "met": sci["recall@10"] >= TARGET}
     # The local model's lakehouse writes beside the offline one, never over it.
-    write_results(args.out, "ranker" if args.knowledge == "offline" else f"ranker_{args.knowledge}", results, meta,
+    stem = "ranker" + ("" if args.knowledge == "offline" else f"_{args.knowledge}") + (
+        "" if args.beyond_log == "diffusion" else f"_beyond_{args.beyond_log}")
+    write_results(args.out, stem, results, meta,
                   markdown(results, meta),
                   lambda path: recall_bars(results, path, baseline="id_only"), meta["seconds"])
     return 0

@@ -226,6 +226,50 @@ def test_models_trained_on_the_nightly_tables_beat_popularity(nightly):
     assert generative_recall > 1.5 * popular, (generative_recall, popular)
 
 
+@pytest.mark.slow
+def test_a_benchmark_lakehouse_gets_the_llm_methods_beyond_log_on_a_copy(nightly, tmp_path, monkeypatch, spark):
+    """bench.lakehouse's BEYOND=llm: a finished build is copied, the copy's beyond-log inferences are the
+    LLM method's (here with the offline backend's interests), the original keeps the diffusion model's,
+    and a second call with the source unchanged does nothing."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import bench.lakehouse as bl
+    from tests.conftest import make_ctx
+
+    ctx, _ = nightly
+    monkeypatch.setattr(bl, "CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
+    monkeypatch.setitem(bl.DATASETS, "tiny", ("synthetic", tmp_path / "data"))
+    # The build's own settings (the small test configuration), as the bench's builds use theirs.
+    monkeypatch.setattr(bl, "_context", lambda base, loader, data, _spark, **o: make_ctx(base, spark=spark, **o))
+    assert "make bench-lakehouse BEYOND=llm DATASETS=tiny" in bl.unusable("tiny", beyond="llm")
+    with pytest.raises(SystemExit, match="no finished build to infer from"):
+        bl.ensure("tiny", beyond="llm")
+    source = bl.root_for("tiny")
+    for part in ("lakehouse", "artifacts"):
+        shutil.copytree(Path(ctx.root).parent / part, source / part)
+    (source / "BUILT.json").write_text(json.dumps({"fingerprint": "f", "knowledge": "offline", "backlog": 0}))
+
+    base = bl.ensure("tiny", beyond="llm")
+    assert base == bl.root_for("tiny", beyond="llm") and base != source
+    table = "gold.user_augmented_behaviors"
+    copied = delta.read_arrow(table, str(base / "lakehouse")).to_pylist()
+    original = delta.read_arrow(table, str(source / "lakehouse")).to_pylist()
+    assert copied and {r["model_version"].split(":")[0] for r in copied} == {"llm-interests"}
+    assert not any(r["model_version"].startswith("llm-interests") for r in original)
+    assert {r["user_id"] for r in copied} == {r["user_id"] for r in original}  # one row per user, every user
+    assert any(r["status"] == "ok" and r["item_ids"] for r in copied)
+    stamp = json.loads((base / "BUILT.json").read_text())
+    assert stamp["beyond_log"] == "llm" and stamp["infer_beyond_log"]["method"] == "llm"
+    assert stamp["source_build"]["fingerprint"] == "f" and bl.unusable("tiny", beyond="llm") is None
+    version = delta.table_version(table, str(base / "lakehouse"))
+    assert bl.ensure("tiny", beyond="llm") == base and delta.table_version(table, str(base / "lakehouse")) == version
+    root, build = bl.consumer_lakehouse("tiny", beyond="llm")
+    assert root == str(base / "lakehouse") and build["beyond_log"] == "llm"
+
+
 def test_merges_racing_into_one_table_all_land(ctx_factory, spark):
     """Stages that run side by side (the two ingests) write the same tables: every racing commit lands,
     the losers of Delta's optimistic concurrency merged again."""
