@@ -3,6 +3,7 @@
     python -m bench.lakehouse scientific            # build (or refresh) and print the root
     python -m bench.lakehouse movielens_100k --force
     python -m bench.lakehouse scientific --knowledge local [--budget-items 500]
+    python -m bench.lakehouse movielens_100k --knowledge local --beyond-log llm
 
 The ranker and beyond-log benchmarks measure what the pipeline writes, so they read Delta tables produced
 by the same stages `make run` executes (jobs.runtime.execute, in one local Spark session, no Airflow
@@ -21,9 +22,10 @@ call at N items, leaving the rest in the backlog for the next call (BUILT.json c
 
 Beyond-log: every build's gold.user_augmented_behaviors comes from the masked diffusion model.
 `--beyond-log llm` copies a finished build to `lakehouse-<dataset>[-<knowledge>]-beyond_llm` (the
-original is never changed) and runs infer_beyond_log there with `beyond_log.method: llm` (a language
-model's interests per user, mapped to items: one call per user) and the stages after it, so the ranker
-can compare the two methods' `+beyond_log` (`python -m bench.ranker --beyond-log llm`).
+original is never changed) and runs infer_beyond_log there with `beyond_log.method: llm` (the
+interests of the model that answered the items, one call per user, or the offline heuristic's for an
+offline build, mapped to items) and the stages after it, so the ranker can compare the two methods'
+`+beyond_log` (`python -m bench.ranker --beyond-log llm`).
 """
 
 from __future__ import annotations
@@ -197,42 +199,54 @@ def _build(name: str, loader: str, data: Path, base: Path, force: bool, refresh:
 def _build_beyond_llm(name: str, loader: str, data: Path, base: Path, force: bool, spark, knowledge: str) -> Path:
     """The `knowledge` build with its beyond-log inferences made by the LLM method instead of diffusion:
     the finished build is copied (never changed), then infer_beyond_log runs with `beyond_log.method:
-    llm` (one interests call per user, on the same model that answered the items; the offline
-    heuristic's interests for an offline build) and the stages after it (user features, the gold
-    checks, publish) run again on the copy. Current while the source build's stamp is the one copied."""
+    llm` (a language model's interests per user, one call each, on the model that answered the items;
+    the offline heuristic's, no call, for an offline build) and the stages after it run again on the
+    copy. The gold gate may refuse the inferences (it wants half the users `ok`, which a small model
+    misses): a benchmark still measures them, so the refusal is recorded in the stamp and said, and
+    publish (which follows a passed gate) is skipped. Current while the source's stamp is the one copied."""
     import shutil
 
+    from jobs.runtime import StageFailed
     from jobs.stages import PIPELINE
 
     source = root_for(name, knowledge)
-    source_stamp = source / "BUILT.json"
     stamp = base / "BUILT.json"
-    if not source_stamp.exists():
-        raise SystemExit(f"{name}: the {knowledge} lakehouse has no finished build to infer from: run "
-                         f"`{build_command(name, knowledge)}` first")
-    built_from = json.loads(source_stamp.read_text())
-    if not force and stamp.exists() and json.loads(stamp.read_text()).get("source_build") == built_from:
-        return base
-    if built_from.get("backlog"):
-        log(f"{name}: the {knowledge} lakehouse still has a backlog: the interests read knowledge for part of "
-            "the catalog only")
+    source.mkdir(parents=True, exist_ok=True)  # its lock lives there, as ensure() keeps it
     with open(source / ".lock", "w") as lock:  # not while a build of the source writes it
         fcntl.flock(lock, fcntl.LOCK_EX)
+        source_stamp = source / "BUILT.json"
+        if not source_stamp.exists():
+            raise SystemExit(f"{name}: the {knowledge} lakehouse has no finished build to infer from: run "
+                             f"`{build_command(name, knowledge)}` first")
+        built_from = json.loads(source_stamp.read_text())
+        if not force and stamp.exists() and json.loads(stamp.read_text()).get("source_build") == built_from:
+            return base
+        if built_from.get("backlog"):
+            log(f"{name}: the {knowledge} lakehouse still has a backlog: the interests read knowledge for part "
+                "of the catalog only")
+        stamp.unlink(missing_ok=True)  # first: an interrupted copy must never look finished
         for part in ("lakehouse", "artifacts"):
             shutil.rmtree(base / part, ignore_errors=True)
             if (source / part).exists():
                 shutil.copytree(source / part, base / part)
-    stamp.unlink(missing_ok=True)
-    ctx = _context(base, loader, data, spark, llm=llm_settings(knowledge),
-                   beyond_log={"method": "llm"})
-    stages = PIPELINE[PIPELINE.index("infer_beyond_log"):]
-    log(f"{name}: the LLM method's beyond-log inferences over a copy of the {knowledge} build, under {base} "
-        f"({', '.join(stages)}) ...")
+    ctx = _context(base, loader, data, spark, llm=llm_settings(knowledge), beyond_log={"method": "llm"})
+    log(f"{name}: the LLM method's beyond-log inferences over a copy of the {knowledge} build, under {base} ...")
     start = time.perf_counter()
-    res = _run_stages(ctx, stages, {"infer_beyond_log"} if knowledge == "local" else set())["infer_beyond_log"]
+    first, gate_at = PIPELINE.index("infer_beyond_log"), PIPELINE.index("validate_gold")
+    res = _run_stages(ctx, PIPELINE[first:gate_at],
+                      {"infer_beyond_log"} if knowledge == "local" else set())["infer_beyond_log"]
+    try:
+        _run_stages(ctx, ["validate_gold"], set())
+        gate = "passed"
+    except StageFailed as exc:
+        gate = str(exc)
+        log(f"{name}: the gold gate refused the LLM method's inferences ({gate}); the benchmark measures them "
+            "anyway, and its results carry this (lakehouse_build.validate_gold); publish skipped")
+    if gate == "passed":
+        _run_stages(ctx, PIPELINE[gate_at + 1:], set())
     stamp.write_text(json.dumps({**built_from, "beyond_log": "llm", "source_build": built_from,
-                                 "infer_beyond_log": res.metrics, "beyond_seconds": round(time.perf_counter() - start, 1)},
-                                indent=2, default=str))
+                                 "infer_beyond_log": res.metrics, "validate_gold": gate,
+                                 "beyond_seconds": round(time.perf_counter() - start, 1)}, indent=2, default=str))
     return base
 
 
@@ -247,8 +261,9 @@ def unusable(name: str, knowledge: str = "offline", beyond: str = "diffusion") -
     if not available(name):
         return f"its shared data is absent ({DATASETS[name][1]} not found)"
     if (knowledge, beyond) != ("offline", "diffusion") and not (root_for(name, knowledge, beyond) / "BUILT.json").exists():
-        return (f"no lakehouse answered by the {knowledge} model" + ("" if beyond == "diffusion" else
-                f" with the {beyond} method's beyond-log inferences") + f" yet: run `{build_command(name, knowledge, beyond)}` "
+        who = "the offline heuristic's lakehouse" if knowledge == "offline" else f"the {knowledge} model's lakehouse"
+        return (f"no build yet of {who}" + ("" if beyond == "diffusion" else
+                f" with the {beyond} method's beyond-log inferences") + f": run `{build_command(name, knowledge, beyond)}` "
                 "first" + (" (resumable)" if beyond == "diffusion" else ""))
     return None
 
@@ -273,9 +288,15 @@ def consumer_lakehouse(name: str, knowledge: str = "offline", beyond: str = "dif
         root = lakehouse_root(name, knowledge=knowledge)
     build = json.loads(stamp.read_text()) if stamp.exists() else {}
     build["matches_current_code"] = available(name) and build.get("fingerprint") == _fingerprint(DATASETS[name][1])
+    # A copy (BEYOND=llm) follows its source: the source is refreshed first, then the copy made again.
+    refresh = " then ".join(f"`{build_command(name, knowledge, b)}`" for b in dict.fromkeys(("diffusion", beyond)))
     if not build["matches_current_code"]:
-        log(f"{name}: the lakehouse was built by other pipeline code or data; read as it is "
-            f"(`{build_command(name, knowledge, beyond)}` refreshes it)")
+        log(f"{name}: the lakehouse was built by other pipeline code or data; read as it is ({refresh} refreshes it)")
+    source_stamp = root_for(name, knowledge) / "BUILT.json"
+    if "source_build" in build and source_stamp.exists() and json.loads(source_stamp.read_text()) != build["source_build"]:
+        build["source_changed_since"] = True
+        log(f"{name}: the {knowledge} build was refreshed after this copy was made; read as it is "
+            f"(`{build_command(name, knowledge, beyond)}` makes it again)")
     return root, build
 
 
@@ -303,13 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("reaseq").setLevel(logging.INFO)
     if args.budget_items is not None and args.budget_items < 1:
         p.error("--budget-items must be at least 1")
+    if args.budget_items is not None and args.beyond_log != "diffusion":
+        p.error("--budget-items applies to the items' knowledge; --beyond-log llm infers for every user of a "
+                "finished build")
     unknown = [d for d in args.datasets if d not in DATASETS]
     if unknown:
         p.error(f"unknown dataset {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    built = 0
     for name in args.datasets or list(DATASETS):
+        source = root_for(name, args.knowledge) / "BUILT.json"
+        if args.beyond_log != "diffusion" and not source.exists():
+            log(f"skipping {name}: no finished {args.knowledge} build to copy yet "
+                f"(`{build_command(name, args.knowledge)}` first)")
+            continue
         print(ensure(name, force=args.force, refresh=True, knowledge=args.knowledge,
                      budget_items=args.budget_items, beyond=args.beyond_log) / "lakehouse")
-    return 0
+        built += 1
+    return 0 if built else 1
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ With `--knowledge local` (the lakehouse the local engine's model filled) the fil
 With `--beyond-log llm` the lakehouse whose beyond-log inferences the LLM method made (`make
 bench-lakehouse BEYOND=llm`, over a copy of that knowledge build) is read and the files get `_beyond_llm`.
 Its inferences cannot be rebuilt as of earlier cuts (point-in-time contexts are the diffusion model's),
-so there every split's context is the published one (`beyond_log_point_in_time: false`): made from the
-history up to the validation target, it has seen the training targets' futures (never the targets
-themselves, which are history and so excluded from it) and, for selection, the validation target's.
+so that run sets `beyond_log_point_in_time: false`: training reads the published inference with context
+dropout 0.5 (it was made from the history up to the validation target, so it has seen the training
+targets' futures, never the targets themselves, which are history and excluded from it), validation is
+scored without context, and the test with the published inference; docs/ranker.md has the rule.
 
 A dataset whose shared data is absent is skipped with a message (and listed in meta.skipped).
 """
@@ -85,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "ranker_local.*)")
     p.add_argument("--beyond-log", choices=("diffusion", "llm"), default="diffusion",
                    help="whose beyond-log inferences +beyond_log reads: the diffusion model's (default) or the LLM "
-                   "method's (built by `make bench-lakehouse BEYOND=llm`; results go to ranker_*_beyond_llm.*)")
+                   "method's (built by `make bench-lakehouse BEYOND=llm`; results go to ranker[_local]_beyond_llm.*)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     return p.parse_args(argv)
 

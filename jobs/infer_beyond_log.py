@@ -185,10 +185,10 @@ def run(ctx: RunContext) -> JobResult:
         from jobs import beyond_llm
 
         seqs = delta.read_spark(spark, "gold.user_sequences", ctx.root, version=seq_version)
-        out = (beyond_llm.infer(ctx, seqs, top_n)
-               .withColumn("ds", F.lit(ctx.ds)).withColumn("run_id", F.lit(ctx.run_id)))
+        inferred = beyond_llm.infer_detailed(ctx, seqs, top_n)
+        out = inferred.frame.withColumn("ds", F.lit(ctx.ds)).withColumn("run_id", F.lit(ctx.run_id))
         out = delta.conform(out, USER_AUGMENTED).localCheckpoint(eager=True)
-        metrics = {}
+        metrics = inferred.metrics  # the model version, users, calls, tokens, seconds: as diffusion records its own
     else:
         raise ValueError(f"beyond_log.method={method!r}: choose diffusion or llm")
     counts = {r["status"]: r["count"] for r in out.groupBy("status").count().collect()}

@@ -264,10 +264,27 @@ def test_a_benchmark_lakehouse_gets_the_llm_methods_beyond_log_on_a_copy(nightly
     stamp = json.loads((base / "BUILT.json").read_text())
     assert stamp["beyond_log"] == "llm" and stamp["infer_beyond_log"]["method"] == "llm"
     assert stamp["source_build"]["fingerprint"] == "f" and bl.unusable("tiny", beyond="llm") is None
+    assert stamp["validate_gold"] == "passed" and stamp["infer_beyond_log"]["model_version"].startswith("llm-interests")
     version = delta.table_version(table, str(base / "lakehouse"))
     assert bl.ensure("tiny", beyond="llm") == base and delta.table_version(table, str(base / "lakehouse")) == version
     root, build = bl.consumer_lakehouse("tiny", beyond="llm")
-    assert root == str(base / "lakehouse") and build["beyond_log"] == "llm"
+    assert root == str(base / "lakehouse") and build["beyond_log"] == "llm" and "source_changed_since" not in build
+
+    # The source refreshed: the copy says so until it is made again. A gate that refuses the inferences
+    # (a small model leaves most users without candidates) is recorded, and the copy is still usable.
+    (source / "BUILT.json").write_text(json.dumps({"fingerprint": "g", "knowledge": "offline", "backlog": 0}))
+    assert bl.consumer_lakehouse("tiny", beyond="llm")[1]["source_changed_since"] is True
+
+    def refuse(_ctx):
+        from jobs.runtime import StageFailed
+
+        raise StageFailed("gold checks failed: gold.user_augmented_behaviors status ok 0.1 < 0.5")
+
+    monkeypatch.setattr("jobs.validate_gold.run", refuse)
+    assert bl.ensure("tiny", beyond="llm") == base
+    stamp = json.loads((base / "BUILT.json").read_text())
+    assert stamp["source_build"]["fingerprint"] == "g" and "status ok 0.1 < 0.5" in stamp["validate_gold"]
+    assert delta.read_arrow(table, str(base / "lakehouse")).num_rows == len(copied)
 
 
 def test_merges_racing_into_one_table_all_land(ctx_factory, spark):
