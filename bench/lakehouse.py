@@ -278,15 +278,14 @@ def consumer_lakehouse(name: str, knowledge: str = "offline", beyond: str = "dif
     if (knowledge, beyond) != ("offline", "diffusion"):
         if (why := unusable(name, knowledge, beyond)) is not None:
             raise SystemExit(f"{name}: {why}")
-        if json.loads(stamp.read_text()).get("backlog"):
-            log(f"{name}: the {knowledge} model's lakehouse still has a backlog (BUILT.json): the benchmark "
-                f"reads knowledge for part of the catalog only")
-    if stamp.exists():
-        root = str(home / "lakehouse")
-        log(f"{name}: reading the lakehouse built as {json.loads(stamp.read_text()).get('fingerprint')} ({root})")
-    else:
-        root = lakehouse_root(name, knowledge=knowledge)
-    build = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if not stamp.exists():
+        lakehouse_root(name, knowledge=knowledge)  # the offline heuristic's first build
+    build = json.loads(stamp.read_text())  # read once: a build elsewhere may rewrite it meanwhile
+    root = str(home / "lakehouse")
+    log(f"{name}: reading the lakehouse built as {build.get('fingerprint')} ({root})")
+    if knowledge != "offline" and build.get("backlog"):
+        log(f"{name}: the {knowledge} model's lakehouse still has a backlog (BUILT.json): the benchmark "
+            f"reads knowledge for part of the catalog only")
     build["matches_current_code"] = available(name) and build.get("fingerprint") == _fingerprint(DATASETS[name][1])
     # A copy (BEYOND=llm) follows its source: the source is refreshed first, then the copy made again.
     refresh = " then ".join(f"`{build_command(name, knowledge, b)}`" for b in dict.fromkeys(("diffusion", beyond)))
